@@ -1,0 +1,110 @@
+"""Assembly: read the B block directories (or the e2e one) of a workdir into one runnable model.
+
+Assembly refuses, with a message that says what to do, a missing block, an unfinished block, or blocks whose meta
+(partition, model config: the signature hash) disagree with the run's config or with each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from dblocks import checkpoint as ckpt_lib
+from dblocks import engine
+from dblocks import partition as partition_lib
+from dblocks.tasks import Task, Unit, get_task
+
+
+class AssemblyError(RuntimeError):
+    """The blocks on disk cannot be combined into one model."""
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run, ready for sampling and evaluation."""
+    workdir: str
+    config: ml_collections.ConfigDict
+    task: Task
+    method: str
+    partition: partition_lib.Partition   # B=1 over the full range for the e2e baseline
+    units: list[Unit]
+    models: list[Any]
+    params: list[Any]                    # per unit (block order), device arrays
+    metas: list[dict]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.units)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise AssemblyError(f"{workdir} has no config.json: it is not a dblocks workdir (train into it first)")
+    return ml_collections.ConfigDict(ckpt_lib.read_json(path))
+
+
+def detect_method(workdir: str) -> str:
+    if os.path.isdir(os.path.join(workdir, "blocks")):
+        return "dblocks"
+    if os.path.isdir(os.path.join(workdir, "e2e")):
+        return "e2e"
+    raise AssemblyError(f"{workdir} holds no trained blocks (blocks/) and no end-to-end run (e2e/)")
+
+
+def _check_metas(task: Task, units: list[Unit], workdir: str, allow_incomplete: bool) -> list[dict]:
+    expected = ckpt_lib.signature_hash(task.signature())
+    metas, problems = [], []
+    for u in units:
+        path = os.path.join(workdir, u.subdir(), ckpt_lib.META)
+        if not os.path.exists(path):
+            problems.append(f"{u.name} is missing ({path} not found): train it with "
+                            f"--config.blocks.train={u.index}" if u.is_block else f"{u.name} is missing ({path})")
+            continue
+        meta = ckpt_lib.read_json(path)
+        metas.append(meta)
+        if meta.get("signature_hash") != expected:
+            diffs = ckpt_lib.diff_dicts(meta.get("signature", {}), task.signature())
+            problems.append(f"{u.name} was trained with a different config: {diffs}")
+        elif u.is_block and meta.get("block") != u.index:
+            problems.append(f"{u.name}'s meta says it is block {meta.get('block')}")
+        elif not meta.get("complete") and not allow_incomplete:
+            problems.append(f"{u.name} is unfinished (step {meta.get('step')} of {meta.get('steps')}): resume its "
+                            f"training with the same command, or pass allow_incomplete")
+    if problems:
+        raise AssemblyError(f"cannot assemble {workdir}:\n  - " + "\n  - ".join(problems))
+    return metas
+
+
+def load_run(workdir: str, method: str | None = None, use_ema: bool = True, allow_incomplete: bool = False,
+             config_overrides: dict | None = None) -> Run:
+    """Loads every unit of a workdir's run (all B blocks, or the e2e network) with its latest checkpoint."""
+    config = load_config(workdir)
+    method = method or detect_method(workdir)
+    config.method = method
+    if config_overrides:
+        config.update_from_flattened_dict(config_overrides)
+    task = get_task(config)
+    units = task.units(method)
+    metas = _check_metas(task, units, workdir, allow_incomplete)
+    trainer = engine.Trainer(task, config, workdir, source=None)
+    tx = trainer.tx
+    models, params = [], []
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    for u in units:
+        model = task.make_model(u)
+        ckpt = ckpt_lib.UnitCheckpoint(os.path.join(workdir, u.subdir()), ckpt_lib.unit_meta(task, u, config))
+        dummy = task.dummy_batch()
+        abstract = jax.eval_shape(lambda: engine.init_state(task.init_params(model, jax.random.PRNGKey(0), dummy),
+                                                            tx, float(config.optim.ema_decay)))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+        state = ckpt.restore(abstract)
+        ckpt.close()
+        models.append(model)
+        params.append(state["ema"] if use_ema and state["ema"] else state["params"])
+    part = task.partition() if method == "dblocks" else partition_lib.Partition(
+        boundaries=task.full_range(), ranges=(task.full_range(),))
+    return Run(workdir, config, task, method, part, units, models, params, metas)

@@ -1,0 +1,125 @@
+"""Config defaults and validation: a bad config is refused with every problem listed, before anything compiles."""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from dblocks import edm as edm_lib
+from dblocks import partition as partition_lib
+from dblocks.tasks import get_task, load_tasks
+from dblocks.tasks.base import METHODS, TASKS
+
+
+class ConfigError(ValueError):
+    """The config cannot be run; the message lists every problem found."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields shared by every experiment; a config file fills in task, data and model."""
+    c = ml_collections.ConfigDict()
+    c.task = ""
+    c.method = "dblocks"          # 'dblocks' (block-wise) or 'e2e' (the end-to-end baseline)
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(dict(name="", path="", data_dir="", batch_size=128))
+
+    c.edm = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, p_mean=-1.2,
+                                           p_std=1.2, loss_weighting="edm", max_weight=10.0))
+
+    c.blocks = ml_collections.ConfigDict()
+    c.blocks.num_blocks = 3
+    c.blocks.gamma = 0.05
+    c.blocks.partition = "equiprobable"   # or 'loguniform' (the paper's ablation baseline)
+    c.blocks.layers = ""                  # '' = even split; e.g. '2,4,6' layers per block (block 0 first)
+    c.blocks.train = "all"                # which blocks this process trains: 'all', '1', '0,2'
+
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=100,
+                                             schedule="cosine", min_lr_ratio=0.0, grad_clip=1.0, ema_decay=0.0))
+
+    c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=100, ckpt_every=500, keep_checkpoints=2,
+                                             sample_at_end=True, plot_at_end=True))
+    return c
+
+
+def parse_blocks(spec: str, num_blocks: int) -> list[int]:
+    """'all' | '1' | '0,2' -> sorted block indices; raises ValueError on anything else."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(num_blocks))
+    try:
+        blocks = sorted({int(v) for v in spec.split(",") if v.strip() != ""})
+    except ValueError:
+        raise ValueError(f"blocks.train={spec!r}: use 'all' or block indices such as '1' or '0,2'") from None
+    bad = [b for b in blocks if not 0 <= b < num_blocks]
+    if not blocks or bad:
+        raise ValueError(f"blocks.train={spec!r}: indices must be in 0..{num_blocks - 1}")
+    return blocks
+
+
+def _generic_problems(c) -> list[str]:
+    p = []
+    load_tasks()
+    if c.task not in TASKS:
+        p.append(f"task={c.task!r} is unknown; choose one of {sorted(TASKS)}")
+    if c.method not in METHODS:
+        p.append(f"method={c.method!r} is unknown; choose one of {METHODS}")
+    L, B = int(c.model.num_layers), int(c.blocks.num_blocks)
+    if L < 1:
+        p.append(f"model.num_layers={L} must be >= 1")
+    if B < 1:
+        p.append(f"blocks.num_blocks={B} must be >= 1")
+    elif B > L:
+        p.append(f"blocks.num_blocks={B} is larger than model.num_layers={L}: every block needs a layer")
+    elif c.blocks.layers:
+        try:
+            layers = [int(v) for v in str(c.blocks.layers).split(",")]
+        except ValueError:
+            layers = None
+            p.append(f"blocks.layers={c.blocks.layers!r} must be comma-separated integers")
+        if layers is not None and (len(layers) != B or sum(layers) != L or min(layers) < 1):
+            p.append(f"blocks.layers={c.blocks.layers!r} must give {B} positive counts summing to {L}")
+    elif L % B:
+        p.append(f"model.num_layers={L} is not divisible by blocks.num_blocks={B}; set blocks.layers "
+                 f"(e.g. '{','.join(str(L // B + (i < L % B)) for i in range(B))}') to split unevenly")
+    if c.blocks.gamma < 0:
+        p.append(f"blocks.gamma={c.blocks.gamma} must be >= 0")
+    if c.blocks.partition not in partition_lib.PARTITION_KINDS:
+        p.append(f"blocks.partition={c.blocks.partition!r}; choose one of {partition_lib.PARTITION_KINDS}")
+    if B >= 1:
+        try:
+            parse_blocks(c.blocks.train, B)
+        except ValueError as e:
+            p.append(str(e))
+    e = c.edm
+    if not (e.sigma_min > 0 and e.sigma_max > 0 and e.sigma_min < e.sigma_max):
+        p.append(f"edm.sigma_min={e.sigma_min} must be > 0 and < edm.sigma_max={e.sigma_max}")
+    if e.sigma_data <= 0 or e.p_std <= 0:
+        p.append(f"edm.sigma_data={e.sigma_data} and edm.p_std={e.p_std} must be > 0")
+    if e.loss_weighting not in edm_lib.LOSS_WEIGHTINGS:
+        p.append(f"edm.loss_weighting={e.loss_weighting!r}; choose one of {edm_lib.LOSS_WEIGHTINGS}")
+    o, t = c.optim, c.train
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        p.append(f"optim.lr={o.lr} must be a positive number")
+    if o.schedule not in ("cosine", "constant"):
+        p.append(f"optim.schedule={o.schedule!r}; choose 'cosine' or 'constant'")
+    if not 0 <= o.ema_decay < 1:
+        p.append(f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
+    if t.steps < 1:
+        p.append(f"train.steps={t.steps} must be >= 1")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        p.append(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
+    if c.data.batch_size < 1:
+        p.append(f"data.batch_size={c.data.batch_size} must be >= 1")
+    if t.ckpt_every < 1 or t.log_every < 1:
+        p.append("train.ckpt_every and train.log_every must be >= 1")
+    return p
+
+
+def validate(config) -> None:
+    """Raises ConfigError listing every problem; checks the task's own fields when the generic ones pass."""
+    problems = _generic_problems(config)
+    if not problems:
+        problems += get_task(config).validate()
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

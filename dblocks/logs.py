@@ -1,0 +1,112 @@
+"""Progress lines, a JSON-lines metrics file a person can plot, and the loss-curve plot."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import logging
+import sys
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("dblocks")
+
+
+def setup(level: int = logging.INFO) -> None:
+    """dblocks' progress lines on stdout; the libraries' INFO chatter (orbax logs every save) silenced."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+    """Appends {'unit', 'step', ...} records to WORKDIR/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, np.integer)) or hasattr(v, "dtype")
+                                        else v) for k, v in record.items()}) + "\n")
+
+
+class Progress:
+    """A progress line every `every` steps: step, loss, steps/s, ETA (compile time excluded from the rate)."""
+
+    def __init__(self, label: str, start: int, total: int, every: int):
+        self.label, self.total, self.every = label, total, every
+        self.t_mark, self.s_mark = None, start
+
+    def update(self, step: int, metrics: dict) -> dict | None:
+        """Call after `step` steps are done; returns the record it logged, if any."""
+        now = time.perf_counter()
+        if self.t_mark is None:  # the first step compiles: start the clock after it
+            self.t_mark, self.s_mark = now, step
+            if step < self.total and step % self.every:
+                return None
+        if step % self.every and step != self.total:
+            return None
+        rate = (step - self.s_mark) / (now - self.t_mark) if step > self.s_mark else float("nan")
+        eta = (self.total - step) / rate if rate and np.isfinite(rate) and rate > 0 else float("nan")
+        vals = {k: float(v) for k, v in metrics.items()}
+        extra = "  ".join(f"{k} {v:.4g}" for k, v in vals.items() if k != "loss")
+        log.info("[%s] step %d/%d  loss %.4f  %s  %.2f steps/s  ETA %s", self.label, step, self.total,
+                     vals.get("loss", float("nan")), extra, rate, fmt_duration(eta) if np.isfinite(eta) else "?")
+        return {"steps_per_s": rate, **vals}
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(workdir: str, out: str | None = None, records: list[dict] | None = None) -> str | None:
+    """Loss per step for every unit in the metrics file -> WORKDIR/loss.png. Returns the path (None if empty)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir) if records is None else records
+    by_unit: dict[str, dict[int, float]] = {}
+    for r in records:
+        if "loss" in r and "step" in r:
+            by_unit.setdefault(r.get("label", r["unit"]), {})[int(r["step"])] = r["loss"]  # resumes: last wins
+    if not by_unit:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for unit, curve in sorted(by_unit.items()):
+        steps = sorted(curve)
+        ax.plot(steps, [curve[s] for s in steps], label=unit)
+    ax.set_xlabel("step (per unit)")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = out or os.path.join(workdir, "loss.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

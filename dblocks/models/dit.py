@@ -1,0 +1,46 @@
+"""DiT (Peebles & Xie) as the raw network F of an EDM denoiser D = c_skip z + c_out F(c_in z, c_noise, y).
+
+A DiffusionBlocks block is a whole DiT with L/B layers: its own patch embedding, noise and label embedders, layers
+and final layer (DESIGN.md item 1). The end-to-end baseline is the same module with all L layers.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dblocks.models.layers import AdaLNZeroLayer, FinalLayer, NoiseEmbedder, sincos_2d
+
+Array = jax.Array
+
+
+class DiT(nn.Module):
+    """F(x, c_noise, label): images [N, S, S, C] -> [N, S, S, C].
+
+    label is int [N] in [0, num_classes]; the extra index num_classes is the 'no label' token of classifier-free
+    guidance (training drops labels to it with probability class_dropout).
+    """
+    num_layers: int
+    hidden: int
+    heads: int
+    patch: int
+    image_size: int
+    channels: int
+    num_classes: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, c_noise: Array, label: Array, train: bool = False) -> Array:
+        N, S, _, C = x.shape
+        p, g = self.patch, S // self.patch
+        h = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(x)  # [N, g, g, H]
+        h = h.reshape(N, g * g, self.hidden) + sincos_2d(g, self.hidden)[None]
+        c = NoiseEmbedder(self.hidden)(c_noise)
+        c = c + nn.Embed(self.num_classes + 1, self.hidden, embedding_init=nn.initializers.normal(0.02))(label)
+        for i in range(self.num_layers):
+            h = AdaLNZeroLayer(self.hidden, self.heads, self.mlp_ratio, self.dropout, name=f"layer_{i}")(
+                h, c, train=train)
+        out = FinalLayer(self.hidden, p * p * C)(h, c)  # [N, g*g, p*p*C]
+        out = out.reshape(N, g, g, p, p, C).transpose(0, 1, 3, 2, 4, 5)
+        return out.reshape(N, S, S, C)

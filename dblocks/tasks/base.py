@@ -1,0 +1,123 @@
+"""The contract between a task (images, classification, text) and the block-training engine.
+
+The engine knows nothing about images or text. A task supplies: its data, its noise partition, a model for a
+given number of layers, the loss of one training step and, for sampling and evaluation, a denoiser/read-out.
+A *unit* is what one optimizer trains: block b of a DiffusionBlocks run, or the whole network for the end-to-end
+baseline (`method='e2e'`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from dblocks import edm as edm_lib
+from dblocks import partition as partition_lib
+
+Array = jax.Array
+METHODS = ("dblocks", "e2e")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One independently trained piece: a block (index b) or the end-to-end network (index 0, name 'e2e')."""
+    name: str                     # 'block_00', ..., or 'e2e'; also the checkpoint directory name
+    index: int                    # block index b (0 = highest noise); 0 for e2e
+    num_layers: int
+    train_range: tuple[float, float]   # noise levels (sigma or t) it is trained on
+
+    @property
+    def is_block(self) -> bool:
+        return self.name != "e2e"
+
+    def subdir(self) -> str:
+        return f"blocks/{self.name}" if self.is_block else "e2e"
+
+
+def block_layers(config) -> list[int]:
+    """Layers per block: config.blocks.layers (e.g. '2,4,6' for the Table 7 ablation) or an even split."""
+    L, B = int(config.model.num_layers), int(config.blocks.num_blocks)
+    spec = str(config.blocks.get("layers", "") or "")
+    if spec:
+        return [int(v) for v in spec.split(",")]
+    return [L // B] * B
+
+
+class Task:
+    """Base class of tasks. Subclasses set `name` and implement the methods that raise NotImplementedError."""
+    name = ""
+    diffusion_baseline = True  # e2e baseline trains the same denoiser over the whole range (False: plain model)
+
+    def __init__(self, config):
+        self.config = config
+        self.edm = edm_lib.EDM.from_config(config.edm)
+
+    # -- validation and identity ------------------------------------------------------------------------------
+    def validate(self) -> list[str]:
+        """Task-specific config problems (empty when fine). Called before anything is compiled."""
+        return []
+
+    def signature(self) -> dict:
+        """Config fields that every block of one run must share; hashed into each block's meta."""
+        c = self.config
+        return {"task": self.name, "model": c.model.to_dict(), "edm": c.edm.to_dict(),
+                "blocks": {k: c.blocks[k] for k in ("num_blocks", "gamma", "partition", "layers")},
+                "data": {k: c.data[k] for k in self.data_signature_fields() if k in c.data}}
+
+    def data_signature_fields(self) -> tuple[str, ...]:
+        return ("name",)
+
+    # -- noise partition ----------------------------------------------------------------------------------------
+    def partition(self) -> partition_lib.Partition:
+        b = self.config.blocks
+        return partition_lib.make_partition(int(b.num_blocks), self.edm, float(b.gamma), str(b.partition))
+
+    def full_range(self) -> tuple[float, float]:
+        return (self.edm.sigma_min, self.edm.sigma_max)
+
+    def units(self, method: str) -> list[Unit]:
+        if method == "e2e":
+            return [Unit("e2e", 0, int(self.config.model.num_layers), self.full_range())]
+        part = self.partition()
+        return [Unit(f"block_{b:02d}", b, n, part.ranges[b]) for b, n in enumerate(block_layers(self.config))]
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def source(self, split: str):
+        """Random-access data source of a split (see dblocks.data)."""
+        raise NotImplementedError
+
+    def make_batch(self, examples: dict[str, np.ndarray], train: bool) -> dict[str, np.ndarray]:
+        """Raw examples -> model-ready numpy batch (normalisation, augmentation)."""
+        return examples
+
+    # -- model and loss ------------------------------------------------------------------------------------------
+    def make_model(self, unit: Unit) -> nn.Module:
+        raise NotImplementedError
+
+    def init_params(self, model: nn.Module, rng: Array, batch: dict) -> Any:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, params, batch: dict, rng: Array, train_range: Array,
+             train: bool = True) -> tuple[Array, dict]:
+        """Scalar loss and metrics of one step. train_range is a traced [2] (lo, hi), so one compiled step
+        serves all blocks of the same shape."""
+        raise NotImplementedError
+
+    # -- after training ------------------------------------------------------------------------------------------
+    def write_samples(self, run, out_path: str, **options) -> dict:
+        """Writes something a person can look at (an image grid, text) and returns a summary."""
+        raise NotImplementedError
+
+    def evaluate(self, run, **options) -> dict:
+        raise NotImplementedError
+
+
+TASKS: dict[str, Callable[[Any], Task]] = {}
+
+
+def register(cls):
+    TASKS[cls.name] = cls
+    return cls

@@ -1,0 +1,51 @@
+r"""Trains a DiffusionBlocks run (all blocks, or those named by --config.blocks.train) or its end-to-end baseline.
+
+  python -m experiments.train --config experiments/configs/fashion_mnist_dit.py --workdir runs/fmnist_dit
+  python -m experiments.train --config ... --workdir W --config.blocks.train=1      # one block (any host, any time)
+  python -m experiments.train --config ... --workdir W --config.method=e2e          # the end-to-end baseline
+
+Running the same command again resumes every unfinished block from its latest checkpoint.
+"""
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dblocks import assemble, engine, logs
+from dblocks import config as config_lib
+from experiments.common import user_errors
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train; then, when every unit of the run is finished, plot the losses and write samples."""
+    engine.train(config, workdir)
+    out = {}
+    if config.train.plot_at_end:
+        out["loss_plot"] = logs.plot_losses(workdir)
+    if config.train.sample_at_end:
+        try:
+            run = assemble.load_run(workdir, method=config.method)
+        except assemble.AssemblyError as e:
+            logs.log.info("not sampling yet: %s", e)
+            return out
+        path = os.path.join(workdir, "samples.png" if config.method == "dblocks" else "samples_e2e.png")
+        out["samples"] = run.task.write_samples(run, path)
+        logs.log.info("samples: %s", out["samples"])
+    return out
+
+
+def main(argv):
+    del argv
+    logs.setup()
+    config = _CONFIG.value
+    with user_errors():
+        config_lib.validate(config)
+        train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
