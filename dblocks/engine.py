@@ -115,9 +115,10 @@ class Trainer:
         idx = data_lib.batch_indices(len(self.source), int(c.data.batch_size), int(c.seed), unit.index, step)
         return self.task.make_batch(self.source.get(idx), train=True)
 
-    def initial_state(self, unit: Unit, model: nn.Module) -> State:
-        params = self.task.init_params(model, jax.random.fold_in(unit_key(self.config.seed, unit), 0),
-                                       self.batch(unit, 0))
+    def initial_state(self, unit: Unit, model: nn.Module, batch: dict | None = None) -> State:
+        """Fresh state from fold_in(seed, b); `batch` only gives shapes (default: the unit's first batch)."""
+        batch = self.batch(unit, 0) if batch is None else batch
+        params = self.task.init_params(model, jax.random.fold_in(unit_key(self.config.seed, unit), 0), batch)
         return init_state(params, self.tx, float(self.config.optim.ema_decay))
 
     def train_unit(self, unit: Unit) -> State:
@@ -154,6 +155,8 @@ class Trainer:
                 self.on_step(unit, step)
             state, metrics = step_fn(state, self.batch(unit, step), jax.random.fold_in(rng_base, step), train_range)
             done = step + 1
+            if step == start:
+                progress.start_clock(done)
             if done % int(c.train.log_every) == 0 or done == total or done % int(c.train.ckpt_every) == 0:
                 loss = float(metrics["loss"])
                 if not np.isfinite(loss):

@@ -39,7 +39,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, METRICS_FILE)
-        self.enabled = jax.process_index() == 0
+        self.enabled = bool(workdir) and jax.process_index() == 0
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
 
@@ -57,15 +57,17 @@ class Progress:
         self.label, self.total, self.every = label, total, every
         self.t_mark, self.s_mark = None, start
 
+    def start_clock(self, step: int) -> None:
+        """Call once the first step of this process has been dispatched (it compiles): the rate excludes it."""
+        self.t_mark, self.s_mark = time.perf_counter(), step
+
     def update(self, step: int, metrics: dict) -> dict | None:
-        """Call after `step` steps are done; returns the record it logged, if any."""
+        """Call after `step` steps are done; logs and returns a record every `every` steps and at the end."""
         now = time.perf_counter()
-        if self.t_mark is None:  # the first step compiles: start the clock after it
-            self.t_mark, self.s_mark = now, step
-            if step < self.total and step % self.every:
-                return None
         if step % self.every and step != self.total:
             return None
+        if self.t_mark is None:
+            self.t_mark, self.s_mark = now, step
         rate = (step - self.s_mark) / (now - self.t_mark) if step > self.s_mark else float("nan")
         eta = (self.total - step) / rate if rate and np.isfinite(rate) and rate > 0 else float("nan")
         vals = {k: float(v) for k, v in metrics.items()}

@@ -112,6 +112,15 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, run, **options) -> dict:
+        """Evaluates an assembled run (`dblocks.assemble.Run`, either method) on the test split. Returns a
+        JSON-able dict that holds at least:
+          'headline': {'name': str, 'value': float, 'higher_is_better': bool}   e.g. accuracy, FID, bits/char
+          'block_calls_per_sample': int          network (block) evaluations per generated/classified sample
+        and any diagnostics (lists are fine: e.g. 'per_step': {'name': ..., 'values': [...]} for a plot)."""
+        raise NotImplementedError
+
+    def dummy_batch(self, n: int = 2) -> dict:
+        """A batch of n examples with the right shapes and dtypes (zeros), for init and compile-only uses."""
         raise NotImplementedError
 
 
