@@ -63,15 +63,7 @@ class UnitCheckpoint:
                                                                  create=True))
 
     def _check_existing_meta(self) -> None:
-        path = os.path.join(self.directory, META)
-        if not os.path.exists(path):
-            return
-        old = read_json(path)
-        if old.get("signature_hash") != self.meta["signature_hash"] or old.get("block") != self.meta["block"]:
-            diffs = diff_dicts(old.get("signature", {}), self.meta["signature"])
-            raise CheckpointMismatchError(
-                f"{self.directory} holds a checkpoint trained with a different config; refusing to resume or "
-                f"overwrite it. Differences: {diffs or ['block id']}. Use another --workdir or delete that directory.")
+        check_compatible(self.directory, self.meta)
 
     def write_meta(self, **extra) -> None:
         if jax.process_index() == 0:
@@ -90,6 +82,19 @@ class UnitCheckpoint:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def check_compatible(directory: str, meta: dict) -> None:
+    """Refuses a unit directory whose meta.json comes from another config (or another block)."""
+    path = os.path.join(directory, META)
+    if not os.path.exists(path):
+        return
+    old = read_json(path)
+    if old.get("signature_hash") != meta["signature_hash"] or old.get("block") != meta["block"]:
+        diffs = diff_dicts(old.get("signature", {}), meta["signature"])
+        raise CheckpointMismatchError(
+            f"{directory} holds a checkpoint trained with a different config; refusing to resume or overwrite it. "
+            f"Differences: {diffs or ['block id']}. Use another --workdir or delete that directory.")
 
 
 def unit_meta(task, unit, config) -> dict:

@@ -7,8 +7,8 @@ import ml_collections
 
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
-from dblocks.tasks import get_task, load_tasks
-from dblocks.tasks.base import METHODS, TASKS
+from dblocks.tasks import TASK_NAMES, get_task
+from dblocks.tasks.base import METHODS
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=100, ckpt_every=500, keep_checkpoints=2,
                                              sample_at_end=True, plot_at_end=True))
+
+    # How the units are trained (docs/scale_out.md): 'sequential' (one after another, one device) or 'mesh' (up to
+    # `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data` ways; 0 = as
+    # many blocks as the devices allow).
+    c.parallel = ml_collections.ConfigDict(dict(mode="sequential", data=1, blocks=0))
     return c
 
 
@@ -59,9 +64,8 @@ def parse_blocks(spec: str, num_blocks: int) -> list[int]:
 
 def _generic_problems(c) -> list[str]:
     p = []
-    load_tasks()
-    if c.task not in TASKS:
-        p.append(f"task={c.task!r} is unknown; choose one of {sorted(TASKS)}")
+    if c.task not in TASK_NAMES:
+        p.append(f"task={c.task!r} is unknown; choose one of {TASK_NAMES}")
     if c.method not in METHODS:
         p.append(f"method={c.method!r} is unknown; choose one of {METHODS}")
     L, B = int(c.model.num_layers), int(c.blocks.num_blocks)
@@ -113,6 +117,24 @@ def _generic_problems(c) -> list[str]:
         p.append(f"data.batch_size={c.data.batch_size} must be >= 1")
     if t.ckpt_every < 1 or t.log_every < 1:
         p.append("train.ckpt_every and train.log_every must be >= 1")
+    return p + _parallel_problems(c)
+
+
+PARALLEL_MODES = ("sequential", "mesh")
+
+
+def _parallel_problems(c) -> list[str]:
+    """config.parallel (absent in configs saved before it existed: then sequential)."""
+    if "parallel" not in c:
+        return []
+    q, p = c.parallel, []
+    if q.mode not in PARALLEL_MODES:
+        p.append(f"parallel.mode={q.mode!r}; choose one of {PARALLEL_MODES}")
+    if int(q.data) < 1 or int(q.blocks) < 0:
+        p.append(f"parallel.data={q.data} must be >= 1 and parallel.blocks={q.blocks} >= 0 (0: as many as fit)")
+    elif q.mode == "mesh" and int(c.data.batch_size) % int(q.data):
+        p.append(f"data.batch_size={c.data.batch_size} must be divisible by parallel.data={q.data}: each block's "
+                 f"batch is split evenly over its data group")
     return p
 
 

@@ -73,7 +73,7 @@ def make_train_step(task: Task, model: nn.Module, tx: optax.GradientTransformati
         ema = state["ema"]
         if ema_decay > 0:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 
     return step
@@ -196,12 +196,17 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     {unit name: final params} as host (numpy) trees; device buffers of a unit are dropped before the next starts."""
     config_lib.validate(config)
     task = get_task(config)
+    for unit in task.units(config.method):  # refuse a workdir of another config before writing anything into it
+        ckpt_lib.check_compatible(os.path.join(workdir, unit.subdir()), ckpt_lib.unit_meta(task, unit, config))
     save_config(config, workdir)
     trainer = Trainer(task, config, workdir, task.source("train"), on_step=on_step)
     units = units_to_train(task, config)
     logs.log.info("training %s: %s", config.method, ", ".join(f"{u.name} ({u.num_layers} layers, range "
                                                               f"[{u.train_range[0]:.4g}, {u.train_range[1]:.4g}])"
                                                               for u in units))
+    if (config.get("parallel") or {}).get("mode", "sequential") == "mesh":
+        from dblocks import parallel  # imported here: it builds on this module
+        return parallel.train_units(trainer, units, on_step=on_step, return_params=return_params)
     finals = {}
     for unit in units:
         state = trainer.train_unit(unit)
