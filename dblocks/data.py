@@ -67,8 +67,11 @@ class TfdsSource:
         return len(self.ds)
 
     def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        items = self.ds.__getitems__([int(i) for i in indices]) if hasattr(self.ds, "__getitems__") else [
-            self.ds[int(i)] for i in indices]
+        keys = [int(i) for i in indices]
+        try:
+            items = self.ds.__getitems__(keys)  # one batched ArrayRecord read
+        except (AttributeError, TypeError):    # sources without it (tfds' mock in 4.9 has a broken one)
+            items = [self.ds[k] for k in keys]
         return {k: np.stack([np.asarray(it[k]) for it in items]) for k in items[0]}
 
 
