@@ -1,0 +1,89 @@
+"""DiT denoiser and the generic sampler."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dblocks import edm as E
+from dblocks import partition as P
+from dblocks import sampling
+from dblocks.tasks import get_task
+from dblocks.tasks.base import Unit
+from experiments.configs import tiny_dit
+
+
+@pytest.fixture(scope="module")
+def task_model_params():
+    task = get_task(tiny_dit.get_config())
+    unit = task.units("dblocks")[1]
+    model = task.make_model(unit)
+    params = task.init_params(model, jax.random.PRNGKey(0), task.dummy_batch(4))
+    return task, model, params
+
+
+def test_dit_shapes_and_zero_init_identity(task_model_params):
+    task, model, params = task_model_params
+    z = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    sigma = jnp.array([0.01, 0.3, 1.0, 50.0])
+    f = model.apply({"params": params}, z, jnp.log(sigma) / 4, jnp.array([0, 1, 2, 4]))
+    assert f.shape == z.shape
+    np.testing.assert_array_equal(f, 0.0)  # AdaLN-Zero and the zero final layer: F = 0 at init
+    d = task.denoise(model, params, z, sigma, jnp.zeros(4, jnp.int32))
+    np.testing.assert_allclose(d, E.expand_to(E.precondition(sigma, 0.5).c_skip, z) * z, rtol=1e-6)
+
+
+def test_every_block_has_its_own_embedders_and_head(task_model_params):
+    _, _, params = task_model_params
+    names = set(params)
+    assert {"patch_embed", "NoiseEmbedder_0", "Embed_0", "FinalLayer_0", "layer_0"} <= names
+
+
+def test_dit_loss_is_finite_and_has_gradients(task_model_params):
+    task, model, params = task_model_params
+    batch = {"image": np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32),
+             "label": np.arange(4, dtype=np.int32)}
+    rng = jax.random.PRNGKey(3)
+    (loss, m), g = jax.value_and_grad(lambda p: task.loss(model, p, batch, rng, jnp.array([0.1, 0.5])),
+                                      has_aux=True)(params)
+    assert np.isfinite(float(loss)) and float(m["mse"]) > 0
+    assert float(jnp.abs(g["FinalLayer_0"]["Dense_1"]["kernel"]).sum()) > 0
+
+
+def test_guidance_mixes_conditional_and_unconditional(task_model_params):
+    task, model, params = task_model_params
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(7), p.shape), params)
+    z = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+    sigma, label = jnp.array([0.5, 2.0]), jnp.array([1, 3])
+    cond = task.denoise(model, params, z, sigma, label)
+    uncond = task.denoise(model, params, z, sigma, jnp.full((2,), 4))
+    guided = task._guided(model)
+    np.testing.assert_allclose(guided(params, z, sigma, label, 1.0), cond, atol=1e-5)
+    np.testing.assert_allclose(guided(params, z, sigma, label, 0.0), uncond, atol=1e-5)
+    np.testing.assert_allclose(guided(params, z, sigma, label, 2.0), 2 * cond - uncond, atol=1e-4)
+    assert float(jnp.abs(cond - uncond).max()) > 1e-4
+
+
+def test_sampler_runs_blocks_in_order_with_oracle():
+    part = P.make_partition(3, E.EDM(), gamma=0.05)
+    y = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
+    seen = []
+
+    def oracle(b, z, sigma):
+        seen.append((b, float(sigma[0])))
+        return y, b
+
+    grid = sampling.grid_for(50, E.EDM())
+    res = sampling.sample(oracle, E.initial_noise(jax.random.PRNGKey(1), y.shape, 80.0), grid, part,
+                          keep_trace=True)
+    np.testing.assert_allclose(res.denoised, y)
+    blocks = [b for b, _ in seen]
+    assert blocks == sorted(blocks) and blocks[0] == 0 and blocks[-1] == 2  # highest noise first
+    assert [blocks.count(b) for b in range(3)] == [17, 16, 17]  # 49 steps 17/16/16 + the final denoise
+    assert res.block_calls == 50 and len(res.trace) == 50
+    for b, s in seen:
+        assert int(part.block_of(s)) == b
+
+
+def test_unit_subdirs():
+    assert Unit("block_02", 2, 4, (0.1, 1.0)).subdir() == "blocks/block_02"
+    assert Unit("e2e", 0, 12, (0.002, 80.0)).subdir() == "e2e"
