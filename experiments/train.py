@@ -5,18 +5,26 @@ r"""Trains a DiffusionBlocks run (all blocks, or those named by --config.blocks.
   python -m experiments.train --config ... --workdir W --config.method=e2e          # the end-to-end baseline
 
 Running the same command again resumes every unfinished block from its latest checkpoint.
+Blocks side by side on a device mesh, and multi-host runs (docs/scale_out.md):
+
+  python -m experiments.train --config ... --workdir W --config.parallel.mode=mesh [--config.parallel.data=2]
+  python -m experiments.train --multihost --config ... --workdir W --config.parallel.mode=mesh   # on every host
 """
+import logging
 import os
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dblocks import assemble, engine, logs
+from dblocks import assemble, engine, logs, parallel
 from dblocks import config as config_lib
 from experiments.common import user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one process per host; "
+                                "also done when JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +32,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Train; then, when every unit of the run is finished, plot the losses and write samples."""
     engine.train(config, workdir)
     out = {}
+    if jax.process_count() > 1:  # one process writes shared files; sample afterwards with experiments.sample
+        if config.train.plot_at_end and jax.process_index() == 0:
+            out["loss_plot"] = logs.plot_losses(workdir)
+        return out
     if config.train.plot_at_end:
         out["loss_plot"] = logs.plot_losses(workdir)
     if config.train.sample_at_end:
@@ -40,10 +52,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    logs.setup()
+    parallel.init_distributed(_MULTIHOST.value)  # before anything touches a device
+    logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
     config = _CONFIG.value
     with user_errors():
         config_lib.validate(config)
+        if jax.process_count() > 1 and config.parallel.mode != "mesh":
+            raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
+                                         f"sequential engine trains on one device of one process)")
         train_and_evaluate(config, _WORKDIR.value)
 
 

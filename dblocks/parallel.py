@@ -1,0 +1,336 @@
+"""Block-parallel training on a device mesh with axes ('block', 'data') (DESIGN.md item 9).
+
+Blocks of one shape train at once: their train states are stacked on a leading axis sharded over 'block', and one
+jitted step, vmapped over that axis, trains all of them. Each block's batch [bs, ...] is sharded over 'data', so XLA's
+partitioner averages the block's gradients over its own 'data' group; nothing in the step reads another block's
+arrays, so no collective crosses 'block' (tests/test_parallel.py reads the compiled HLO to prove it).
+
+Block b draws its randomness from fold_in(fold_in(fold_in(seed, b), 1), step) and trains on Trainer.batch(b, step),
+exactly as the sequential engine does, so both modes end with the same parameters to float tolerance. Each block is
+saved to its own Orbax directory in the sequential engine's format, so assembly, sampling and resuming do not care
+which mode trained it (a block begun sequentially can be finished on the mesh and the other way round).
+
+Multi-host: every process runs the same program after `init_distributed`; each loads only the part of the batch its
+devices hold (`jax.make_array_from_process_local_data`); all processes take part in Orbax saves (Orbax writes each
+shard once); only process 0 logs and writes meta, metrics and config.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from dblocks import checkpoint as ckpt_lib
+from dblocks import engine, logs
+from dblocks.config import ConfigError
+from dblocks.tasks import Unit
+
+BLOCK, DATA = "block", "data"
+State = engine.State
+
+
+# -- processes and the mesh ---------------------------------------------------------------------------------------
+
+def init_distributed(enabled: bool = False) -> bool:
+    """Calls jax.distributed.initialize() when `enabled` (--multihost) or when JAX_COORDINATOR_ADDRESS and
+    JAX_NUM_PROCESSES are set (then JAX_PROCESS_ID gives the rank). On Cloud TPU pods, SLURM and Open MPI jax finds
+    all three by itself. Must run before anything touches a device. Returns whether it initialised."""
+    env = os.environ
+    if not (enabled or (env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"))):
+        return False
+    kw = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+          if env.get(v)}
+    jax.distributed.initialize(**kw)  # coordinator: JAX_COORDINATOR_ADDRESS or the cluster's own
+    return True
+
+
+def settings(config) -> tuple[str, int, int]:
+    """(mode, data axis size, block axis size; 0 = as many as fit) from config.parallel (absent: sequential)."""
+    p = config.get("parallel") or {}
+    return str(p.get("mode", "sequential")), int(p.get("data", 1)), int(p.get("blocks", 0))
+
+
+def mesh_shape(config, group_size: int) -> tuple[int, int]:
+    """(blocks, data) of the mesh for groups of up to `group_size` same-shape units; ConfigError if it cannot fit.
+    A multi-process mesh spans every device (each process must take part in every step)."""
+    _, data, blocks = settings(config)
+    n, procs = jax.device_count(), jax.process_count()
+    if data > n:
+        raise ConfigError(f"parallel.data={data} exceeds the {n} devices")
+    if blocks == 0:
+        blocks = n // data if procs > 1 else min(n // data, group_size)
+    if blocks * data > n:
+        raise ConfigError(f"parallel.blocks={blocks} x parallel.data={data} needs {blocks * data} devices; "
+                          f"there are {n}")
+    if procs > 1 and blocks * data != n:
+        raise ConfigError(f"with {procs} processes the mesh must span all {n} devices: parallel.blocks x "
+                          f"parallel.data = {blocks} x {data}")
+    if int(config.data.batch_size) % data:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by parallel.data={data}")
+    return blocks, data
+
+
+def make_mesh(blocks: int, data: int, devices: list | None = None) -> Mesh:
+    """A ('block', 'data') mesh on the first blocks*data devices; a block's data group is a row (neighbours)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = blocks * data
+    types = (AxisType.Auto, AxisType.Auto)
+    if n == len(devices):
+        return jax.make_mesh((blocks, data), (BLOCK, DATA), axis_types=types, devices=devices)
+    return Mesh(np.array(devices[:n]).reshape(blocks, data), (BLOCK, DATA), axis_types=types)
+
+
+def stacked_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (block) axis over 'block', replicated over 'data': states, keys, ranges, metrics."""
+    return NamedSharding(mesh, P(BLOCK))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[blocks, per-block batch, ...] over ('block', 'data')."""
+    return NamedSharding(mesh, P(BLOCK, DATA))
+
+
+# -- the step -----------------------------------------------------------------------------------------------------
+
+def make_parallel_step(trainer: engine.Trainer, model, mesh: Mesh) -> Callable:
+    """step(state [K, ...], batch [K, bs, ...], base_keys [K, 2], train_ranges [K, 2]) -> (state, metrics [K]).
+
+    Block k's rng is fold_in(base_keys[k], state['step'][k]), the sequential engine's sequence. The step is manual
+    over 'block' (jax.shard_map): each block group runs the plain single-block step on its own slice, vmapped over
+    the blocks it holds (a squeeze when it holds one), so nothing can move between blocks; it is automatic over
+    'data', so XLA splits each block's batch over its data group and all-reduces the gradients inside that group.
+    (A vmapped step partitioned automatically over both axes is not safe: XLA all-gathers the activations of a
+    vmapped convolution's weight gradient across every device.)"""
+    step = engine.make_train_step(trainer.task, model, trainer.tx, float(trainer.config.optim.ema_decay))
+
+    def one_block(state, batch, base_key, train_range):
+        return step(state, batch, jax.random.fold_in(base_key, state["step"]), train_range)
+
+    def local_blocks(*args):  # the blocks of one block group: leading axis mesh.shape['block'] times fewer
+        if jax.tree.leaves(args)[0].shape[0] == 1:
+            out = one_block(*jax.tree.map(lambda x: x[0], args))
+            return jax.tree.map(lambda x: x[None], out)
+        return jax.vmap(one_block)(*args)
+
+    st, bt = stacked_sharding(mesh), batch_sharding(mesh)
+    mapped = jax.shard_map(local_blocks, mesh=mesh, in_specs=P(BLOCK), out_specs=P(BLOCK), axis_names={BLOCK})
+    return jax.jit(mapped, in_shardings=(st, bt, st, st), out_shardings=(st, st), donate_argnums=0)
+
+
+def abstract_args(trainer: engine.Trainer, unit: Unit, model, mesh: Mesh, batch_size: int | None = None) -> tuple:
+    """ShapeDtypeStructs of the parallel step's arguments, to lower and compile it without data (HLO, memory)."""
+    k = mesh.shape[BLOCK]
+    st, bt = stacked_sharding(mesh), batch_sharding(mesh)
+    task = trainer.task
+    state = jax.eval_shape(lambda: trainer.initial_state(unit, model, task.dummy_batch(2)))
+    stack = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=sh), tree)
+    batch = stack(task.dummy_batch(int(batch_size or trainer.config.data.batch_size)), bt)
+    keys = jax.ShapeDtypeStruct((k, 2), jnp.uint32, sharding=st)
+    return stack(state, st), batch, keys, jax.ShapeDtypeStruct((k, 2), jnp.float32, sharding=st)
+
+
+# -- moving data onto the mesh --------------------------------------------------------------------------------------
+
+def put_global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full -> a global array (each process places its own shards)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _local_box(sharding: NamedSharding, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The (blocks, examples) rectangle of a [K, bs] array that this process's devices hold."""
+    boxes = [[s.indices(n)[:2] for s, n in zip(idx, shape)]
+             for idx in sharding.addressable_devices_indices_map(shape).values()]
+    return tuple(slice(min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(2))
+
+
+def global_batch(trainer: engine.Trainer, units: list[Unit], step: int, sharding: NamedSharding) -> dict:
+    """The blocks' batches at `step`, [K, bs, ...]; this process loads only the blocks its devices hold and feeds
+    only its slice of their examples. Each block's batch is Trainer.batch(unit, step), as in sequential training."""
+    k, bs = len(units), int(trainer.config.data.batch_size)
+    rows, cols = _local_box(sharding, (k, bs))
+    parts = [trainer.batch(units[i], step) for i in range(rows.start, rows.stop)]
+    local = jax.tree.map(lambda *xs: np.stack([x[cols] for x in xs]), *parts)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x, (k, bs, *x.shape[2:])), local)
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy on every process (a gather across processes when there are several)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class _Stack:
+    """Take one block out of a stacked state (replicated, for Orbax) and put one back, without ever gathering the
+    whole stack on a device: a masked sum over the block axis is a local select plus one reduction per leaf."""
+
+    def __init__(self, mesh: Mesh):
+        st, rep = stacked_sharding(mesh), NamedSharding(mesh, P())
+        k = mesh.shape[BLOCK]
+
+        def mask(i, x):  # [K, 1, ...] True at block i
+            return (jnp.arange(k) == i).reshape((k,) + (1,) * (x.ndim - 1))
+
+        self.take = jax.jit(lambda s, i: jax.tree.map(
+            lambda x: jnp.where(mask(i, x), x, jnp.zeros_like(x)).sum(0, dtype=x.dtype), s), out_shardings=rep)
+        self.put = jax.jit(lambda s, x, i: jax.tree.map(lambda a, b: jnp.where(mask(i, a), b[None], a), s, x),
+                           out_shardings=st, donate_argnums=0)
+        self.zeros = lambda abstract: jax.jit(lambda: jax.tree.map(  # noqa: E731
+            lambda x: jnp.zeros((k, *x.shape), x.dtype), abstract), out_shardings=st)()
+        self.replicated = rep
+        self.inits: dict[str, Callable] = {}
+
+    def block(self, state: State, i: int) -> State:
+        """Block i's state as Orbax should save it: one process holds it on its first device, exactly as the
+        sequential engine does; several processes hold it replicated over the mesh (a global array, each shard
+        written once by Orbax)."""
+        one = self.take(state, i)
+        if jax.process_count() == 1:
+            one = jax.device_put(one, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        return one
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+
+def _group(trainer: engine.Trainer, units: list[Unit], starts: dict[str, int]) -> list[list[Unit]]:
+    """Units that can share one stacked step: the same model shape and the same start step, in block order."""
+    groups: dict[tuple, list[Unit]] = {}
+    for u in units:
+        groups.setdefault((repr(trainer.model(u)), starts[u.name]), []).append(u)
+    return list(groups.values())
+
+
+def train_units(trainer: engine.Trainer, units: list[Unit], on_step: Callable[[Unit, int], None] | None = None,
+                return_params: bool = False) -> dict[str, Any]:
+    """Trains `units` on a ('block', 'data') mesh, up to K same-shape blocks at once (a wave). Returns, with
+    return_params, {unit name: final params} as numpy trees, like engine.train."""
+    c = trainer.config
+    total = int(c.train.steps)
+    mesh_shape(c, 1)  # a mesh that cannot fit is refused before any directory is touched
+    ckpts = {u.name: ckpt_lib.UnitCheckpoint(os.path.join(trainer.workdir, u.subdir()),
+                                             ckpt_lib.unit_meta(trainer.task, u, c), every=int(c.train.ckpt_every),
+                                             keep=int(c.train.keep_checkpoints)) for u in units}
+    finals: dict[str, Any] = {}
+    try:
+        starts = {u.name: int(ckpts[u.name].latest_step() or 0) for u in units}
+        for u in [u for u in units if starts[u.name] >= total]:
+            done = ckpts.pop(u.name)
+            done.close()
+            if return_params:  # restores it and logs the skip
+                finals[u.name] = jax.device_get(trainer.train_unit(u)["params"])
+            else:
+                done.write_meta(complete=True, step=starts[u.name])
+                logs.log.info("[%s] already trained (%d steps); skipping", u.name, total)
+        todo = [u for u in units if u.name in ckpts]
+        if not todo:
+            return finals
+        groups = _group(trainer, todo, starts)
+        k, data = mesh_shape(c, max(len(g) for g in groups))
+        mesh = make_mesh(k, data)
+        logs.log.info("mesh %s over %d devices (%d processes): %d block(s) at once, batch %d per block split %d "
+                      "ways", dict(mesh.shape), k * data, jax.process_count(), k, int(c.data.batch_size), data)
+        stack, steps = _Stack(mesh), {}
+        for group in groups:
+            model = trainer.model(group[0])
+            if repr(model) not in steps:
+                steps[repr(model)] = make_parallel_step(trainer, model, mesh)
+            for w in range(0, len(group), k):
+                wave = group[w:w + k]
+                state = _train_wave(trainer, model, mesh, stack, steps[repr(model)], wave,
+                                    [ckpts[u.name] for u in wave], starts[wave[0].name], on_step)
+                if return_params:
+                    for i, u in enumerate(wave):
+                        finals[u.name] = jax.device_get(stack.block(state, i)["params"])
+                del state  # the wave's device buffers are released before the next wave starts
+    finally:
+        for ck in ckpts.values():
+            ck.close()
+    return finals
+
+
+def _initial_stack(trainer, model, mesh, stack: _Stack, padded: list[Unit], ckpts: list, start: int) -> State:
+    """Fresh states (vmapped init from each block's own key and first batch, as Trainer.initial_state) or, when
+    resuming, each block's checkpoint restored and put into its slot of the stack."""
+    if start == 0:
+        return init_stack(trainer, model, mesh, padded, stack.inits)
+    abstract = jax.eval_shape(lambda: trainer.initial_state(padded[0], model))
+    state = stack.zeros(abstract)
+    restore_as = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=stack.replicated), abstract)
+    for i, u in enumerate(padded):
+        one = ckpts[min(i, len(ckpts) - 1)].restore(restore_as, start)  # padding slots repeat the last block
+        state = stack.put(state, one, i)
+        del one
+        if i < len(ckpts):
+            logs.log.info("[%s] resumed from step %d", u.name, start)
+    return state
+
+
+def init_stack(trainer: engine.Trainer, model, mesh: Mesh, units: list[Unit], cache: dict | None = None) -> State:
+    """Fresh stacked states [K, ...]: block k from fold_in(fold_in(seed, b_k), 0) and its first batch, exactly as
+    Trainer.initial_state, initialised where it lives (each device computes only its own blocks)."""
+    st = stacked_sharding(mesh)
+    task, ema = trainer.task, float(trainer.config.optim.ema_decay)
+    cache = {} if cache is None else cache
+    init = cache.setdefault(repr(model), jax.jit(jax.vmap(
+        lambda key, b: engine.init_state(task.init_params(model, key, b), trainer.tx, ema)), out_shardings=st))
+    keys = np.stack([np.asarray(jax.random.fold_in(engine.unit_key(trainer.config.seed, u), 0)) for u in units])
+    return init(put_global(keys, st), global_batch(trainer, units, 0, batch_sharding(mesh)))
+
+
+def _train_wave(trainer, model, mesh, stack: _Stack, step_fn, wave: list[Unit], ckpts: list, start: int,
+                on_step) -> State:
+    """Trains up to K blocks in lockstep from `start`; padding slots (a last, short wave) repeat the last block and
+    are never saved. Saves, logs and checks every block exactly as Trainer.train_unit does."""
+    c = trainer.config
+    total, log_every, ckpt_every = int(c.train.steps), int(c.train.log_every), int(c.train.ckpt_every)
+    k = mesh.shape[BLOCK]
+    padded = wave + [wave[-1]] * (k - len(wave))
+    st, bt = stacked_sharding(mesh), batch_sharding(mesh)
+    lead = jax.process_index() == 0
+    state = _initial_stack(trainer, model, mesh, stack, padded, ckpts, start)
+    for ck in ckpts:
+        ck.write_meta(complete=False, step=start)
+    base_keys = put_global(np.stack([np.asarray(jax.random.fold_in(engine.unit_key(c.seed, u), 1))
+                                     for u in padded]), st)
+    ranges = put_global(np.asarray([u.train_range for u in padded], np.float32), st)
+    labels = [u.name if u.is_block else "e2e" for u in wave]
+    progress = [logs.Progress(label, start, total, log_every) for label in labels]
+    logs.log.info("training %s together on the mesh", ", ".join(labels))
+    t0 = time.time()
+    for step in range(start, total):
+        if on_step is not None:
+            for u in wave:
+                on_step(u, step)
+        state, metrics = step_fn(state, global_batch(trainer, padded, step, bt), base_keys, ranges)
+        done = step + 1
+        if step == start:
+            for p in progress:
+                p.start_clock(done)
+        if done % log_every == 0 or done == total or done % ckpt_every == 0:
+            host = to_host(metrics)  # {name: [K]}
+            for i, label in enumerate(labels):
+                loss = float(host["loss"][i])
+                if not np.isfinite(loss):
+                    raise engine.NonFiniteLossError(
+                        f"[{label}] loss is {loss} at step {done}; the last good checkpoint (step "
+                        f"{ckpts[i].latest_step()}) is kept. Lower optim.lr or check the data.")
+                record = progress[i].update(done, {n: v[i] for n, v in host.items()}) if lead else None
+                if record is not None:
+                    trainer.writer.write({"unit": label, "step": done, "wall": time.time() - t0, **record})
+        if done % ckpt_every == 0 and done != total:
+            for i, ck in enumerate(ckpts):
+                ck.save(done, stack.block(state, i))
+    for i, ck in enumerate(ckpts):
+        ck.save(total, stack.block(state, i), force=True)
+    for ck in ckpts:
+        ck.manager.wait_until_finished()  # the final checkpoint is on disk before the meta says complete
+        ck.write_meta(complete=True, step=total)
+    return state
