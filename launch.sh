@@ -3,6 +3,7 @@
 #
 #   ./launch.sh demo     set up, then train the Fashion-MNIST DiT as B=3 DiffusionBlocks and write a sample grid
 #   ./launch.sh test     set up, then run the test suite (what .ci/run runs)
+#   ./launch.sh tpu up   create a Cloud TPU pod slice, copy the code to every worker and set it up (docs/scale_out.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -19,7 +20,7 @@ setup() {
   # 1. Python packages (a virtual environment in .venv unless DBLOCKS_NO_VENV=1).
   if [ -z "${DBLOCKS_NO_VENV:-}" ] && [ ! -x "$VENV/bin/python" ]; then
     log "creating virtual environment $VENV"
-    python3 -m venv "$VENV"
+    "${DBLOCKS_PYTHON:-python3}" -m venv "$VENV"
   fi
   local py; py=$(python_bin)
   local stamp="$VENV/.dblocks-setup-$(sha1sum requirements.txt | cut -c1-12)"
@@ -46,6 +47,91 @@ setup() {
   fi
 }
 
+# -- Cloud TPU pod slices: every command runs on all workers (--worker=all); --dry-run prints instead of running --
+TPU_NAME=${DBLOCKS_TPU_NAME:-dblocks-pod}
+TPU_ZONE=${DBLOCKS_TPU_ZONE:-us-west4-a}
+TPU_TYPE=${DBLOCKS_TPU_TYPE:-v5litepod-16}              # v5e: 16 chips on 4 hosts
+TPU_RUNTIME=${DBLOCKS_TPU_RUNTIME:-v2-alpha-tpuv5-lite}  # the v5e TPU VM image
+TPU_PYTHON=${DBLOCKS_TPU_PYTHON:-python3.11}            # jax 0.10 needs Python >= 3.11 (the image has 3.10)
+TPU_DIR=dblocks                                        # the code's folder in each worker's home
+TPU_MOUNT=${DBLOCKS_TPU_MOUNT:-/mnt/dblocks}             # where DBLOCKS_TPU_BUCKET is mounted (shared workdirs)
+DRY_RUN=${DBLOCKS_DRY_RUN:-}
+
+quote() {  # one argument as a shell word, quoted only when it must be
+  if [[ -n $1 && $1 =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+quote_all() { local out="" a; for a in "$@"; do out+="${out:+ }$(quote "$a")"; done; printf '%s' "$out"; }
+run() {  # run a command, or print it (copy-pastable) under --dry-run
+  if [ -n "$DRY_RUN" ]; then quote_all "$@"; echo; else log "$(quote_all "$@")"; "$@"; fi
+}
+
+gcloud_tpu() {  # gcloud compute tpus tpu-vm VERB [ARGS]: the pod's name, zone and project added
+  local verb=$1; shift
+  local extra=(--zone="$TPU_ZONE")
+  [ -n "${DBLOCKS_TPU_PROJECT:-}" ] && extra+=(--project="$DBLOCKS_TPU_PROJECT")
+  run gcloud compute tpus tpu-vm "$verb" "$@" "${extra[@]}"
+}
+on_all() { gcloud_tpu ssh "$TPU_NAME" --worker=all --command="$1"; }  # one shell command on every worker
+
+tpu() {
+  local action=${1:-help}; shift || true
+  local args=() a
+  for a in "$@"; do if [ "$a" = --dry-run ]; then DRY_RUN=1; else args+=("$a"); fi; done
+  local tar="${TMPDIR:-/tmp}/dblocks-code.tar.gz"
+  case "$action" in
+    create)
+      local flags=(--accelerator-type="$TPU_TYPE" --version="$TPU_RUNTIME")
+      [ -n "${DBLOCKS_TPU_SPOT:-}" ] && flags+=(--spot)
+      gcloud_tpu create "$TPU_NAME" "${flags[@]}" ;;
+    copy)
+      run tar -czf "$tar" --exclude=./.git --exclude=./.venv --exclude=./runs --exclude=__pycache__ \
+        --exclude=.pytest_cache -C "$ROOT" .
+      gcloud_tpu scp "$tar" "$TPU_NAME:dblocks-code.tar.gz" --worker=all
+      on_all "mkdir -p ~/$TPU_DIR && tar -xzf ~/dblocks-code.tar.gz -C ~/$TPU_DIR" ;;
+    setup)
+      on_all "sudo apt-get update -qq && sudo apt-get install -y -qq $TPU_PYTHON $TPU_PYTHON-venv && cd ~/$TPU_DIR \
+&& DBLOCKS_PYTHON=$TPU_PYTHON ./launch.sh setup && .venv/bin/pip install -q \"jax[tpu]==\$(.venv/bin/python -c \
+'import jax; print(jax.__version__)')\""
+      if [ -n "${DBLOCKS_TPU_BUCKET:-}" ]; then tpu mount; fi ;;
+    mount)  # a bucket on every worker at the same path, so that all processes write one workdir
+      [ -n "${DBLOCKS_TPU_BUCKET:-}" ] || { echo "set DBLOCKS_TPU_BUCKET=my-bucket (no gs://)" >&2; exit 2; }
+      on_all "command -v gcsfuse >/dev/null || (echo 'deb [signed-by=/usr/share/keyrings/cloud.google.asc] \
+https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list \
+&& curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc \
+>/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse) && sudo mkdir -p $TPU_MOUNT && sudo \
+chown \$USER $TPU_MOUNT && (mountpoint -q $TPU_MOUNT || gcsfuse --implicit-dirs $DBLOCKS_TPU_BUCKET $TPU_MOUNT)" ;;
+    up)
+      tpu create; tpu copy; tpu setup ;;
+    train)  # ARGS: --config FILE --workdir DIR (on the shared mount) [--config.x=v ...]
+      [ ${#args[@]} -gt 0 ] || { echo "usage: ./launch.sh tpu train --config FILE --workdir DIR [...]" >&2; exit 2; }
+      on_all "cd ~/$TPU_DIR && nohup .venv/bin/python -m experiments.train $(quote_all "${args[@]}") --multihost \
+--config.parallel.mode=mesh > ~/dblocks-train.log 2>&1 < /dev/null & echo \$! > ~/dblocks-train.pid" ;;
+    logs)  # process 0 logs; DBLOCKS_TPU_WORKER=all to see every worker
+      gcloud_tpu ssh "$TPU_NAME" --worker="${DBLOCKS_TPU_WORKER:-0}" --command="tail -n 200 -f ~/dblocks-train.log" ;;
+    stop)
+      on_all "if [ -f ~/dblocks-train.pid ]; then kill \$(cat ~/dblocks-train.pid) 2>/dev/null || true; fi" ;;
+    delete)
+      gcloud_tpu delete "$TPU_NAME" --quiet ;;
+    status)
+      gcloud_tpu describe "$TPU_NAME" ;;
+    *)
+      cat <<'USAGE'
+./launch.sh tpu ACTION [--dry-run] [ARGS]   (Cloud TPU pod slice; every command on all workers)
+  up                  create + copy + setup
+  create              gcloud compute tpus tpu-vm create (DBLOCKS_TPU_TYPE, DBLOCKS_TPU_RUNTIME, DBLOCKS_TPU_SPOT=1)
+  copy                this folder (without .git, .venv, runs) to ~/dblocks on every worker
+  setup               Python, requirements and jax[tpu] on every worker (+ mount, when DBLOCKS_TPU_BUCKET is set)
+  mount               gcsfuse-mount DBLOCKS_TPU_BUCKET at DBLOCKS_TPU_MOUNT (/mnt/dblocks) on every worker
+  train ARGS          python -m experiments.train ARGS --multihost --config.parallel.mode=mesh on every worker
+  logs                follow worker 0's log (DBLOCKS_TPU_WORKER=all for all)
+  stop | delete | status
+environment: DBLOCKS_TPU_NAME (dblocks-pod), DBLOCKS_TPU_ZONE (us-west4-a), DBLOCKS_TPU_PROJECT (gcloud's default),
+             DBLOCKS_TPU_TYPE (v5litepod-16), DBLOCKS_TPU_RUNTIME (v2-alpha-tpuv5-lite), DBLOCKS_DRY_RUN=1
+USAGE
+      [ "$action" = help ] || { echo "unknown tpu action '$action'" >&2; exit 2; } ;;
+  esac
+}
+
 cmd=${1:-help}; shift || true
 case "$cmd" in
   setup)
@@ -61,6 +147,8 @@ case "$cmd" in
   train|sample|evaluate|compare|memory|bench_parallel)
     setup
     "$(python_bin)" -m "experiments.$cmd" "$@" ;;
+  tpu)
+    tpu "$@" ;;
   help|-h|--help)
     sed -n '2,8p' "$0"
     cat <<'USAGE'
@@ -68,8 +156,9 @@ subcommands:
   setup                      install requirements (into .venv) and the embedded data
   demo [WORKDIR]             set up, train experiments/configs/fashion_mnist_dit.py, write WORKDIR/samples.png
   test [PYTEST ARGS]         set up, run the tests (what .ci/run runs); add `-m slow` for the heavy ones
-  train|sample|evaluate|compare|memory ARGS
+  train|sample|evaluate|compare|memory|bench_parallel ARGS
                              set up, then python -m experiments.<subcommand> ARGS
+  tpu ACTION [--dry-run]     Cloud TPU pod slice: up, create, copy, setup, train, logs, stop, delete (tpu help)
 environment: DBLOCKS_VENV (default .venv), DBLOCKS_NO_VENV=1 (use the current python3),
              DBLOCKS_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist)
 USAGE
