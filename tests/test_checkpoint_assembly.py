@@ -93,3 +93,16 @@ def test_training_into_a_workdir_of_another_config_is_refused_and_harmless(train
 def test_not_a_workdir(tmp_path):
     with pytest.raises(assemble.AssemblyError, match="not a dblocks workdir"):
         assemble.load_run(str(tmp_path))
+
+
+def test_sample_cli_writes_a_grid(trained, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "cli.png"
+    proc = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", trained, "--out", str(out),
+                           "--steps", "4", "--per_class", "1", "--solver", "heun"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["block_calls_per_sample"] == 2 * 3 + 1 and out.exists()

@@ -20,7 +20,7 @@ def get_config(arg=None):
     c.data.flip = False
     c.data.batch_size = 64
 
-    c.model = dict(num_layers=6, hidden=128, heads=4, patch=4, mlp_ratio=4.0, dropout=0.0, class_dropout=0.1)
+    c.model = dict(num_layers=6, hidden=128, heads=4, patch=4, mlp_ratio=2.0, dropout=0.0, class_dropout=0.1)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05
@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
     c.optim.weight_decay = 0.01
-    c.optim.ema_decay = 0.999
+    c.optim.ema_decay = 0.995
 
     c.train.steps = 2000
     c.train.log_every = 200
