@@ -32,6 +32,16 @@ def test_dit_shapes_and_zero_init_identity(task_model_params):
     np.testing.assert_allclose(d, E.expand_to(E.precondition(sigma, 0.5).c_skip, z) * z, rtol=1e-6)
 
 
+def test_output_depends_on_sigma_conditioning(task_model_params):
+    """pitfalls.md §1.6: a denoiser that cannot tell noise levels apart. After any training step the layers'
+    modulation is non-zero, so F must change with c_noise."""
+    _, model, params = task_model_params
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(7), p.shape), params)
+    z = jnp.ones((2, 8, 8, 1))
+    f = lambda c: model.apply({"params": params}, z, jnp.full((2,), c), jnp.array([0, 0]))  # noqa: E731
+    assert float(jnp.abs(f(-1.0) - f(1.0)).max()) > 1e-3
+
+
 def test_every_block_has_its_own_embedders_and_head(task_model_params):
     _, _, params = task_model_params
     names = set(params)
