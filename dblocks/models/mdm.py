@@ -1,0 +1,47 @@
+"""The masked-diffusion denoiser f(x_t, t): a bidirectional transformer over tokens with a [MASK] token, conditioned
+on t through AdaLN-Zero (the DiT-style network of SEDD/MDLM/MD4 that the paper uses, method.md §5.4).
+
+A DiffusionBlocks block is a whole MDMTransformer with L/B layers: its own token embedding, t embedder, layers and
+output head (DESIGN.md item 1). The end-to-end baseline is the same module with all L layers.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dblocks.models.layers import AdaLNZeroLayer, FinalLayer, NoiseEmbedder
+
+Array = jax.Array
+
+
+class MDMTransformer(nn.Module):
+    """tokens [N, L] int in [0, vocab_size] (vocab_size is the [MASK] id), t [N] in [0, 1] -> logits [N, L, vocab_size].
+
+    Positions enter through rotary embeddings in every attention layer; t enters as DiT's timestep, t * t_scale,
+    through sinusoidal features and an MLP, then AdaLN-Zero in every layer and in the final layer. The output head
+    is zero-initialised, so an untrained block predicts the uniform distribution (loss ln V per masked token).
+    """
+    vocab_size: int
+    num_layers: int
+    hidden: int
+    heads: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    t_scale: float = 1000.0
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @nn.compact
+    def __call__(self, tokens: Array, t: Array, train: bool = False) -> Array:
+        _, length = tokens.shape
+        h = nn.Embed(self.vocab_size + 1, self.hidden, embedding_init=nn.initializers.normal(0.02),
+                     name="token_embed")(tokens)                                     # [N, L, H]
+        c = NoiseEmbedder(self.hidden)(t * self.t_scale)                              # [N, H]
+        positions = jnp.arange(length)[None]                                          # [1, L]
+        for i in range(self.num_layers):
+            h = AdaLNZeroLayer(self.hidden, self.heads, self.mlp_ratio, self.dropout, name=f"layer_{i}")(
+                h, c, positions=positions, train=train)
+        return FinalLayer(self.hidden, self.vocab_size)(h, c)                         # [N, L, V]

@@ -1,0 +1,105 @@
+"""Text data: vocabulary, the whole-work Shakespeare split (no leaks), text8's fixed split, tfds text, windows."""
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from dblocks import data as data_lib
+from dblocks import text
+
+
+def test_vocab_roundtrip_and_unknowns():
+    v = text.SHAKESPEARE_VOCAB
+    s = "To be, or not to be:\nthat is the question."
+    ids = v.encode(s)
+    assert ids.dtype == np.int32 and ids.shape == (len(s),) and ids.max() < v.size
+    assert v.decode(ids) == s
+    # a non-ASCII character takes the other encoding path and maps to the unknown character
+    assert v.decode(v.encode("café")) == "caf "
+    np.testing.assert_array_equal(v.encode("abc"), v.encode("abcé")[:3])
+    assert text.TEXT8_VOCAB.decode(text.TEXT8_VOCAB.encode("Hello world")) == " ello world"
+    assert text.vocab_for("text8").size == 27 and text.vocab_for("shakespeare").size == 96
+    with pytest.raises(ValueError, match="unknown text dataset"):
+        text.vocab_for("nope")
+
+
+def test_shakespeare_split_is_by_whole_works():
+    works = text.shakespeare_works()
+    assert len(works) == 42
+    splits = {s: set(text.shakespeare_split(s)) for s in ("train", "validation", "test")}
+    assert not splits["train"] & splits["test"] and not splits["train"] & splits["validation"]
+    assert not splits["validation"] & splits["test"]
+    assert set().union(*splits.values()) == set(works)
+    assert splits["test"] == {"hamlet", "sonnets", "tempest", "henry_v"}
+
+
+@pytest.fixture(scope="module")
+def train_and_test_ids():
+    train, v = text.split_text("shakespeare", "train")
+    test, _ = text.split_text("shakespeare", "test")
+    return v.encode(train), v.encode(test), test
+
+
+def test_no_test_passage_occurs_in_train(train_and_test_ids):
+    """No 64-character window of the test works appears anywhere in the training text (title pages such as
+    'by William Shakespeare\\n\\n\\n\\n\\nPERSONS REPRESENTED' are the longest shared strings, under 60)."""
+    train, test, _ = train_and_test_ids
+    assert len(text.shared_windows(train, test, width=64)) == 0
+
+
+def test_leak_check_finds_an_injected_passage(train_and_test_ids):
+    train, test, test_text = train_and_test_ids
+    passage = test[100_000:100_200]            # 200 characters of a test work copied into "train"
+    leaky = np.concatenate([train[:50_000], passage, train[50_000:60_000]])
+    hits = text.shared_windows(leaky, test, width=64)
+    assert len(hits) == 200 - 64 + 1
+    assert hits.min() == 100_000 and hits.max() == 100_200 - 64
+    # shared short strings exist: the check is about passages, not about single lines
+    assert len(text.shared_windows(train, test, width=30)) > 0
+
+
+def test_windows_come_from_their_split():
+    src, v = text.load_text("shakespeare", "test", 128)
+    full, _ = text.split_text("shakespeare", "test")
+    assert src.get(np.arange(len(src)))["tokens"].shape == (len(full) // 128, 128)
+    row = 17
+    assert v.decode(src.get(np.array([row]))["tokens"][0]) == full[row * 128:(row + 1) * 128]
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        text.sequence_source(np.arange(10), 11)
+
+
+def test_batch_order_is_seeded_and_resumable():
+    a = data_lib.batch_indices(1000, 32, seed=3, unit=1, step=40)
+    np.testing.assert_array_equal(a, data_lib.batch_indices(1000, 32, seed=3, unit=1, step=40))
+    assert not np.array_equal(a, data_lib.batch_indices(1000, 32, seed=3, unit=2, step=40))
+    epoch = np.concatenate([data_lib.batch_indices(1000, 32, 3, 1, s) for s in range(31)])
+    assert len(np.unique(epoch)) == 31 * 32   # one epoch visits each window at most once
+
+
+def test_text8_split_from_file_and_zip(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    chars = "".join(rng.choice(list(" abcdefghijklmnopqrstuvwxyz"), 100))
+    monkeypatch.setattr(text, "TEXT8_SPLITS", {"train": (0, 90), "validation": (90, 95), "test": (95, 100)})
+    (tmp_path / "text8").write_text(chars)
+    assert text.text8_split("train", str(tmp_path)) == chars[:90]
+    assert text.text8_split("test", str(tmp_path / "text8")) == chars[95:]
+    with zipfile.ZipFile(tmp_path / "text8.zip", "w") as z:
+        z.writestr("text8", chars)
+    os.remove(tmp_path / "text8")
+    assert text.split_text("text8", "validation", path=str(tmp_path))[0] == chars[90:95]
+    monkeypatch.delenv("DBLOCKS_TEXT8", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
+    with pytest.raises(data_lib.DatasetMissingError, match="mattmahoney.net/dc/text8.zip"):
+        text.text8_split("train", str(tmp_path / "missing"))
+
+
+def test_tfds_text_through_data_source():
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def as_source(builder, split, **kw):
+        return [{"text": f"{split} line {i}".encode()} for i in range(3)]
+
+    with tfds.testing.mock_data(num_examples=3, as_data_source_fn=as_source):
+        txt, vocab = text.split_text("tfds:tiny_shakespeare", "test")
+    assert txt == "test line 0\ntest line 1\ntest line 2" and vocab is text.SHAKESPEARE_VOCAB
