@@ -150,6 +150,7 @@ class Trainer:
         label = unit.name if unit.is_block else "e2e"
         progress = logs.Progress(label, start, total, int(c.train.log_every))
         t0 = time.time()
+        sums, count = None, 0
         for step in range(start, total):
             if self.on_step is not None:
                 self.on_step(unit, step)
@@ -157,15 +158,19 @@ class Trainer:
             done = step + 1
             if step == start:
                 progress.start_clock(done)
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)  # on device, no sync
+            count += 1
             if done % int(c.train.log_every) == 0 or done == total or done % int(c.train.ckpt_every) == 0:
-                loss = float(metrics["loss"])
+                mean = {k: v / count for k, v in sums.items()}  # metrics averaged since the last log line
+                loss = float(mean["loss"])
                 if not np.isfinite(loss):
                     ckpt.close()
                     raise NonFiniteLossError(f"[{label}] loss is {loss} at step {done}; the last good checkpoint "
                                              f"(step {ckpt.latest_step()}) is kept. Lower optim.lr or check the data.")
-                record = progress.update(done, metrics)
+                record = progress.update(done, mean)
                 if record is not None:
                     self.writer.write({"unit": label, "step": done, "wall": time.time() - t0, **record})
+                    sums, count = None, 0
             if done % int(c.train.ckpt_every) == 0 and done != total:
                 ckpt.save(done, state)
         ckpt.save(total, state, force=True)

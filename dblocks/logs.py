@@ -103,7 +103,7 @@ def plot_losses(workdir: str, out: str | None = None, records: list[dict] | None
         steps = sorted(curve)
         ax.plot(steps, [curve[s] for s in steps], label=unit)
     ax.set_xlabel("step (per unit)")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (mean over each log interval)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
