@@ -1,0 +1,201 @@
+"""A causal transformer as an autoregressive DiffusionBlocks denoiser (paper §4.4) or as a plain causal LM.
+
+Denoiser layout: one sequence of 2T rows, [clean ; noisy]. Clean row j holds token j; noisy row i holds the noisy
+target-space point z_i of token i. Mask (`ar_mask`): clean rows are causal over clean rows; noisy row i attends to
+clean rows j < i and to itself, nothing else (no row sees a future token, and no noisy row sees another noisy one,
+so all T positions train in one pass). Noisy row i reuses RoPE position i (`ar_positions`).
+
+Conditioning, per row (AdaLN-Zero with a per-row modulation): noisy row i gets its own sigma_i through the noise
+embedder; clean rows get the fixed sentinel c_noise(sigma_min), i.e. "this row is clean". The sentinel is a
+constant, so the clean rows of a block do not depend on any noise: their keys and values are computed once per token
+and cached at generation. The plain causal LM (the end-to-end baseline) is the same module without noisy rows;
+its rows all carry the sentinel, so AdaLN reduces to learned per-layer scales and shifts.
+
+Shapes: tokens [N, T] int; z [N, T, D] (D = target dim, already scaled by c_in); c_noise [N, T]; hidden [N, S, H].
+A K/V cache is a list, one (k, v) pair per layer, each [N, T_max, heads, head_dim].
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dblocks.models.layers import NoiseEmbedder, rope
+
+Array = jax.Array
+KV = tuple[Array, Array]
+Cond = tuple[Array, int]   # (conditioning [N or 1, S_i or 1, H], S_i rows it covers), in row order
+
+
+# -- masks and positions ------------------------------------------------------------------------------------------
+
+def causal_mask(T: int) -> np.ndarray:
+    """[T, T] bool: row i may attend to rows j <= i."""
+    i = np.arange(T)
+    return i[:, None] >= i[None, :]
+
+
+def ar_mask(T: int) -> np.ndarray:
+    """[2T, 2T] bool for [clean ; noisy]: clean->clean causal (j <= i), noisy->clean strictly before (j < i),
+    noisy->noisy only itself, clean->noisy never."""
+    i = np.arange(T)
+    top = np.concatenate([i[:, None] >= i[None, :], np.zeros((T, T), bool)], axis=1)
+    bottom = np.concatenate([i[:, None] > i[None, :], np.eye(T, dtype=bool)], axis=1)
+    return np.concatenate([top, bottom], axis=0)
+
+
+def ar_positions(T: int) -> np.ndarray:
+    """[2T] int: clean row j at position j, noisy row i reuses position i."""
+    return np.concatenate([np.arange(T), np.arange(T)]).astype(np.int32)
+
+
+def prefix_mask(pos: Array, t_max: int, rows: int = 1) -> Array:
+    """[rows, t_max + rows] bool for `rows` rows at position `pos` attending to a cache of t_max slots (valid: slots
+    < pos) and to themselves only (the rows are either one clean row or independent noisy rows of one position)."""
+    cached = jnp.broadcast_to(jnp.arange(t_max) < pos, (rows, t_max))
+    return jnp.concatenate([cached, jnp.eye(rows, dtype=bool)], axis=1)
+
+
+# -- layers ---------------------------------------------------------------------------------------------------------
+
+def _rows(conds: Sequence[Cond], lin: nn.Module, n: int) -> Array:
+    """Applies `lin(silu(c))` to each conditioning segment once and broadcasts it over its rows: [N, S, out]."""
+    outs = [lin(nn.silu(c)) for c, _ in conds]
+    return jnp.concatenate([jnp.broadcast_to(o, (n, s, o.shape[-1])) for o, (_, s) in zip(outs, conds)], axis=1)
+
+
+def _layer_norm() -> nn.LayerNorm:
+    return nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6)
+
+
+class CausalLayer(nn.Module):
+    """AdaLN-Zero transformer layer (DiT's Linear(SiLU(c)) modulation, zero-initialised) with per-row conditioning,
+    rotary positions and an optional K/V prefix (the cache). Returns (x, (k, v) of these rows)."""
+    hidden: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+    @nn.compact
+    def __call__(self, x: Array, conds: Sequence[Cond], mask: Array, positions: Array,
+                 prefix: KV | None = None) -> tuple[Array, KV]:
+        N, S, H = x.shape
+        hd = H // self.heads
+        mod = _rows(conds, nn.Dense(6 * H, kernel_init=nn.initializers.zeros, name="adaln"), N)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+        h = _layer_norm()(x) * (1 + scale_a) + shift_a
+        qkv = nn.Dense(3 * H, kernel_init=nn.initializers.xavier_uniform(), name="qkv")(h)
+        q, k, v = jnp.split(qkv.reshape(N, S, 3 * self.heads, hd), 3, axis=2)
+        q, k = rope(q, positions), rope(k, positions)
+        keys, values = (k, v) if prefix is None else (jnp.concatenate([prefix[0], k], 1),
+                                                     jnp.concatenate([prefix[1], v], 1))
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, keys) / math.sqrt(hd)
+        mask = mask if mask.ndim == 4 else mask[None, None]
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        out = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), values).reshape(N, S, H)
+        x = x + gate_a * nn.Dense(H, kernel_init=nn.initializers.xavier_uniform(), name="proj")(out)
+        h = _layer_norm()(x) * (1 + scale_m) + shift_m
+        h = nn.Dense(int(H * self.mlp_ratio), kernel_init=nn.initializers.xavier_uniform(), name="fc1")(h)
+        h = nn.Dense(H, kernel_init=nn.initializers.xavier_uniform(), name="fc2")(nn.gelu(h, approximate=True))
+        return x + gate_m * h, (k, v)
+
+
+class LayerStack(nn.Module):
+    """`num_layers` CausalLayers in sequence; with `prefixes` (one (k, v) per layer) every layer reads the cache."""
+    num_layers: int
+    hidden: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+    @nn.compact
+    def __call__(self, x: Array, conds: Sequence[Cond], mask: Array, positions: Array,
+                 prefixes: Sequence[KV] | None = None) -> tuple[Array, list[KV]]:
+        kvs = []
+        for i in range(self.num_layers):
+            x, kv = CausalLayer(self.hidden, self.heads, self.mlp_ratio, name=f"layer_{i}")(
+                x, conds, mask, positions, None if prefixes is None else prefixes[i])
+            kvs.append(kv)
+        return x, kvs
+
+
+class RowHead(nn.Module):
+    """Final AdaLN (per-row shift, scale; zero-initialised) and a zero-initialised Linear to logits."""
+    hidden: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x: Array, conds: Sequence[Cond]) -> Array:
+        shift, scale = jnp.split(_rows(conds, nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros),
+                                       x.shape[0]), 2, axis=-1)
+        return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros)(_layer_norm()(x) * (1 + scale) + shift)
+
+
+# -- the model --------------------------------------------------------------------------------------------------------
+
+class ARModel(nn.Module):
+    """Denoiser F(tokens, c_in z, c_noise) -> logits [N, T, V] of the noisy rows (diffusion=True), or the causal
+    LM tokens -> next-token logits [N, T, V] (diffusion=False). Each DiffusionBlocks block is one whole ARModel with
+    its own embeddings, layers and head (DESIGN.md item 1)."""
+    vocab: int
+    num_layers: int
+    hidden: int
+    heads: int
+    mlp_ratio: float = 4.0
+    diffusion: bool = True
+    sigma_min: float = 0.002   # the clean rows' sentinel noise level
+
+    def setup(self):
+        self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02))
+        self.noise = NoiseEmbedder(self.hidden)
+        self.stack = LayerStack(self.num_layers, self.hidden, self.heads, self.mlp_ratio)
+        self.head = RowHead(self.hidden, self.vocab)
+        if self.diffusion:
+            self.z_in = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform())
+
+    def sentinel(self) -> Array:
+        """[1, 1, H]: the clean rows' conditioning, c_noise(sigma_min) through the noise embedder."""
+        return self.noise(jnp.full((1,), 0.25 * math.log(self.sigma_min)))[:, None]
+
+    def noisy_cond(self, c_noise: Array) -> Array:
+        """c_noise [N, S] -> [N, S, H]."""
+        return self.noise(c_noise.reshape(-1)).reshape(*c_noise.shape, self.hidden)
+
+    def __call__(self, tokens: Array, z: Array | None = None, c_noise: Array | None = None) -> Array:
+        T = tokens.shape[1]
+        if not self.diffusion:
+            x, _ = self.stack(self.embed(tokens), ((self.sentinel(), T),), causal_mask(T), jnp.arange(T)[None])
+            return self.head(x, ((self.sentinel(), T),))
+        c = self.noisy_cond(c_noise)
+        x = jnp.concatenate([self.embed(tokens), self.z_in(z)], axis=1)
+        x, _ = self.stack(x, ((self.sentinel(), T), (c, T)), ar_mask(T), ar_positions(T)[None])
+        return self.head(x[:, T:], ((c, T),))
+
+    # -- cached generation: clean rows write the cache, noisy rows only read it --------------------------------------
+    def clean_rows(self, tokens: Array, positions: Array, mask: Array,
+                   prefixes: Sequence[KV] | None = None) -> tuple[Array, list[KV]]:
+        """Clean rows (the prompt, or one new token) -> (LM logits [N, S, V], their (k, v) per layer). The logits
+        are the LM's next-token prediction; a denoiser ignores them."""
+        S = tokens.shape[1]
+        x, kvs = self.stack(self.embed(tokens), ((self.sentinel(), S),), mask, positions, prefixes)
+        return self.head(x, ((self.sentinel(), S),)), kvs
+
+    def noisy_rows(self, z: Array, c_noise: Array, positions: Array, mask: Array,
+                   prefixes: Sequence[KV]) -> Array:
+        """Noisy rows (scaled by c_in) at one position, reading the clean prefix's cache -> logits [N, S, V]."""
+        c = self.noisy_cond(c_noise)
+        x, _ = self.stack(self.z_in(z), ((c, z.shape[1]),), mask, positions, prefixes)
+        return self.head(x, ((c, z.shape[1]),))
+
+
+def empty_cache(num_layers: int, n: int, t_max: int, heads: int, head_dim: int) -> list[KV]:
+    z = jnp.zeros((n, t_max, heads, head_dim), jnp.float32)
+    return [(z, z) for _ in range(num_layers)]
+
+
+def write_cache(cache: Sequence[KV], kvs: Sequence[KV], pos) -> list[KV]:
+    """Writes per-layer (k, v) of rows starting at `pos` into the cache (dynamic pos, jit-friendly)."""
+    upd = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), pos, axis=1)  # noqa: E731
+    return [(upd(ck, k), upd(cv, v)) for (ck, cv), (k, v) in zip(cache, kvs)]

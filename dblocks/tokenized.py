@@ -1,0 +1,95 @@
+"""Vocabularies for the autoregressive tasks: the character vocabularies of dblocks.text, or a SentencePiece model the
+user supplies (LM1B, paper §5.5), with a tfds text dataset tokenized once, packed into fixed-length windows and cached.
+
+SentencePiece is not a requirement of dblocks: it is imported only when `config.data.tokenizer` is set, and a missing
+package is a clear error. The paper uses the Llama-2 tokenizer (32K pieces): point `data.tokenizer` at its
+`tokenizer.model`, or at any SentencePiece model you trained (e.g. `spm_train --vocab_size=32000`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from dblocks import text as text_lib
+from dblocks.data import ArraySource, DatasetMissingError
+
+
+def char_vocab(name: str) -> text_lib.CharVocab:
+    """The character vocabulary dblocks.text uses for a dataset name (same choice as text.split_text)."""
+    if name in ("synthetic_text", "tfds:text8"):
+        return text_lib.TEXT8_VOCAB
+    return text_lib.SHAKESPEARE_VOCAB
+
+
+class SentencePieceVocab:
+    """A SentencePiece model behind the CharVocab interface (.size, .encode, .decode); id eos() ends a sentence."""
+
+    def __init__(self, path: str):
+        try:
+            import sentencepiece as spm
+        except ImportError as e:
+            raise DatasetMissingError("data.tokenizer is a SentencePiece model, but the `sentencepiece` package is not "
+                                      "installed: `pip install sentencepiece`") from e
+        if not os.path.exists(path):
+            raise DatasetMissingError(f"data.tokenizer={path!r} does not exist: give the path of a SentencePiece "
+                                      f"model file (e.g. Llama-2's tokenizer.model)")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+
+    @property
+    def size(self) -> int:
+        return int(self.sp.get_piece_size())
+
+    def eos(self) -> int:
+        e = int(self.sp.eos_id())
+        return e if e >= 0 else 0
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.sp.encode(text), np.int32)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in np.asarray(ids).ravel()])
+
+
+def load_tokenizer(path: str) -> SentencePieceVocab:
+    return SentencePieceVocab(path)
+
+
+def packed_tokens(name: str, split: str, vocab, data_dir: str = "", cache_dir: str | None = None) -> np.ndarray:
+    """All sentences of a tfds text dataset, tokenized and joined with EOS: int32 [num_tokens]. Cached as .npy next
+    to the tokenizer (first use tokenizes the whole split once, which takes minutes for LM1B's 30M sentences)."""
+    key = hashlib.sha256(f"{name}|{split}|{getattr(vocab, 'path', '')}|{vocab.size}".encode()).hexdigest()[:12]
+    cache_dir = cache_dir or os.path.dirname(os.path.abspath(getattr(vocab, "path", ".") or "."))
+    path = os.path.join(cache_dir, f"{name}_{split}_{key}.npy")
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
+    import tensorflow_datasets as tfds
+    try:
+        ds = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    except Exception as e:
+        where = data_dir or "~/tensorflow_datasets"
+        raise DatasetMissingError(
+            f"tfds dataset {name!r} (split {split!r}) is not prepared in {where}: {type(e).__name__}: {e}\n"
+            f"Prepare it once, on a machine with TensorFlow, with:  pip install tensorflow tensorflow-datasets "
+            f"&& tfds build {name} --data_dir {where} --file_format=array_record") from e
+    eos = np.asarray([vocab.eos() if hasattr(vocab, "eos") else 0], np.int32)
+    parts = []
+    for i in range(len(ds)):
+        t = ds[i]["text"]
+        parts += [vocab.encode(t.decode("utf-8") if isinstance(t, bytes) else str(t)), eos]
+    tokens = np.concatenate(parts).astype(np.int32)
+    try:
+        np.save(path, tokens)
+    except OSError:
+        pass   # a read-only directory only costs the tokenization next time
+    return tokens
+
+
+def packed_source(name: str, split: str, seq_len: int, vocab, data_dir: str = "",
+                  cache_dir: str | None = None) -> ArraySource:
+    """Non-overlapping windows of seq_len tokens over the packed split: {'tokens': [num_windows, seq_len]}."""
+    if split == "validation":
+        split = "test"   # LM1B has only train and test
+    return text_lib.sequence_source(np.asarray(packed_tokens(name, split, vocab, data_dir, cache_dir)), seq_len)

@@ -1,0 +1,33 @@
+r"""A tiny autoregressive DiffusionBlocks model on synthetic words, for tests: compiles and trains in seconds.
+
+  python -m experiments.train --config experiments/configs/tiny_ar.py --workdir /tmp/tiny_ar
+"""
+from dblocks.config import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.task = "ar"
+    c.data.name = "synthetic_text"
+    c.data.seq_len = 16
+    c.data.batch_size = 8
+    c.data.tokenizer = ""
+
+    c.model = dict(num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, target_dim=0, target_seed=0)
+
+    c.blocks.num_blocks = 2
+    c.blocks.gamma = 0.1
+    c.edm.loss_weighting = "clamped"
+
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 2
+    c.train.steps = 6
+    c.train.log_every = 3
+    c.train.ckpt_every = 3
+    c.train.sample_at_end = False
+    c.train.plot_at_end = False
+
+    c.sample = dict(steps=0, solver="euler", bridge="softmax", temperature=1.0, top_p=0.95, greedy=False,
+                    num_samples=2, max_tokens=8)
+    c.eval = dict(num_draws=2, max_windows=8, batch_size=8, num_samples=2, max_tokens=8, prompt_len=4)
+    return c

@@ -1,0 +1,217 @@
+"""Autoregressive DiffusionBlocks: the [clean ; noisy] mask and positions, causality of the model, the cached decoder
+against the uncached one, the loss, validation, and an end-to-end train/evaluate/sample of the tiny config."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dblocks import assemble, engine, textgen
+from dblocks import config as config_lib
+from dblocks.models import ar as ar_model
+from dblocks.tasks import get_task
+from experiments.configs import tiny_ar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def randomize(params, key, scale=0.3):
+    """Every leaf random (the zero-initialised AdaLN gates and heads would hide any dependence)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def random_run(config, method):
+    """An assembled run with random (non-zero) parameters: exercises every code path without training."""
+    config = config.copy_and_resolve_references()
+    config.method = method
+    task = get_task(config)
+    units = task.units(method)
+    models = [task.make_model(u) for u in units]
+    init = jax.jit(lambda m, k: randomize(task.init_params(m, k, task.dummy_batch()), k), static_argnums=0)
+    params = [init(m, jax.random.PRNGKey(u.index)) for m, u in zip(models, units)]
+    part = task.partition() if method == "dblocks" else assemble.partition_lib.Partition(
+        boundaries=task.full_range(), ranges=(task.full_range(),))
+    return assemble.Run("<random>", config, task, method, part, units, models, params, [{}] * len(units))
+
+
+# -- mask and positions ------------------------------------------------------------------------------------------
+
+def test_ar_mask_matches_its_definition():
+    T = 6
+    m = ar_model.ar_mask(T)
+    assert m.shape == (2 * T, 2 * T)
+    for r in range(2 * T):
+        for k in range(2 * T):
+            if r < T:      # clean row r: clean keys k <= r, no noisy key
+                want = k < T and k <= r
+            else:          # noisy row i = r - T: clean keys j < i, and itself
+                i = r - T
+                want = (k < T and k < i) or k == r
+            assert m[r, k] == want, (r, k)
+    # no row sees a future token: every allowed key sits at a position <= the row's position, and a noisy row's
+    # only key at its own position is itself (not the clean token it is denoising)
+    pos = ar_model.ar_positions(T)
+    key_pos, row_pos = np.broadcast_to(pos[None, :], m.shape), np.broadcast_to(pos[:, None], m.shape)
+    assert np.all(key_pos[m] <= row_pos[m])
+    assert not np.any(m[T:, :T] & (key_pos[T:, :T] == row_pos[T:, :T]))
+
+
+def test_positions_are_reused():
+    np.testing.assert_array_equal(ar_model.ar_positions(4), [0, 1, 2, 3, 0, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    T, V, D = 8, 11, 16
+    model = ar_model.ARModel(vocab=V, num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, diffusion=True)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, T), 0, V)
+    z = jax.random.normal(jax.random.PRNGKey(1), (2, T, D))
+    c = jax.random.normal(jax.random.PRNGKey(2), (2, T))
+    params = jax.jit(lambda k: randomize(model.init(k, tokens, z, c)["params"], k))(jax.random.PRNGKey(3))
+    return model, params, tokens, z, c
+
+
+def test_perturbing_a_token_changes_nothing_before_it(tiny_model):
+    model, params, tokens, z, c = tiny_model
+    f = jax.jit(lambda t, zz: model.apply({"params": params}, t, zz, c))
+    base = f(tokens, z)
+    T = tokens.shape[1]
+    for j in range(T):
+        t2 = tokens.at[:, j].set((tokens[:, j] + 1) % model.vocab)
+        out = f(t2, z)
+        # noisy row i reads clean tokens < i: rows i <= j are unchanged, rows i > j do change
+        np.testing.assert_allclose(out[:, :j + 1], base[:, :j + 1], atol=1e-5)
+        if j < T - 1:
+            assert np.abs(out[:, j + 1:] - base[:, j + 1:]).max() > 1e-4
+        # a noisy input z_j reaches only its own row
+        out_z = f(tokens, z.at[:, j].add(1.0))
+        others = np.delete(np.arange(T), j)
+        np.testing.assert_allclose(out_z[:, others], base[:, others], atol=1e-5)
+        assert np.abs(out_z[:, j] - base[:, j]).max() > 1e-4
+
+
+def test_plain_lm_is_causal(tiny_model):
+    _, _, tokens, _, _ = tiny_model
+    model = ar_model.ARModel(vocab=11, num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, diffusion=False)
+    params = jax.jit(lambda k: randomize(model.init(k, tokens)["params"], k))(jax.random.PRNGKey(0))
+    f = jax.jit(lambda t: model.apply({"params": params}, t))
+    base = f(tokens)
+    j = 5
+    out = f(tokens.at[:, j].set((tokens[:, j] + 1) % 11))
+    np.testing.assert_allclose(out[:, :j], base[:, :j], atol=1e-5)
+    assert np.abs(out[:, j:] - base[:, j:]).max() > 1e-4
+
+
+def test_cached_rows_equal_the_full_pass_only_with_reused_positions(tiny_model):
+    """Noisy row i computed against the clean cache at position i equals the 2T pass; at position i + T it does not
+    (so the 2T pass really puts noisy row i at position i)."""
+    model, params, tokens, z, c = tiny_model
+    T, i = tokens.shape[1], 5
+    full = model.apply({"params": params}, tokens, z, c)
+    _, kvs = model.apply({"params": params}, tokens, jnp.arange(T)[None], ar_model.causal_mask(T),
+                         method=model.clean_rows)
+    cache = ar_model.write_cache(ar_model.empty_cache(2, 2, T, 2, 8), kvs, 0)
+    for pos, same in ((i, True), (i + T, False)):
+        row = model.apply({"params": params}, z[:, i:i + 1], c[:, i:i + 1], jnp.full((1, 1), pos),
+                          ar_model.prefix_mask(i, T), cache, method=model.noisy_rows)
+        assert np.allclose(row[:, 0], full[:, i], atol=1e-5) == same
+
+
+# -- decoding ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["dblocks", "e2e"])
+def test_cached_generation_equals_uncached(method):
+    run = random_run(tiny_ar.get_config(), method)
+    prompts = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int32)
+    # logits of the next token after a few generated ones (same noise key for both decoders)
+    dec_c, dec_u = (run.task.decoder(run, 2, use_cache=u) for u in (True, False))
+    sc, su = dec_c.prefill(prompts), dec_u.prefill(prompts)
+    for t in range(5):
+        key = jax.random.PRNGKey(t)
+        lc, lu = dec_c.next_logits(sc, key), dec_u.next_logits(su, key)
+        np.testing.assert_allclose(lc, lu, rtol=1e-4, atol=1e-3)
+        tok = np.asarray(jnp.argmax(lc, -1), np.int32)
+        sc, su = dec_c.append(sc, tok), dec_u.append(su, tok)
+    # whole sampled generations, past the window length (16): the re-prefilled window agrees too
+    a, calls = run.task.generate(run, prompts, 20, seed=3, use_cache=True)
+    b, _ = run.task.generate(run, prompts, 20, seed=3, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+    assert calls == (2 if method == "dblocks" else 1)
+
+
+def test_sample_token_top_p_and_greedy():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = jax.random.PRNGKey(0)
+    assert set(np.asarray(textgen.sample_token(logits, keys, greedy=True))) == {0}
+    drawn = np.asarray(textgen.sample_token(logits, keys, top_p=0.7))
+    assert set(drawn) == {0, 1}                       # 0.5 < 0.7 needs the second; 0.8 >= 0.7 stops
+    assert abs((drawn == 0).mean() - 0.5 / 0.8) < 0.03
+    full = np.asarray(textgen.sample_token(logits, keys))
+    np.testing.assert_allclose(np.bincount(full, minlength=4) / len(full), [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+# -- loss and config ------------------------------------------------------------------------------------------------
+
+def test_loss_is_per_token_weighted_cross_entropy():
+    c = tiny_ar.get_config()
+    run = random_run(c, "dblocks")
+    task, model, params = run.task, run.models[0], run.params[0]
+    batch = task.dummy_batch(3)
+    batch["tokens"] = np.arange(48).reshape(3, 16) % 20
+    rng, rr = jax.random.PRNGKey(0), jnp.asarray([0.002, 80.0])
+    losses = {}
+    for mode in ("none", "edm"):
+        task.config.edm.loss_weighting = mode
+        losses[mode], metrics = jax.jit(lambda p: task.loss(model, p, batch, rng, rr))(params)
+    np.testing.assert_allclose(losses["none"], metrics["ce"], rtol=1e-5)   # 'none' = plain mean over tokens
+    assert losses["edm"] > 10 * losses["none"]   # lambda is large at small sigma: a per-token weight, not a mean
+
+
+def test_validate_reports_bad_values():
+    c = tiny_ar.get_config()
+    c.model.heads = 3
+    c.sample.bridge = "nope"
+    c.sample.steps = 1
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c)
+    msg = str(e.value)
+    assert "model.hidden" in msg and "sample.bridge" in msg and "sample.steps" in msg
+
+
+# -- the whole path: train, assemble, evaluate, sample ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("tiny_ar"))
+    c = tiny_ar.get_config()
+    engine.train(c, wd)
+    return wd
+
+
+def test_train_evaluate_and_write_samples(trained, tmp_path):
+    run = assemble.load_run(trained)
+    res = run.task.evaluate(run, max_windows=4, num_samples=2, max_tokens=6)
+    json.dumps(res)
+    assert res["headline"]["name"] == "bits_per_char" and np.isfinite(res["headline"]["value"])
+    assert res["num_draws"] == 2 and res["block_calls_per_sample"] == 2
+    assert len(res["per_step"]["values"]) == 2
+    assert 0 <= res["next_token_accuracy"] <= 1
+    g = res["generation"]
+    assert g["new_tokens"] == 6 and "distinct_2" in g and "gen_ppl" not in g   # no e2e run given: no gen-PPL
+    out = run.task.write_samples(run, str(tmp_path / "s.txt"), prompt="the king", max_tokens=5, num_samples=2)
+    text = open(out["path"]).read()
+    assert text.count("=== sample") == 2 and "the king[[" in text
+
+
+@pytest.mark.slow
+def test_sample_cli_writes_text(trained, tmp_path):
+    out = tmp_path / "samples.txt"
+    subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", trained, "--out", str(out),
+                    "--prompt", "the queen", "--max_tokens", "7"], cwd=ROOT, check=True)
+    assert "the queen[[" in out.read_text()

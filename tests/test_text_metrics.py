@@ -1,0 +1,40 @@
+"""Text metrics on inputs whose answers are known by hand."""
+import math
+
+import numpy as np
+import pytest
+
+from dblocks import text_metrics as tm
+
+
+def test_bits_per_token_and_perplexity():
+    logp = np.log([0.5, 0.25, 0.125, 1.0])
+    assert tm.bits_per_token(logp) == pytest.approx((1 + 2 + 3 + 0) / 4)
+    assert tm.perplexity(logp) == pytest.approx(2 ** 1.5)
+
+
+def test_mixture_logprob_is_the_log_of_the_average():
+    p = np.array([[0.9, 1e-30], [0.1, 0.5]])                   # [draws, tokens]
+    np.testing.assert_allclose(tm.mixture_logprob(np.log(p)), np.log([0.5, 0.25 + 5e-31]))
+    very_small = np.array([[-2000.0], [-2000.0 + math.log(3)]])   # underflows in linear space, not in log space
+    np.testing.assert_allclose(tm.mixture_logprob(very_small), [-2000.0 + math.log(2.0)])
+
+
+def test_distinct_n():
+    texts = ["a b a b", "a c"]
+    # unigrams: a b a b a c -> {a, b, c} = 3 of 6; bigrams: ab ba ab ac -> 3 distinct of 4
+    assert tm.distinct_n(texts, 1) == pytest.approx(3 / 6)
+    assert tm.distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert math.isnan(tm.distinct_n(["a"], 2))
+
+
+def test_repetition_rate():
+    # "x y z x y z": trigrams xyz yzx zxy xyz -> one repeat of 4; "p q r s": none -> mean 1/8
+    assert tm.repetition_rate(["x y z x y z", "p q r s"], 3) == pytest.approx((1 / 4 + 0) / 2)
+    assert tm.repetition_rate(["go " * 10], 3) == pytest.approx(7 / 8)   # 8 trigrams, all the same
+    assert math.isnan(tm.repetition_rate(["too short"], 3))
+
+
+def test_text_summary_keys():
+    s = tm.text_summary(["one two three four"], ns=(1, 2), rep_n=2)
+    assert s == {"distinct_1": 1.0, "distinct_2": 1.0, "repetition_2": 0.0}
