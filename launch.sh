@@ -96,8 +96,8 @@ tpu() {
     mount)  # a bucket on every worker at the same path, so that all processes write one workdir
       [ -n "${DBLOCKS_TPU_BUCKET:-}" ] || { echo "set DBLOCKS_TPU_BUCKET=my-bucket (no gs://)" >&2; exit 2; }
       on_all "command -v gcsfuse >/dev/null || (echo 'deb [signed-by=/usr/share/keyrings/cloud.google.asc] \
-https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list \
-&& curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc \
+https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main' | sudo tee \
+/etc/apt/sources.list.d/gcsfuse.list && curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc \
 >/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse) && sudo mkdir -p $TPU_MOUNT && sudo \
 chown \$USER $TPU_MOUNT && (mountpoint -q $TPU_MOUNT || gcsfuse --implicit-dirs $DBLOCKS_TPU_BUCKET $TPU_MOUNT)" ;;
     up)
@@ -150,7 +150,7 @@ case "$cmd" in
   tpu)
     tpu "$@" ;;
   help|-h|--help)
-    sed -n '2,8p' "$0"
+    sed -n '2,6p' "$0"
     cat <<'USAGE'
 subcommands:
   setup                      install requirements (into .venv) and the embedded data
