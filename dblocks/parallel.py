@@ -295,6 +295,10 @@ def _train_wave(trainer, model, mesh, stack: _Stack, step_fn, wave: list[Unit], 
     padded = wave + [wave[-1]] * (k - len(wave))
     st, bt = stacked_sharding(mesh), batch_sharding(mesh)
     lead = jax.process_index() == 0
+    if len(wave) < k:
+        logs.log.warning("%d of the mesh's %d block rows repeat %s in this wave (padding, never saved): a block count "
+                         "that divides by parallel.blocks, or a larger parallel.data, keeps every device busy",
+                         k - len(wave), k, wave[-1].name)
     state = _initial_stack(trainer, model, mesh, stack, padded, ckpts, start)
     for ck in ckpts:
         ck.write_meta(complete=False, step=start)

@@ -1,9 +1,9 @@
 """Block-parallel training on the ('block', 'data') mesh (conftest: 8 CPU devices).
 
 The same blocks trained one after another and on the mesh (data axis 2, two blocks at a time, so the last wave is
-padded; two of them resumed from the sequential run's checkpoints) end with the same parameters; their checkpoints assemble; the compiled
-step's only collectives stay inside 'data' groups (none at all when the data axis has size 1); and, slow, two
-processes on loopback train the same blocks.
+padded; two of them resumed from the sequential run's checkpoints) end with the same parameters; their checkpoints
+assemble; the compiled step's only collectives stay inside 'data' groups (none at all when the data axis has size 1);
+and, slow, two processes on loopback train the same blocks.
 """
 import os
 import re
