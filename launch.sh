@@ -99,7 +99,8 @@ tpu() {
 https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main' | sudo tee \
 /etc/apt/sources.list.d/gcsfuse.list && curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee \
 /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse) \
-&& sudo mkdir -p $TPU_MOUNT && sudo chown \$USER $TPU_MOUNT && (mountpoint -q $TPU_MOUNT || gcsfuse --implicit-dirs $DBLOCKS_TPU_BUCKET $TPU_MOUNT)" ;;
+&& sudo mkdir -p $TPU_MOUNT && sudo chown \$USER $TPU_MOUNT \
+&& (mountpoint -q $TPU_MOUNT || gcsfuse --implicit-dirs $DBLOCKS_TPU_BUCKET $TPU_MOUNT)" ;;
     up)
       tpu create; tpu copy; tpu setup ;;
     train)  # ARGS: --config FILE --workdir DIR (on the shared mount) [--config.x=v ...]
