@@ -1,0 +1,102 @@
+"""ViT models for classification: the DiffusionBlocks denoiser (paper §4.1) and the plain ViT baseline.
+
+ViTDenoiser is one whole block (DESIGN.md item 1): its own patch embedding, position embedding, AdaLN-Zero layers
+and head. Its sequence is the patch embeddings plus ONE label token that holds the projected `c_in * z`, where z is
+the noisy label embedding in the fixed target space E (dblocks.targets); sigma enters through AdaLN-Zero
+(NoiseEmbedder on c_noise). The head reads the label token and returns class logits; the denoised point of the
+target space is the bridge softmax(logits) @ E (the task does that), as in the authors' code.
+
+ViTClassifier is the end-to-end baseline: a standard pre-LN ViT (CLS token, L layers, no noise, no label input).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder
+
+Array = jax.Array
+
+
+class PatchEmbed(nn.Module):
+    """images [N, S, S, C] -> tokens [N, (S/p)^2, H] plus a learned position embedding."""
+    hidden: int
+    patch: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        N, p = x.shape[0], self.patch
+        h = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", name="proj")(x)  # [N, g, g, H]
+        h = h.reshape(N, -1, self.hidden)
+        pos = self.param("pos", nn.initializers.normal(0.02), (1, h.shape[1], self.hidden))
+        return h + pos
+
+
+class ViTDenoiser(nn.Module):
+    """Block denoiser: (images [N, S, S, C], c_in*z [N, dim], c_noise [N]) -> logits [N, num_classes].
+
+    No attention mask: every token may attend to every other (the label token must see the image and the image
+    tokens see the label); nothing in the input reveals the clean label except z itself.
+    """
+    num_layers: int
+    hidden: int
+    heads: int
+    patch: int
+    num_classes: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, image: Array, z_in: Array, c_noise: Array, train: bool = False) -> Array:
+        h = PatchEmbed(self.hidden, self.patch, name="patch_embed")(image)            # [N, T, H]
+        tok = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform(), name="label_in")(z_in)
+        tok_pos = self.param("label_pos", nn.initializers.normal(0.02), (1, 1, self.hidden))
+        h = jnp.concatenate([tok[:, None] + tok_pos, h], axis=1)                      # [N, 1+T, H]
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        c = NoiseEmbedder(self.hidden)(c_noise)                                         # [N, H]
+        for i in range(self.num_layers):
+            h = AdaLNZeroLayer(self.hidden, self.heads, self.mlp_ratio, self.dropout, name=f"layer_{i}")(
+                h, c, train=train)
+        return FinalLayer(self.hidden, self.num_classes, name="head")(h[:, :1], c)[:, 0]  # [N, K]
+
+
+class ViTLayer(nn.Module):
+    """A standard pre-LN transformer layer (the baseline's; no conditioning)."""
+    hidden: int
+    heads: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        def drop(a):
+            return nn.Dropout(self.dropout)(a, deterministic=not train)
+
+        x = x + drop(Attention(self.hidden, self.heads, self.dropout)(nn.LayerNorm(epsilon=1e-6)(x), train=train))
+        h = nn.Dense(int(self.hidden * self.mlp_ratio), kernel_init=nn.initializers.xavier_uniform())(
+            nn.LayerNorm(epsilon=1e-6)(x))
+        h = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform())(nn.gelu(h, approximate=True))
+        return x + drop(h)
+
+
+class ViTClassifier(nn.Module):
+    """The end-to-end baseline: images [N, S, S, C] -> logits [N, num_classes] through a CLS token."""
+    num_layers: int
+    hidden: int
+    heads: int
+    patch: int
+    num_classes: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, image: Array, train: bool = False) -> Array:
+        h = PatchEmbed(self.hidden, self.patch, name="patch_embed")(image)            # [N, T, H]
+        cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.hidden))
+        h = jnp.concatenate([jnp.broadcast_to(cls, (h.shape[0], 1, self.hidden)), h], axis=1)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        for i in range(self.num_layers):
+            h = ViTLayer(self.hidden, self.heads, self.mlp_ratio, self.dropout, name=f"layer_{i}")(h, train)
+        h = nn.LayerNorm(epsilon=1e-6, name="norm")(h[:, 0])
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(h)

@@ -1,0 +1,224 @@
+r"""Trains the DiffusionBlocks run and the end-to-end baseline of one config at matched compute, evaluates both,
+and writes a side-by-side table and plots.
+
+  python -m experiments.compare --config experiments/configs/fashion_mnist_vit.py --workdir runs/cmp_vit
+  python -m experiments.compare --config experiments/configs/fashion_mnist_dit.py --workdir runs/cmp_dit \
+      --num_samples 2000 --config.train.steps=1000
+
+WORKDIR/dblocks and WORKDIR/e2e hold the two runs (same seed; each block gets train.steps, the baseline
+train.steps: the paper's matched compute). Outputs: WORKDIR/compare.md (Markdown table: metric, training wall
+time, compiled step memory, inference block calls), WORKDIR/compare.json, WORKDIR/compare_loss.png (loss curves per
+block and for the baseline) and, when the evaluation has 'per_step', WORKDIR/compare_per_step.png. Running it again
+resumes unfinished training and re-evaluates; finished runs keep their measured training time. Task-agnostic: the
+metric comes from `run.task.evaluate` (dblocks/tasks/base.py), options as in experiments.evaluate.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dblocks import checkpoint as ckpt_lib
+from dblocks import config as config_lib
+from dblocks import engine, logs, memory
+from dblocks.tasks import get_task
+from experiments.common import user_errors
+from experiments.evaluate import define_option_flags, evaluate_workdir
+
+METHODS = ("dblocks", "e2e")
+LABELS = {"dblocks": "DiffusionBlocks", "e2e": "end-to-end"}
+TIME_FILE = "train_time.json"
+
+
+def _complete(task, method: str, workdir: str) -> bool:
+    for u in task.units(method):
+        path = os.path.join(workdir, u.subdir(), ckpt_lib.META)
+        if not os.path.exists(path) or not ckpt_lib.read_json(path).get("complete"):
+            return False
+    return True
+
+
+def train_timed(config, workdir: str) -> dict:
+    """Trains (or resumes) one method's run; returns {'seconds': training wall time (compiles and checkpoint
+    writes included), 'resumed': bool}. A run finished earlier keeps its recorded time."""
+    task = get_task(config)
+    time_file = os.path.join(workdir, TIME_FILE)
+    previous = ckpt_lib.read_json(time_file) if os.path.exists(time_file) else None
+    if previous is not None and _complete(task, config.method, workdir):
+        logs.log.info("[%s] already trained (%.0f s); not retraining", config.method, previous["seconds"])
+        return previous
+    t0 = time.perf_counter()
+    engine.train(config, workdir)
+    seconds = time.perf_counter() - t0 + (previous or {}).get("seconds", 0.0)
+    record = {"seconds": round(seconds, 1), "resumed": previous is not None}
+    ckpt_lib.write_json_atomic(time_file, record)
+    return record
+
+
+def steps_per_second(workdir: str) -> dict[str, float]:
+    """Mean logged training rate per unit (compile excluded), from WORKDIR/metrics.jsonl."""
+    rates: dict[str, list[float]] = {}
+    for r in logs.read_metrics(workdir):
+        v = r.get("steps_per_s")
+        if v is not None and v == v:
+            rates.setdefault(r["unit"], []).append(v)
+    return {u: sum(v) / len(v) for u, v in rates.items()}
+
+
+def compare(config, workdir: str, options: dict | None = None, command: str = "") -> dict:
+    """The whole comparison; returns what compare.json holds."""
+    config_lib.validate(config)
+    options = options or {}
+    runs = {}
+    for method in METHODS:
+        cfg = config.copy_and_resolve_references()
+        cfg.method = method
+        wd = os.path.join(workdir, method)
+        logs.log.info("=== %s: training into %s", LABELS[method], wd)
+        timing = train_timed(cfg, wd)
+        logs.log.info("=== %s: evaluating", LABELS[method])
+        ev = evaluate_workdir(wd, method=method, **options)
+        runs[method] = {"workdir": wd, "train": timing, "steps_per_s": steps_per_second(wd), "eval": ev}
+    mem = memory.memory_report(get_task(config))
+    result = {"config": config.to_dict(), "task": config.task, "command": command, "options": options,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "memory": mem, "runs": runs}
+    result["plots"] = {"loss": plot_losses(workdir), "per_step": plot_per_step(workdir, runs)}
+    ckpt_lib.write_json_atomic(os.path.join(workdir, "compare.json"), result)
+    with open(os.path.join(workdir, "compare.md"), "w") as f:
+        f.write(markdown(result))
+    return result
+
+
+# -- the table -----------------------------------------------------------------------------------------------------
+
+def _mib(b) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(result: dict) -> str:
+    """The Markdown table of compare.md."""
+    c, mem = result["config"], result["memory"]
+    d, e = result["runs"]["dblocks"], result["runs"]["e2e"]
+    B, steps = int(c["blocks"]["num_blocks"]), int(c["train"]["steps"])
+    head = d["eval"]["headline"]
+    arrow = "higher is better" if head["higher_is_better"] else "lower is better"
+
+    def rate(r):
+        return ", ".join(f"{v:.2f}" for _, v in sorted(r["steps_per_s"].items()))
+
+    rows = [
+        (f"{head['name']} ({arrow})", _fmt(head["value"]), _fmt(e["eval"]["headline"]["value"])),
+        ("training steps", f"{B} blocks x {steps}", f"{steps}"),
+        ("training wall time (s)", f"{d['train']['seconds']:.0f}", f"{e['train']['seconds']:.0f}"),
+        ("training steps/s per unit", rate(d), rate(e)),
+        ("compiled step memory (MiB)", f"{_mib(mem['block_step_bytes'])} (largest block)",
+         _mib(mem["e2e_step_bytes"])),
+        ("parameters per unit (MiB)", _mib(mem["block"]["params_bytes"]), _mib(mem["e2e"]["params_bytes"])),
+        ("inference block calls per sample", str(d["eval"]["block_calls_per_sample"]),
+         str(e["eval"]["block_calls_per_sample"])),
+    ]
+    if "layer_evals_per_sample" in d["eval"]:
+        rows.append(("layer evaluations per sample", str(d["eval"]["layer_evals_per_sample"]),
+                     str(e["eval"].get("layer_evals_per_sample", ""))))
+    if "seconds_per_image" in d["eval"]:
+        rows.append(("sampling seconds per image", f"{d['eval']['seconds_per_image']:.4f}",
+                     f"{e['eval']['seconds_per_image']:.4f}"))
+    lines = [f"### {result['task']}: DiffusionBlocks (B={B}) vs end-to-end", "",
+             f"Config `{c.get('data', {}).get('name', '')}`, {c['model']['num_layers']} layers, seed {c['seed']}, "
+             f"batch {c['data']['batch_size']}; {result['machine']}; {result['date']}.", "",
+             f"| | DiffusionBlocks (B={B}) | end-to-end |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {cc} |" for a, b, cc in rows]
+    lines += ["", f"Compiled step memory: XLA's memory analysis of one training step (arguments + outputs + "
+                  f"temporaries), batch {mem['batch_size']}; block / end-to-end = {mem['ratio']:.3f} "
+                  f"(ideal 1/B = {1 / B:.3f}). Wall time includes compilation and checkpoint writes."]
+    if result["command"]:
+        lines += ["", f"Command: `{result['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+# -- the plots -----------------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(workdir: str) -> str | None:
+    """Training loss per block (DiffusionBlocks) and for the baseline, on one log-scale axis."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    drawn = False
+    for method, style in (("dblocks", "-"), ("e2e", "--")):
+        curves: dict[str, dict[int, float]] = {}
+        for r in logs.read_metrics(os.path.join(workdir, method)):
+            if "loss" in r:
+                curves.setdefault(r["unit"], {})[int(r["step"])] = r["loss"]
+        for unit, curve in sorted(curves.items()):
+            s = sorted(curve)
+            ax.plot(s, [curve[k] for k in s], style, label=f"{LABELS[method]}: {unit}" if method == "dblocks"
+                    else LABELS[method])
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step (per unit)", ylabel="training loss (each unit's own objective)", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = os.path.join(workdir, "compare_loss.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_per_step(workdir: str, runs: dict) -> str | None:
+    """The metric after each inference step (eval 'per_step'); a run without one is drawn as a flat line."""
+    if not any("per_step" in r["eval"] for r in runs.values()):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    name = ""
+    for method, r in runs.items():
+        ev = r["eval"]
+        if "per_step" in ev:
+            vals, name = ev["per_step"]["values"], ev["per_step"]["name"]
+            ax.plot(range(1, len(vals) + 1), vals, "o-", label=LABELS[method])
+        else:
+            ax.axhline(ev["headline"]["value"], ls="--", color="gray", label=f"{LABELS[method]} (final)")
+    ax.set(xlabel="inference step (block call)", ylabel=name or "metric")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = os.path.join(workdir, "compare_per_step.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv):
+    del argv
+    logs.setup()
+    with user_errors():
+        command = " ".join(["python -m experiments.compare", *sys.argv[1:]])
+        result = compare(_CONFIG.value, _WORKDIR.value, _OPTIONS(), command=command)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "where both runs, the table and the plots go")
+    _OPTIONS = define_option_flags()
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
