@@ -1,5 +1,5 @@
-"""Vocabularies for the autoregressive tasks: the character vocabularies of dblocks.text, or a SentencePiece model the
-user supplies (LM1B, paper §5.5), with a tfds text dataset tokenized once, packed into fixed-length windows and cached.
+"""Token vocabularies beyond dblocks.text's characters: a SentencePiece model the user supplies (LM1B, paper §5.5),
+with a tfds text dataset tokenized once, packed into fixed-length windows and cached.
 
 SentencePiece is not a requirement of dblocks: it is imported only when `config.data.tokenizer` is set, and a missing
 package is a clear error. The paper uses the Llama-2 tokenizer (32K pieces): point `data.tokenizer` at its
@@ -14,13 +14,6 @@ import numpy as np
 
 from dblocks import text as text_lib
 from dblocks.data import ArraySource, DatasetMissingError
-
-
-def char_vocab(name: str) -> text_lib.CharVocab:
-    """The character vocabulary dblocks.text uses for a dataset name (same choice as text.split_text)."""
-    if name in ("synthetic_text", "tfds:text8"):
-        return text_lib.TEXT8_VOCAB
-    return text_lib.SHAKESPEARE_VOCAB
 
 
 class SentencePieceVocab:

@@ -38,3 +38,50 @@ def test_repetition_rate():
 def test_text_summary_keys():
     s = tm.text_summary(["one two three four"], ns=(1, 2), rep_n=2)
     assert s == {"distinct_1": 1.0, "distinct_2": 1.0, "repetition_2": 0.0}
+
+
+def test_sentencepiece_vocab_and_packed_lm1b_source(tmp_path, monkeypatch):
+    """The LM1B path with a stand-in SentencePiece module and tfds mock data: tokenized sentences joined by EOS,
+    cached, cut into windows; without the package the error says what to install."""
+    import sys
+    import types
+
+    from dblocks import tokenized
+    from dblocks.data import DatasetMissingError
+    tfds = pytest.importorskip("tensorflow_datasets")
+    model = tmp_path / "sp.model"
+    model.write_text("fake")
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)
+    with pytest.raises(DatasetMissingError, match="pip install sentencepiece"):
+        tokenized.load_tokenizer(str(model))
+
+    class FakeSP:   # one piece per character, ids 3.., eos 2
+        def __init__(self, model_file):
+            self.model_file = model_file
+
+        def get_piece_size(self):
+            return 300
+
+        def eos_id(self):
+            return 2
+
+        def encode(self, text):
+            return [3 + ord(ch) % 200 for ch in text]
+
+        def decode(self, ids):
+            return "".join(chr(i - 3) for i in ids)
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", types.SimpleNamespace(SentencePieceProcessor=FakeSP))
+    vocab = tokenized.load_tokenizer(str(model))
+    assert vocab.size == 300 and vocab.decode(vocab.encode("abc")) == "abc"
+
+    def as_source(builder, split, **kw):
+        return [{"text": f"s{i}".encode()} for i in range(6)]
+
+    with tfds.testing.mock_data(num_examples=6, as_data_source_fn=as_source):
+        src = tokenized.packed_source("lm1b", "train", 4, vocab)
+    # 6 sentences of 2 pieces + EOS = 18 tokens -> 4 windows of 4
+    assert len(src) == 4
+    np.testing.assert_array_equal(src.get(np.arange(1))["tokens"][0], vocab.encode("s0").tolist() + [2] +
+                                  vocab.encode("s")[:1].tolist())
+    assert list(tmp_path.glob("lm1b_train_*.npy"))   # cached next to the tokenizer

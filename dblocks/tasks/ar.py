@@ -14,6 +14,7 @@ and distinct-n / repetition / gen-PPL of generated text (dblocks.tasks.ar_eval).
 """
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -25,6 +26,7 @@ from dblocks import edm as edm_lib
 from dblocks import sampling, targets, textgen
 from dblocks import text as text_lib
 from dblocks import text_metrics, tokenized
+from dblocks.data import DatasetMissingError
 from dblocks.models import ar as ar_model
 from dblocks.tasks import ar_eval
 from dblocks.tasks.base import Task, Unit, register
@@ -41,16 +43,25 @@ class ARTask(Task):
     def validate(self) -> list[str]:
         c, p = self.config, []
         m, d, s = c.model, c.data, c.sample
-        if d.name not in ("shakespeare", "synthetic_text") and not str(d.name).startswith("tfds:"):
-            p.append(f"data.name={d.name!r} is unknown; choose one of {text_lib.TEXT_DATASETS}")
-        if d.get("tokenizer") and not str(d.name).startswith("tfds:"):
-            p.append("data.tokenizer (a SentencePiece model) is only used with tfds text data (e.g. tfds:lm1b)")
+        try:
+            text_lib.vocab_for(d.name)
+        except ValueError as e:
+            p.append(f"data.name: {e}")
+        if d.get("tokenizer"):
+            if not str(d.name).startswith("tfds:"):
+                p.append("data.tokenizer (a SentencePiece model) is only used with tfds text data (e.g. tfds:lm1b)")
+            else:
+                try:
+                    self.vocab
+                except DatasetMissingError as e:
+                    p.append(f"data.tokenizer: {e}")
         if d.seq_len < 2:
             p.append(f"data.seq_len={d.seq_len} must be >= 2")
         if m.hidden % m.heads or (m.hidden // m.heads) % 2:
             p.append(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads} with an even head size")
-        if m.get("target_dim", 0) < 0:
-            p.append(f"model.target_dim={m.target_dim} must be >= 0 (0 = hidden)")
+        if m.get("target_dim", 0) < 0 or m.get("target_norm", 0.0) < 0:
+            p.append(f"model.target_dim={m.get('target_dim')} and model.target_norm={m.get('target_norm')} must be "
+                     f">= 0 (0 = hidden, and the sigma_data * sqrt(dim) scale contract)")
         if s.solver not in sampling.SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
         if s.steps and s.steps < max(2, self.min_steps()):
@@ -76,14 +87,14 @@ class ARTask(Task):
         if "_vocab" not in self.__dict__:
             d = self.config.data
             self._vocab = (tokenized.load_tokenizer(d.tokenizer) if d.get("tokenizer")
-                           else tokenized.char_vocab(d.name))
+                           else text_lib.vocab_for(d.name))
         return self._vocab
 
     def source(self, split: str):
         d = self.config.data
         if d.get("tokenizer"):
             return tokenized.packed_source(d.name[5:], split, int(d.seq_len), self.vocab, d.data_dir)
-        return text_lib.load_text(d.name, split, int(d.seq_len), d.data_dir)[0]
+        return text_lib.load_text(d.name, split, int(d.seq_len), d.data_dir, d.get("path", ""))[0]
 
     def make_batch(self, examples, train):
         return {"tokens": np.asarray(examples["tokens"], np.int32)}
@@ -98,10 +109,14 @@ class ARTask(Task):
 
     @property
     def E(self) -> Array:
-        """The fixed target space [V, D]: row v is the clean target of token v (not learned, DESIGN.md item 4)."""
+        """The fixed target space [V, D]: row v is the clean target of token v (not learned, DESIGN.md item 4).
+        Rows have norm sigma_data * sqrt(D) (the scale contract), or model.target_norm when that is set (1.0 = the
+        paper's L2-normalised embeddings): the norm decides below which sigma the noisy token gives itself away."""
         if "_E" not in self.__dict__:   # kept as numpy: a jnp constant cached during a trace would leak a tracer
-            self._E = targets.fixed_embedding(self.vocab.size, self.target_dim, self.edm.sigma_data,
-                                              int(self.config.model.get("target_seed", 0)))
+            E = targets.fixed_embedding(self.vocab.size, self.target_dim, self.edm.sigma_data,
+                                        int(self.config.model.get("target_seed", 0)))
+            norm = float(self.config.model.get("target_norm", 0.0) or 0.0)
+            self._E = E * (norm / np.linalg.norm(E, axis=1, keepdims=True)) if norm else E
         return jnp.asarray(self._E)
 
     # -- model and loss ------------------------------------------------------------------------------------------------
@@ -147,9 +162,9 @@ class ARTask(Task):
     # -- jitted pieces (one set per model shape; blocks of equal shape share them) ---------------------------------
     def _fns(self, model) -> dict:
         cache = self.__dict__.setdefault("_fn_cache", {})
-        if repr(model) in cache:
-            return cache[repr(model)]
         t_max, E, bridge = int(self.config.data.seq_len), self.E, str(self.config.sample.bridge)
+        if (repr(model), bridge) in cache:
+            return cache[repr(model), bridge]
         hd = model.hidden // model.heads
         apply = lambda p, *a, method=None: model.apply({"params": p}, *a, method=method)  # noqa: E731
 
@@ -177,7 +192,7 @@ class ARTask(Task):
 
         fns = {"prefill": jax.jit(prefill), "clean_row": jax.jit(clean_row), "noisy_row": jax.jit(noisy_row),
                "forward": jax.jit(forward), "lm": jax.jit(lambda p, t: apply(p, t))}
-        cache[repr(model)] = fns
+        cache[repr(model), bridge] = fns
         return fns
 
     def grid(self, run, steps: int | None = None) -> np.ndarray:
@@ -259,7 +274,10 @@ class ARTask(Task):
 
     def write_samples(self, run, out_path, prompt=None, max_tokens=None, num_samples=None, seed=0, temperature=None,
                       top_p=None, greedy=None, steps=None, solver=None, **_):
+        """Writes generated text to out_path (an image suffix such as .png becomes .txt): the prompt, then the
+        continuation in [[ ]]. Default prompts: passages of the test split."""
         s = self.config.sample
+        out_path = os.path.splitext(out_path)[0] + ".txt" if out_path.endswith((".png", ".jpg")) else out_path
         n = int(num_samples or s.num_samples)
         max_tokens = int(max_tokens or s.max_tokens)
         if prompt:
@@ -320,9 +338,13 @@ class ARTask(Task):
         steps as the baseline, which runs L layers over 1 row per token."""
         L, B = int(self.config.model.num_layers), int(self.config.blocks.num_blocks)
         if method == "e2e":
-            return {"forward_layer_rows_per_token": L, "backward_layer_rows_per_token": L, "units": 1}
+            return {"forward_layer_rows_per_token": L, "backward_layer_rows_per_token": L, "units": 1,
+                    "inference_layer_rows_per_token": L}
+        steps = int(self.config.sample.steps or B)
         return {"forward_layer_rows_per_token": 2 * L // B, "backward_layer_rows_per_token": 2 * L // B, "units": B,
-                "note": "per block step; the B blocks together: 2L layer-rows per token per step of the baseline"}
+                "inference_layer_rows_per_token": L + steps * L // B,
+                "note": "training: per block step (the B blocks together: 2L layer-rows per token per baseline "
+                        "step); inference: the clean row through all B blocks (L) + one noisy row per grid point"}
 
     def evaluate(self, run, **options) -> dict:
         return ar_eval.evaluate(self, run, **options)

@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -84,17 +86,24 @@ def sequence_logprobs(task, run, seqs: np.ndarray, start: int, num_draws: int, s
 
 
 def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_samples=None, max_tokens=None,
-             prompt_len=None, e2e_workdir=None, seed=0, temperature=None, top_p=None, greedy=None, steps=None,
-             judge=None, **_) -> dict:
-    """The task contract's evaluate (dblocks.tasks.base.Task.evaluate) for autoregressive models."""
+             prompt_len=None, e2e_workdir=None, seed=None, temperature=None, top_p=None, greedy=None, steps=None,
+             judge=None, limit=None, bridge=None, **_) -> dict:
+    """The task contract's evaluate (dblocks.tasks.base.Task.evaluate) for autoregressive models. `limit` is an
+    alias of max_windows (test windows scored); e2e_workdir names the judge of gen-PPL (default: the run itself if
+    it is e2e, else a finished sibling WORKDIR/../e2e or WORKDIR_e2e); bridge overrides sample.bridge."""
     e, s = task.config.eval, task.config.sample
+    if bridge:   # an option overrides the run's sample.bridge (softmax | renorm | argmax)
+        s.bridge = str(bridge)
+    seed = int(seed or 0)
+    max_windows = max_windows or limit
     draws = int(num_draws or e.num_draws) if task.noisy_readout(run) else 1
     name = "bits_per_token" if task.config.data.get("tokenizer") else "bits_per_char"
     sc = score_windows(task, run, test_windows(task, int(max_windows or e.max_windows)), draws,
                        int(batch_size or e.batch_size), seed, steps)
     out = {"headline": {"name": name, "value": sc["bits"], "higher_is_better": False},
            name: sc["bits"], "next_token_accuracy": sc["accuracy"], "num_draws": draws,
-           "positions_scored": sc["positions"], "method": run.method}
+           "positions_scored": sc["positions"], "method": run.method, "bridge": str(s.bridge),
+           "grid_points": len(task.grid(run, steps)) if run.method == "dblocks" else None}
     if "per_step_bits" in sc:
         out["per_step"] = {"name": f"{name} of the read-out after each block call", "values": sc["per_step_bits"]}
 
@@ -102,6 +111,7 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
     prompts, refs = test_prompts(task, n, P, G)
     gen, calls = task.generate(run, prompts, G, seed, temperature, top_p, greedy, steps)
     out["block_calls_per_sample"] = calls   # network evaluations per generated token
+    out["layer_evals_per_sample"] = task.training_compute(run.method)["inference_layer_rows_per_token"]
     texts, ref_texts = [task.vocab.decode(g) for g in gen], [task.vocab.decode(r) for r in refs]
     g = {"samples": n, "prompt_tokens": P, "new_tokens": G,
          "sampler": {"temperature": float(s.temperature if temperature is None else temperature),
@@ -122,9 +132,19 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
 
 
 def _judge(run, e2e_workdir):
-    """The end-to-end run that scores generated text: the given workdir, or the run itself when it is e2e."""
+    """The end-to-end run that scores generated text: the given workdir, the run itself when it is e2e, or a
+    finished e2e run next to it (experiments.compare's WORKDIR/e2e, or the configs' WORKDIR_e2e)."""
+    from dblocks import assemble
     if e2e_workdir:
-        from dblocks import assemble
         return assemble.load_run(e2e_workdir, method="e2e")
-    return run if run.method == "e2e" else None
+    if run.method == "e2e":
+        return run
+    here = os.path.abspath(run.workdir)
+    for cand in (os.path.join(os.path.dirname(here), "e2e"), here + "_e2e"):
+        if os.path.isdir(os.path.join(cand, "e2e")):
+            try:
+                return assemble.load_run(cand, method="e2e")
+            except assemble.AssemblyError:
+                pass   # unfinished or another config: no judge
+    return None
 

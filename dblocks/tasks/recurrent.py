@@ -166,6 +166,7 @@ class RecurrentTask(ARTask):
             return {"forward_layer_rows_per_token": P + K * C + D, "backward_layer_rows_per_token": P + k * C + D,
                     "inference_layer_rows_per_token": P + K * C + D,
                     "note": f"mean {K} core iterations, backprop through the last {k}"}
+        K = int(self.config.sample.steps or K)
         return {"forward_layer_rows_per_token": (P + C + D) + (C + D),
                 "backward_layer_rows_per_token": (P + C + D) + (C + D),
                 "inference_layer_rows_per_token": (P + C + D) + K * (C + D),

@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.data.batch_size = 32
     c.data.tokenizer = ""
 
-    c.model = dict(num_layers=8, hidden=128, heads=4, mlp_ratio=4.0, target_dim=0, target_seed=0)
+    c.model = dict(num_layers=8, hidden=128, heads=4, mlp_ratio=4.0, target_dim=0, target_norm=0.0, target_seed=0)
 
     c.blocks.num_blocks = 4
     c.blocks.gamma = 0.1

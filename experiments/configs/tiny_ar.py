@@ -13,7 +13,7 @@ def get_config(arg=None):
     c.data.batch_size = 8
     c.data.tokenizer = ""
 
-    c.model = dict(num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, target_dim=0, target_seed=0)
+    c.model = dict(num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, target_dim=0, target_norm=0.0, target_seed=0)
 
     c.blocks.num_blocks = 2
     c.blocks.gamma = 0.1
