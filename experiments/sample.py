@@ -21,6 +21,8 @@ _PER_CLASS = flags.DEFINE_integer("per_class", None, "samples per class (one gri
 _GRID = flags.DEFINE_enum("grid", "cdf", ["cdf", "karras"], "sigma grid: equal-CDF (paper) or Karras rho=7")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "use the raw weights instead of their EMA")
+_PROMPT = flags.DEFINE_string("prompt", None, "text tasks: the prompt (default: passages of the test split)")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "text tasks: tokens to generate per sample")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -32,7 +34,8 @@ def main(argv):
         out = _OUT.value or f"{_WORKDIR.value}/samples{'_e2e' if run.method == 'e2e' else ''}.png"
         summary = run.task.write_samples(run, out, steps=_STEPS.value, solver=_SOLVER.value,
                                          guidance=_GUIDANCE.value, per_class=_PER_CLASS.value, seed=_SEED.value,
-                                         grid_kind=_GRID.value)
+                                         grid_kind=_GRID.value, prompt=_PROMPT.value,
+                                         max_tokens=_MAX_TOKENS.value)
         print(json.dumps(summary, indent=1))
 
 
