@@ -21,22 +21,22 @@ import numpy as np
 from dblocks import text_metrics
 
 
-def test_stream(task) -> np.ndarray:
-    src = task.source("test")
+def test_stream(task, split: str = "test") -> np.ndarray:
+    src = task.source(split)
     return np.asarray(src.get(np.arange(len(src)))["tokens"]).reshape(-1)
 
 
-def test_windows(task, max_windows: int) -> np.ndarray:
+def test_windows(task, max_windows: int, split: str = "test") -> np.ndarray:
     """Up to max_windows windows of the test split, evenly spaced over it: [n, T]."""
-    src = task.source("test")
+    src = task.source(split)
     idx = np.unique(np.linspace(0, len(src) - 1, min(int(max_windows), len(src))).astype(int))
     return np.asarray(src.get(idx)["tokens"], np.int32)
 
 
-def test_prompts(task, n: int, prompt_len: int, cont_len: int) -> tuple[np.ndarray, np.ndarray]:
+def test_prompts(task, n: int, prompt_len: int, cont_len: int, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """n prompts of prompt_len tokens from evenly spaced places of the test split, and their true continuations of
     cont_len tokens: ([n, prompt_len], [n, cont_len])."""
-    stream = test_stream(task)
+    stream = test_stream(task, split)
     starts = np.linspace(0, len(stream) - prompt_len - cont_len - 1, n).astype(int)
     prompts = np.stack([stream[s:s + prompt_len] for s in starts]).astype(np.int32)
     conts = np.stack([stream[s + prompt_len:s + prompt_len + cont_len] for s in starts]).astype(np.int32)
@@ -87,10 +87,11 @@ def sequence_logprobs(task, run, seqs: np.ndarray, start: int, num_draws: int, s
 
 def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_samples=None, max_tokens=None,
              prompt_len=None, e2e_workdir=None, seed=None, temperature=None, top_p=None, greedy=None, steps=None,
-             judge=None, limit=None, bridge=None, **_) -> dict:
+             judge=None, limit=None, bridge=None, split="test", **_) -> dict:
     """The task contract's evaluate (dblocks.tasks.base.Task.evaluate) for autoregressive models. `limit` is an
     alias of max_windows (test windows scored); e2e_workdir names the judge of gen-PPL (default: the run itself if
-    it is e2e, else a finished sibling WORKDIR/../e2e or WORKDIR_e2e); bridge overrides sample.bridge."""
+    it is e2e, else a finished sibling WORKDIR/../e2e or WORKDIR_e2e); bridge overrides sample.bridge; split
+    'validation' scores the validation works instead of the test works (for choosing settings)."""
     e, s = task.config.eval, task.config.sample
     if bridge:   # an option overrides the run's sample.bridge (softmax | renorm | argmax)
         s.bridge = str(bridge)
@@ -98,17 +99,17 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
     max_windows = max_windows or limit
     draws = int(num_draws or e.num_draws) if task.noisy_readout(run) else 1
     name = "bits_per_token" if task.config.data.get("tokenizer") else "bits_per_char"
-    sc = score_windows(task, run, test_windows(task, int(max_windows or e.max_windows)), draws,
+    sc = score_windows(task, run, test_windows(task, int(max_windows or e.max_windows), split), draws,
                        int(batch_size or e.batch_size), seed, steps)
     out = {"headline": {"name": name, "value": sc["bits"], "higher_is_better": False},
            name: sc["bits"], "next_token_accuracy": sc["accuracy"], "num_draws": draws,
-           "positions_scored": sc["positions"], "method": run.method, "bridge": str(s.bridge),
+           "positions_scored": sc["positions"], "method": run.method, "split": split, "bridge": str(s.bridge),
            "grid_points": len(task.grid(run, steps)) if run.method == "dblocks" else None}
     if "per_step_bits" in sc:
         out["per_step"] = {"name": f"{name} of the read-out after each block call", "values": sc["per_step_bits"]}
 
     n, G, P = int(num_samples or e.num_samples), int(max_tokens or e.max_tokens), int(prompt_len or e.prompt_len)
-    prompts, refs = test_prompts(task, n, P, G)
+    prompts, refs = test_prompts(task, n, P, G, split)
     gen, calls = task.generate(run, prompts, G, seed, temperature, top_p, greedy, steps)
     out["block_calls_per_sample"] = calls   # network evaluations per generated token
     out["layer_evals_per_sample"] = task.training_compute(run.method)["inference_layer_rows_per_token"]

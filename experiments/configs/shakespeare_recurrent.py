@@ -18,10 +18,11 @@ from experiments.configs import shakespeare_ar
 def get_config(arg=None):
     c = shakespeare_ar.get_config()
     c.task = "recurrent"
-    c.model = dict(num_layers=4, prelude=1, core=2, coda=1, hidden=128, heads=4, mlp_ratio=4.0, target_dim=0, target_norm=0.0,
-                   target_seed=0)
+    c.model = dict(num_layers=4, prelude=1, core=2, coda=1, hidden=128, heads=4, mlp_ratio=4.0,
+                   target_dim=0, target_norm=0.0, target_seed=0)
     c.blocks.num_blocks = 1
     c.blocks.gamma = 0.0
     c.recurrent = dict(mean_iterations=8, backprop_iterations=2, init_std=1.0)
     c.sample.steps = 0   # 0 = recurrent.mean_iterations Euler steps per token
+    c.train.steps = 1000
     return c
