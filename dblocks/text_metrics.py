@@ -29,6 +29,12 @@ def mixture_logprob(logps: np.ndarray, axis: int = 0) -> np.ndarray:
     return logsumexp(logps, axis=axis) - math.log(logps.shape[axis])
 
 
+def entropy_bits(logp) -> float:
+    """Mean entropy in bits of distributions given as log-probabilities [..., V] (natural log)."""
+    logp = np.asarray(logp, np.float64)
+    return float(np.mean(-np.sum(np.exp(logp) * logp, axis=-1)) / LN2)
+
+
 def perplexity(logp_true: np.ndarray) -> float:
     """exp of the mean negative log-likelihood per token."""
     return float(math.exp(-float(np.mean(np.asarray(logp_true, np.float64)))))

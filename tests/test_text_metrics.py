@@ -13,6 +13,11 @@ def test_bits_per_token_and_perplexity():
     assert tm.perplexity(logp) == pytest.approx(2 ** 1.5)
 
 
+def test_entropy_bits():
+    logp = np.log([[0.5, 0.5, 1e-300], [1.0, 1e-300, 1e-300]])
+    assert tm.entropy_bits(logp) == pytest.approx(0.5)   # 1 bit and 0 bits
+
+
 def test_mixture_logprob_is_the_log_of_the_average():
     p = np.array([[0.9, 1e-30], [0.1, 0.5]])                   # [draws, tokens]
     np.testing.assert_allclose(tm.mixture_logprob(np.log(p)), np.log([0.5, 0.25 + 5e-31]))

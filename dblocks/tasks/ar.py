@@ -300,18 +300,22 @@ class ARTask(Task):
         """Teacher-forced log-probabilities of tokens[:, 1:] under the distribution the sampler draws from
         (temperature 1, no top-p). DiffusionBlocks: softmax of the final logits averaged over `num_draws` noise
         draws of the whole chain (all positions at once: noisy rows do not see each other). Returns
-        {'logp': [N, T-1], 'argmax': [N, T-1], 'per_step': [calls, N, T-1] (DiffusionBlocks only)}."""
+        {'logp': [N, T-1], 'argmax': [N, T-1], 'per_step': [calls, N, T-1] (DiffusionBlocks only), 'entropy': mean
+        entropy (bits) of one draw's final softmax (what temperature and top-p act on), 'mixture_entropy': of the
+        averaged distribution}."""
         tokens = jnp.asarray(tokens)
         if run.method == "e2e":
             logits = self._fns(run.models[0])["lm"](run.params[0], tokens)[:, :-1]
             logp = jax.nn.log_softmax(logits, -1)
+            ent = text_metrics.entropy_bits(logp)
             return {"logp": np.asarray(jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]),
-                    "argmax": np.asarray(jnp.argmax(logits, -1)), "per_step": None}
+                    "argmax": np.asarray(jnp.argmax(logits, -1)), "per_step": None, "entropy": ent,
+                    "mixture_entropy": ent}
         grid, solver = self.grid(run, steps), solver or self.config.sample.solver
         fns = [self._fns(m) for m in run.models]
         N, T = tokens.shape
         true = tokens[:, 1:, None]
-        draws, steps_logp, prob_sum = [], [], 0.0
+        draws, steps_logp, prob_sum, ents = [], [], 0.0, []
         for d in range(num_draws):
             per_call = []
 
@@ -325,8 +329,11 @@ class ARTask(Task):
             draws.append(per_call[-1])
             steps_logp.append(np.stack(per_call))
             prob_sum = prob_sum + jnp.exp(res.aux)
+            ents.append(text_metrics.entropy_bits(res.aux))
+        mix = jnp.log(jnp.maximum(prob_sum / num_draws, 1e-30))
         return {"logp": text_metrics.mixture_logprob(np.stack(draws)), "argmax": np.asarray(jnp.argmax(prob_sum, -1)),
-                "per_step": text_metrics.mixture_logprob(np.stack(steps_logp))}
+                "per_step": text_metrics.mixture_logprob(np.stack(steps_logp)), "entropy": float(np.mean(ents)),
+                "mixture_entropy": text_metrics.entropy_bits(mix)}
 
     def noisy_readout(self, run) -> bool:
         """Whether the sampler's next-token distribution depends on noise (then it is averaged over draws)."""

@@ -46,17 +46,20 @@ def test_prompts(task, n: int, prompt_len: int, cont_len: int, split: str = "tes
 def score_windows(task, run, windows: np.ndarray, num_draws: int, batch_size: int, seed: int = 0,
                   steps: int | None = None) -> dict:
     """Bits per token, accuracy and per-call bits over windows [n, T] (batched)."""
-    logp, correct, per_step = [], [], []
+    logp, correct, per_step, ent, mix_ent = [], [], [], [], []
     key = jax.random.PRNGKey(seed)
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size]
         r = task.window_logprobs(run, w, jax.random.fold_in(key, i), num_draws, steps=steps)
         logp.append(r["logp"])
         correct.append(r["argmax"] == w[:, 1:])
+        ent.append(r["entropy"])
+        mix_ent.append(r["mixture_entropy"])
         if r["per_step"] is not None:
             per_step.append(r["per_step"])
     out = {"bits": text_metrics.bits_per_token(np.concatenate(logp)),
-           "accuracy": float(np.concatenate(correct).mean()), "positions": int(sum(x.size for x in logp))}
+           "accuracy": float(np.concatenate(correct).mean()), "positions": int(sum(x.size for x in logp)),
+           "entropy": float(np.mean(ent)), "mixture_entropy": float(np.mean(mix_ent))}
     if per_step:
         steps_lp = np.concatenate(per_step, axis=1)
         out["per_step_bits"] = [text_metrics.bits_per_token(s) for s in steps_lp]
@@ -103,7 +106,9 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
                        int(batch_size or e.batch_size), seed, steps)
     out = {"headline": {"name": name, "value": sc["bits"], "higher_is_better": False},
            name: sc["bits"], "next_token_accuracy": sc["accuracy"], "num_draws": draws,
-           "positions_scored": sc["positions"], "method": run.method, "split": split, "bridge": str(s.bridge),
+           "positions_scored": sc["positions"], "method": run.method, "split": split,
+           "final_softmax_entropy_bits": sc["entropy"], "mixture_entropy_bits": sc["mixture_entropy"],
+           "bridge": str(s.bridge),
            "grid_points": len(task.grid(run, steps)) if run.method == "dblocks" else None}
     if "per_step_bits" in sc:
         out["per_step"] = {"name": f"{name} of the read-out after each block call", "values": sc["per_step_bits"]}

@@ -147,13 +147,15 @@ class RecurrentTask(ARTask):
         if run.method != "e2e":
             return super().window_logprobs(run, tokens, key, num_draws, steps, solver)
         f, tokens = self._huginn_fns(run.models[0]), jnp.asarray(tokens)
-        logps, prob_sum = [], 0.0
+        logps, prob_sum, ents = [], 0.0, []
         for d in range(num_draws):
             lp = jax.nn.log_softmax(f["lm"](run.params[0], tokens, jax.random.fold_in(key, d))[:, :-1], -1)
             logps.append(np.asarray(jnp.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0]))
             prob_sum = prob_sum + jnp.exp(lp)
+            ents.append(text_metrics.entropy_bits(lp))
+        mix = jnp.log(jnp.maximum(prob_sum / num_draws, 1e-30))
         return {"logp": text_metrics.mixture_logprob(np.stack(logps)), "argmax": np.asarray(jnp.argmax(prob_sum, -1)),
-                "per_step": None}
+                "per_step": None, "entropy": float(np.mean(ents)), "mixture_entropy": text_metrics.entropy_bits(mix)}
 
     def noisy_readout(self, run) -> bool:
         return True   # the baseline's s_0 is random too
