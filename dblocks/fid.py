@@ -66,7 +66,6 @@ class FeatureNet(nn.Module):
     def __call__(self, x: Array) -> tuple[Array, Array]:
         for width in (32, 64, 128):
             x = nn.gelu(nn.Conv(width, (3, 3))(x))
-            x = nn.gelu(nn.Conv(width, (3, 3))(x))
             if x.shape[1] > 4:
                 x = nn.avg_pool(x, (2, 2), (2, 2))
         x = x.mean((1, 2))
@@ -79,18 +78,31 @@ class FeatureExtractor:
 
     def __init__(self, net: FeatureNet, params, meta: dict):
         self.net, self.params, self.meta = net, params, meta
-        self._apply = jax.jit(lambda p, x: net.apply({"params": p}, x)[0])
+        self._apply = jax.jit(lambda p, x: net.apply({"params": p}, jnp.clip(x, -1.0, 1.0)))
+
+    def features_and_logits(self, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+        """images [N, S, S, C] in [-1, 1] (clipped) -> features [N, F], logits [N, K]. Batches are padded to
+        one shape, so one compiled function serves every call."""
+        images = np.asarray(images, np.float32)
+        n, bs = len(images), min(batch_size, len(images))
+        feats, logits = [], []
+        for i in range(0, n, bs):
+            x = images[i:i + bs]
+            pad = bs - len(x)
+            f, lg = self._apply(self.params, np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad
+                                else x)
+            feats.append(np.asarray(f)[:len(x)])
+            logits.append(np.asarray(lg)[:len(x)])
+        return np.concatenate(feats), np.concatenate(logits)
 
     def features(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """images [N, S, S, C] in [-1, 1] (clipped) -> [N, F] float32."""
-        out = [np.asarray(self._apply(self.params, jnp.clip(jnp.asarray(images[i:i + batch_size]), -1, 1)))
-               for i in range(0, len(images), batch_size)]
-        return np.concatenate(out)
+        return self.features_and_logits(images, batch_size)[0]
 
 
 def artifact_dir(cache_dir: str, dataset_key: dict, steps: int, seed: int, features: int) -> str:
     """One directory per (dataset, training recipe): every run evaluated on this dataset shares it."""
-    key = {"dataset": dataset_key, "steps": steps, "seed": seed, "features": features, "version": 1}
+    key = {"dataset": dataset_key, "steps": steps, "seed": seed, "features": features, "version": 2}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = str(dataset_key.get("name", "data")).replace(":", "_").replace("/", "_")
     return os.path.join(cache_dir, f"fid_featnet_{name}_{digest}")
@@ -111,22 +123,22 @@ def load_or_train(cache_dir: str | None, dataset_key: dict, sources: Callable[[s
     net = FeatureNet(num_classes, features)
     train_src = sources("train")
     x0, _ = to_batch(train_src.get(np.arange(2)))
-    template = net.init(jax.random.PRNGKey(seed), jnp.asarray(x0))["params"]
     params_file, meta_file = os.path.join(path, "params.msgpack"), os.path.join(path, "meta.json")
     if os.path.exists(params_file) and os.path.exists(meta_file):
+        template = jax.eval_shape(net.init, jax.random.PRNGKey(seed), jnp.asarray(x0))["params"]
         with open(params_file, "rb") as f:
-            params = serialization.from_bytes(template, f.read())
+            params = jax.tree.map(jnp.asarray, serialization.from_bytes(template, f.read()))
         with open(meta_file) as f:
             return FeatureExtractor(net, params, json.load(f))
     logs.log.info("training the FID feature network (%d steps) -> %s", steps, path)
     t0 = time.time()
-    params = _train(net, template, train_src, to_batch, steps, batch_size, seed)
+    params = _train(net, jax.jit(net.init)(jax.random.PRNGKey(seed), jnp.asarray(x0))["params"], train_src,
+                    to_batch, steps, batch_size, seed)
     ext = FeatureExtractor(net, params, {})
     test_src = sources("test")
     n_test = min(len(test_src), 10_000)
     x, y = to_batch(test_src.get(np.arange(n_test)))
-    logits = np.concatenate([np.asarray(jax.jit(lambda p, a: net.apply({"params": p}, a)[1])(params, x[i:i + 500]))
-                             for i in range(0, len(x), 500)])
+    logits = ext.features_and_logits(x)[1]
     ext.meta = {"dataset": dataset_key, "steps": steps, "batch_size": batch_size, "seed": seed,
                 "features": features, "test_accuracy": float(np.mean(logits.argmax(-1) == y)),
                 "train_seconds": round(time.time() - t0, 1), "path": path}
@@ -171,7 +183,7 @@ def evaluate_samples(extractor: FeatureExtractor, reference_images: np.ndarray,
     the minimum of 3. sample_fn(repeat, start, count) -> images [count, S, S, C] in [-1, 1].
 
     seconds_per_image leaves out the first batch (it compiles) when there is more than one batch."""
-    mu_ref, cov_ref = gaussian_stats(extractor.features(reference_images))
+    mu_ref, cov_ref = gaussian_stats(extractor.features(reference_images, batch_size))
     fids, times, counts = [], [], []
     for r in range(repeats):
         feats = []
@@ -181,7 +193,7 @@ def evaluate_samples(extractor: FeatureExtractor, reference_images: np.ndarray,
             images = np.asarray(sample_fn(r, start, count))
             times.append(time.perf_counter() - t0)
             counts.append(count)
-            feats.append(extractor.features(images))
+            feats.append(extractor.features(images, batch_size))
         fids.append(frechet_distance(*gaussian_stats(np.concatenate(feats)), mu_ref, cov_ref))
         logs.log.info("FID %d/%d: %.3f (%d samples)", r + 1, repeats, fids[-1], num_samples)
     skip = 1 if len(times) > 1 else 0

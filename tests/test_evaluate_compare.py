@@ -4,10 +4,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from dblocks import assemble, engine
+from dblocks.tasks import get_task
 from experiments import compare as compare_lib
 from experiments.configs import tiny_dit, tiny_vit
 from experiments.evaluate import evaluate_workdir
@@ -76,14 +78,18 @@ def test_finished_runs_are_not_retrained(compared, monkeypatch):
 
 
 def test_dit_fid_evaluation(tmp_path):
-    c = tiny_dit.get_config()
-    c.train.steps = 3
-    engine.train(c, str(tmp_path / "run"))
-    run = assemble.load_run(str(tmp_path / "run"))
-    ev = run.task.evaluate(run, num_samples=24, repeats=2, batch_size=12, limit=100, steps=4,
-                           cache_dir=str(tmp_path / "cache"), fid_train_steps=20)
+    """DiT.evaluate on an untrained run (initial parameters: FID is large but the protocol is what is tested)."""
+    task = get_task(tiny_dit.get_config())
+    units = task.units("dblocks")
+    models = [task.make_model(u) for u in units]
+    init = jax.jit(lambda m, k: task.init_params(m, k, task.dummy_batch()), static_argnums=0)
+    params = [init(m, jax.random.PRNGKey(u.index)) for u, m in zip(units, models)]
+    run = assemble.Run("", task.config, task, "dblocks", task.partition(), units, models, params, [{}] * 3)
+    ev = task.evaluate(run, num_samples=24, repeats=2, batch_size=12, limit=100, steps=4,
+                       cache_dir=str(tmp_path / "cache"), fid_train_steps=20)
     assert ev["headline"]["name"] == "fid_min_of_2" and not ev["headline"]["higher_is_better"]
     assert len(ev["fids"]) == 2 and ev["headline"]["value"] == min(ev["fids"]) and np.isfinite(ev["fids"]).all()
+    assert ev["fids"][0] != ev["fids"][1]                     # independent sample sets
     assert ev["block_calls_per_sample"] == 4 and ev["seconds_per_image"] > 0 and ev["num_reference"] == 100
     assert os.path.exists(os.path.join(ev["feature_net"]["path"], "params.msgpack"))
 

@@ -111,6 +111,12 @@ def test_bridge_uses_the_training_target_space(task):
     np.testing.assert_allclose(np.linalg.norm(E, axis=1), 0.5 * np.sqrt(task.target_dim), rtol=1e-5)
     logits = 50.0 * jax.nn.one_hot(jnp.asarray([1, 3]), 4)
     np.testing.assert_allclose(targets.bridge(logits, task.E), E[[1, 3]], atol=1e-5)
+    c = tiny_vit.get_config()
+    c.model.target_norm, c.model.target_dim = 1.0, 8       # the authors' unit-norm label embeddings
+    E1 = np.asarray(get_task(c).E)
+    assert E1.shape == (4, 8)
+    np.testing.assert_allclose(np.linalg.norm(E1, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(E1 @ E1.T, np.eye(4), atol=1e-5)                    # still orthogonal
 
 
 def test_augmentations_keep_shape_and_range():

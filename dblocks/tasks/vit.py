@@ -36,8 +36,13 @@ class ViTTask(Task):
         super().__init__(config)
         m = config.model
         self.target_dim = int(m.get("target_dim", 0) or m.hidden)
-        self.E = jnp.asarray(targets.fixed_embedding(int(config.data.num_classes), self.target_dim,
-                                                     self.edm.sigma_data, int(m.get("target_seed", 0))))
+        E = targets.fixed_embedding(int(config.data.num_classes), self.target_dim, self.edm.sigma_data,
+                                    int(m.get("target_seed", 0)))
+        # Rows have norm sigma_data * sqrt(dim) (the scale contract), or model.target_norm when set (1.0 = the
+        # authors' L2-normalised label embeddings). The norm decides up to which sigma the noisy label still gives
+        # the class away, hence which blocks must learn to classify from the image (docs/classification.md).
+        norm = float(m.get("target_norm", 0.0) or 0.0)
+        self.E = jnp.asarray(E * (norm / np.linalg.norm(E, axis=1, keepdims=True)) if norm else E)
 
     # -- config --------------------------------------------------------------------------------------------------
     def validate(self) -> list[str]:
@@ -51,8 +56,9 @@ class ViTTask(Task):
             p.append(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads}")
         if d.num_classes < 2:
             p.append(f"data.num_classes={d.num_classes} must be >= 2")
-        if m.get("target_dim", 0) < 0:
-            p.append(f"model.target_dim={m.target_dim} must be >= 1 (0 = model.hidden)")
+        if m.get("target_dim", 0) < 0 or m.get("target_norm", 0.0) < 0:
+            p.append(f"model.target_dim={m.get('target_dim')} and model.target_norm={m.get('target_norm')} must be "
+                     ">= 0 (0 = defaults: dim = model.hidden, norm = sigma_data * sqrt(dim))")
         if not 0 <= m.dropout < 1:
             p.append(f"model.dropout={m.dropout} must be in [0, 1)")
         if d.get("randaugment_ops", 0) < 0 or not 0 <= d.get("randaugment_magnitude", 9) <= 30:

@@ -25,8 +25,8 @@ def get_config(arg=None):
     c.data.batch_size = 128
 
     # target_dim 0 = hidden: the fixed label space E has one orthogonal row per class, RMS sigma_data per coordinate
-    c.model = dict(num_layers=6, hidden=96, heads=4, patch=7, mlp_ratio=4.0, dropout=0.0, target_dim=0,
-                   target_seed=0)
+    c.model = dict(num_layers=6, hidden=96, heads=4, patch=7, mlp_ratio=4.0, dropout=0.0,
+                   target_dim=0, target_norm=0.0, target_seed=0)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05

@@ -28,8 +28,8 @@ def get_config(arg=None):
     c.data.randaugment_magnitude = 9
     c.data.batch_size = 256
 
-    c.model = dict(num_layers=12, hidden=768, heads=12, patch=4, mlp_ratio=4.0, dropout=0.1, target_dim=0,
-                   target_seed=0)
+    c.model = dict(num_layers=12, hidden=768, heads=12, patch=4, mlp_ratio=4.0, dropout=0.1,
+                   target_dim=0, target_norm=0.0, target_seed=0)
 
     c.blocks.num_blocks = 2
     c.blocks.gamma = 0.05

@@ -17,8 +17,8 @@ def get_config(arg=None):
     c.data.randaugment_magnitude = 9
     c.data.batch_size = 16
 
-    c.model = dict(num_layers=3, hidden=16, heads=2, patch=4, mlp_ratio=2.0, dropout=0.0, target_dim=0,
-                   target_seed=0)
+    c.model = dict(num_layers=3, hidden=16, heads=2, patch=4, mlp_ratio=2.0, dropout=0.0,
+                   target_dim=0, target_norm=0.0, target_seed=0)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05
