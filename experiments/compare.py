@@ -75,15 +75,17 @@ def compare(config, workdir: str, options: dict | None = None, command: str = ""
     config_lib.validate(config)
     options = options or {}
     runs = {}
+    # Train both before evaluating either: some evaluations read the other run (the text tasks score the
+    # DiffusionBlocks samples under the end-to-end model of the same comparison).
     for method in METHODS:
         cfg = config.copy_and_resolve_references()
         cfg.method = method
         wd = os.path.join(workdir, method)
         logs.log.info("=== %s: training into %s", LABELS[method], wd)
-        timing = train_timed(cfg, wd)
+        runs[method] = {"workdir": wd, "train": train_timed(cfg, wd), "steps_per_s": steps_per_second(wd)}
+    for method in METHODS:
         logs.log.info("=== %s: evaluating", LABELS[method])
-        ev = evaluate_workdir(wd, method=method, **options)
-        runs[method] = {"workdir": wd, "train": timing, "steps_per_s": steps_per_second(wd), "eval": ev}
+        runs[method]["eval"] = evaluate_workdir(runs[method]["workdir"], method=method, **options)
     mem = memory.memory_report(get_task(config))
     result = {"config": config.to_dict(), "task": config.task, "command": command, "options": options,
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -130,6 +132,13 @@ def markdown(result: dict) -> str:
     if "layer_evals_per_sample" in d["eval"]:
         rows.append(("layer evaluations per sample", str(d["eval"]["layer_evals_per_sample"]),
                      str(e["eval"].get("layer_evals_per_sample", ""))))
+    dg, eg = d["eval"].get("generation") or {}, e["eval"].get("generation") or {}
+    if "gen_ppl" in dg or "gen_ppl" in eg:
+        rows.append(("perplexity of samples under the e2e model", _fmt(dg.get("gen_ppl", "")),
+                     _fmt(eg.get("gen_ppl", ""))))
+    if "distinct_1" in dg:
+        rows.append(("samples: distinct-1 / repetition-3", f"{dg['distinct_1']:.3f} / {dg.get('repetition_3', 0):.3f}",
+                     f"{eg.get('distinct_1', 0):.3f} / {eg.get('repetition_3', 0):.3f}"))
     if "seconds_per_image" in d["eval"]:
         rows.append(("sampling seconds per image", f"{d['eval']['seconds_per_image']:.4f}",
                      f"{e['eval']['seconds_per_image']:.4f}"))

@@ -111,3 +111,24 @@ def test_command_lines(tmp_path):
                           "--workdir", wd, "--config.sample.steps=1"], cwd=ROOT, env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "sample.steps=1" in bad.stderr
+
+
+def test_compare_trains_both_methods_before_evaluating_either(monkeypatch, tmp_path):
+    """The text tasks score DiffusionBlocks samples under the e2e model: it must exist when the first evaluation
+    runs. Training and evaluation are stubbed; the order of calls and the generation rows of the table are checked."""
+    calls = []
+    monkeypatch.setattr(compare_lib, "train_timed", lambda cfg, wd: calls.append(("train", cfg.method)) or
+                        {"seconds": 1.0, "resumed": False})
+
+    def fake_eval(wd, method, **_):
+        calls.append(("eval", method))
+        return {"headline": {"name": "bits_per_char", "value": 3.0 if method == "dblocks" else 2.5,
+                             "higher_is_better": False}, "block_calls_per_sample": 3,
+                "generation": {"gen_ppl": 9.5 if method == "dblocks" else 4.5, "distinct_1": 0.7,
+                               "repetition_3": 0.01}}
+    monkeypatch.setattr(compare_lib, "evaluate_workdir", fake_eval)
+    result = compare_lib.compare(_tiny_vit(), str(tmp_path), {}, command="")
+    assert calls == [("train", "dblocks"), ("train", "e2e"), ("eval", "dblocks"), ("eval", "e2e")]
+    table = compare_lib.markdown(result)
+    assert "| perplexity of samples under the e2e model | 9.5000 | 4.5000 |" in table
+    assert "| samples: distinct-1 / repetition-3 | 0.700 / 0.010 | 0.700 / 0.010 |" in table
