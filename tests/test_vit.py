@@ -18,6 +18,7 @@ def task():
     return get_task(tiny_vit.get_config())
 
 
+@jax.jit
 def _randomise(params, seed=1):
     """Zero-initialised heads and AdaLN make every output 0 at init; random params make dependencies visible."""
     leaves, tree = jax.tree.flatten(params)

@@ -18,10 +18,11 @@ from dblocks import images as images_lib
 from dblocks import sampling
 from dblocks.models.dit import DiT
 from dblocks.tasks.base import Task, Unit, register
+from dblocks.tasks.image_data import LabelledImages
 
 
 @register
-class DiTTask(Task):
+class DiTTask(LabelledImages, Task):
     name = "dit"
 
     # -- config --------------------------------------------------------------------------------------------------
@@ -44,23 +45,6 @@ class DiTTask(Task):
         if s.guidance < 0:
             p.append(f"sample.guidance={s.guidance} must be >= 0")
         return p
-
-    def data_signature_fields(self):
-        return ("name", "image_size", "channels", "num_classes")
-
-    # -- data ----------------------------------------------------------------------------------------------------
-    def source(self, split: str):
-        d = self.config.data
-        return data_lib.load_images(d.name, split, d.path, d.data_dir, num_classes=d.num_classes,
-                                    size=d.image_size, channels=d.channels)
-
-    def make_batch(self, examples, train):
-        return {"image": data_lib.to_model_range(examples["image"]), "label": examples["label"].astype(np.int32)}
-
-    def dummy_batch(self, n: int = 2) -> dict:
-        d = self.config.data
-        return {"image": np.zeros((n, d.image_size, d.image_size, d.channels), np.float32),
-                "label": np.zeros((n,), np.int32)}
 
     # -- model ---------------------------------------------------------------------------------------------------
     def make_model(self, unit: Unit) -> DiT:

@@ -25,10 +25,11 @@ from dblocks import sampling
 from dblocks import targets
 from dblocks.models.vit import ViTClassifier, ViTDenoiser
 from dblocks.tasks.base import Task, Unit, register
+from dblocks.tasks.image_data import LabelledImages
 
 
 @register
-class ViTTask(Task):
+class ViTTask(LabelledImages, Task):
     name = "vit"
     diffusion_baseline = False   # e2e is the plain ViT classifier, not a denoiser over the whole range
 
@@ -71,23 +72,6 @@ class ViTTask(Task):
             p.append(f"sample.steps={s.steps} cannot visit all {c.blocks.num_blocks} blocks (use >= "
                      f"{max(2, int(c.blocks.num_blocks))})")
         return p
-
-    def data_signature_fields(self):
-        return ("name", "image_size", "channels", "num_classes")
-
-    # -- data ----------------------------------------------------------------------------------------------------
-    def source(self, split: str):
-        d = self.config.data
-        return data_lib.load_images(d.name, split, d.path, d.data_dir, num_classes=d.num_classes,
-                                    size=d.image_size, channels=d.channels)
-
-    def make_batch(self, examples, train):
-        return {"image": data_lib.to_model_range(examples["image"]), "label": examples["label"].astype(np.int32)}
-
-    def dummy_batch(self, n: int = 2) -> dict:
-        d = self.config.data
-        return {"image": np.zeros((n, d.image_size, d.image_size, d.channels), np.float32),
-                "label": np.zeros((n,), np.int32)}
 
     # -- model ---------------------------------------------------------------------------------------------------
     def make_model(self, unit: Unit):
