@@ -207,6 +207,7 @@ def plot_per_step(workdir: str, runs: dict) -> str | None:
         else:
             ax.axhline(ev["headline"]["value"], ls="--", color="gray", label=f"{LABELS[method]} (final)")
     ax.set(xlabel="inference step (block call)", ylabel=name or "metric")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
