@@ -58,9 +58,14 @@ class UnitCheckpoint:
         self.meta = meta
         os.makedirs(self.directory, exist_ok=True)
         self._check_existing_meta()
+        # On a mesh several units save at the same step at once; in a multi-process run Orbax synchronises each
+        # save with barriers named by step, so each unit's manager gets its own barrier prefix (else two blocks'
+        # saves of step s collide: "Barrier _async_write_complete.s is already ongoing").
+        prefix = str(meta.get("unit") or os.path.basename(self.directory))
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                                                 create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, save_interval_steps=every, create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)))
 
     def _check_existing_meta(self) -> None:
         check_compatible(self.directory, self.meta)
