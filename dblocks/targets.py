@@ -14,9 +14,11 @@ import numpy as np
 BRIDGES = ("softmax", "renorm", "argmax")
 
 
-def fixed_embedding(num: int, dim: int, sigma_data: float, seed: int = 0) -> np.ndarray:
+def fixed_embedding(num: int, dim: int, sigma_data: float, seed: int = 0, norm: float = 0.0) -> np.ndarray:
     """[num, dim] float32: orthogonal rows when num <= dim, else near-orthogonal Gaussian rows; each row of
-    norm sigma_data * sqrt(dim)."""
+    norm sigma_data * sqrt(dim) (the scale contract), or `norm` when it is > 0 (config model.target_norm; 1.0 = the
+    paper's L2-normalised embeddings). The norm decides below which sigma the noisy target gives itself away, hence
+    what each block must learn from its input (docs/classification.md)."""
     rng = np.random.default_rng(seed)
     g = rng.standard_normal((max(num, dim), dim))
     if num <= dim:
@@ -25,7 +27,7 @@ def fixed_embedding(num: int, dim: int, sigma_data: float, seed: int = 0) -> np.
     else:
         rows = g[:num]
     rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    return (rows * sigma_data * np.sqrt(dim)).astype(np.float32)
+    return (rows * (norm if norm > 0 else sigma_data * np.sqrt(dim))).astype(np.float32)
 
 
 def bridge(logits: jax.Array, E: jax.Array, kind: str = "softmax") -> jax.Array:

@@ -35,6 +35,11 @@ def entropy_bits(logp) -> float:
     return float(np.mean(-np.sum(np.exp(logp) * logp, axis=-1)) / LN2)
 
 
+def mixture_entropy_bits(prob_sum, num: int) -> float:
+    """Mean entropy in bits of the average of `num` distributions whose probabilities sum to prob_sum [..., V]."""
+    return entropy_bits(np.log(np.maximum(np.asarray(prob_sum, np.float64) / num, 1e-30)))
+
+
 def perplexity(logp_true: np.ndarray) -> float:
     """exp of the mean negative log-likelihood per token."""
     return float(math.exp(-float(np.mean(np.asarray(logp_true, np.float64)))))

@@ -110,13 +110,11 @@ class ARTask(Task):
     @property
     def E(self) -> Array:
         """The fixed target space [V, D]: row v is the clean target of token v (not learned, DESIGN.md item 4).
-        Rows have norm sigma_data * sqrt(D) (the scale contract), or model.target_norm when that is set (1.0 = the
-        paper's L2-normalised embeddings): the norm decides below which sigma the noisy token gives itself away."""
+        Row norm: the scale contract, or model.target_norm (targets.fixed_embedding)."""
         if "_E" not in self.__dict__:   # kept as numpy: a jnp constant cached during a trace would leak a tracer
-            E = targets.fixed_embedding(self.vocab.size, self.target_dim, self.edm.sigma_data,
-                                        int(self.config.model.get("target_seed", 0)))
-            norm = float(self.config.model.get("target_norm", 0.0) or 0.0)
-            self._E = E * (norm / np.linalg.norm(E, axis=1, keepdims=True)) if norm else E
+            m = self.config.model
+            self._E = targets.fixed_embedding(self.vocab.size, self.target_dim, self.edm.sigma_data,
+                                              int(m.get("target_seed", 0)), float(m.get("target_norm", 0.0) or 0.0))
         return jnp.asarray(self._E)
 
     # -- model and loss ------------------------------------------------------------------------------------------------
@@ -330,10 +328,9 @@ class ARTask(Task):
             steps_logp.append(np.stack(per_call))
             prob_sum = prob_sum + jnp.exp(res.aux)
             ents.append(text_metrics.entropy_bits(res.aux))
-        mix = jnp.log(jnp.maximum(prob_sum / num_draws, 1e-30))
         return {"logp": text_metrics.mixture_logprob(np.stack(draws)), "argmax": np.asarray(jnp.argmax(prob_sum, -1)),
                 "per_step": text_metrics.mixture_logprob(np.stack(steps_logp)), "entropy": float(np.mean(ents)),
-                "mixture_entropy": text_metrics.entropy_bits(mix)}
+                "mixture_entropy": text_metrics.mixture_entropy_bits(prob_sum, num_draws)}
 
     def noisy_readout(self, run) -> bool:
         """Whether the sampler's next-token distribution depends on noise (then it is averaged over draws)."""

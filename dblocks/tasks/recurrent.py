@@ -153,9 +153,9 @@ class RecurrentTask(ARTask):
             logps.append(np.asarray(jnp.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0]))
             prob_sum = prob_sum + jnp.exp(lp)
             ents.append(text_metrics.entropy_bits(lp))
-        mix = jnp.log(jnp.maximum(prob_sum / num_draws, 1e-30))
         return {"logp": text_metrics.mixture_logprob(np.stack(logps)), "argmax": np.asarray(jnp.argmax(prob_sum, -1)),
-                "per_step": None, "entropy": float(np.mean(ents)), "mixture_entropy": text_metrics.entropy_bits(mix)}
+                "per_step": None, "entropy": float(np.mean(ents)),
+                "mixture_entropy": text_metrics.mixture_entropy_bits(prob_sum, num_draws)}
 
     def noisy_readout(self, run) -> bool:
         return True   # the baseline's s_0 is random too

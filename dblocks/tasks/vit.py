@@ -37,13 +37,9 @@ class ViTTask(LabelledImages, Task):
         super().__init__(config)
         m = config.model
         self.target_dim = int(m.get("target_dim", 0) or m.hidden)
-        E = targets.fixed_embedding(int(config.data.num_classes), self.target_dim, self.edm.sigma_data,
-                                    int(m.get("target_seed", 0)))
-        # Rows have norm sigma_data * sqrt(dim) (the scale contract), or model.target_norm when set (1.0 = the
-        # authors' L2-normalised label embeddings). The norm decides up to which sigma the noisy label still gives
-        # the class away, hence which blocks must learn to classify from the image (docs/classification.md).
-        norm = float(m.get("target_norm", 0.0) or 0.0)
-        self.E = jnp.asarray(E * (norm / np.linalg.norm(E, axis=1, keepdims=True)) if norm else E)
+        self.E = jnp.asarray(targets.fixed_embedding(int(config.data.num_classes), self.target_dim,
+                                                     self.edm.sigma_data, int(m.get("target_seed", 0)),
+                                                     float(m.get("target_norm", 0.0) or 0.0)))
 
     # -- config --------------------------------------------------------------------------------------------------
     def validate(self) -> list[str]:
