@@ -47,13 +47,25 @@ def block_layers(config) -> list[int]:
 
 
 class Task:
-    """Base class of tasks. Subclasses set `name` and implement the methods that raise NotImplementedError."""
+    """Base class of tasks. Subclasses set `name` and implement the methods that raise NotImplementedError.
+
+    A task is the training side (config checks, data, model, loss); sampling, decoding and evaluation are functions
+    in the task's own `*_eval` / `*_infer` modules that take (task, run, ...), reached through `write_samples` and
+    `evaluate` below."""
     name = ""
-    diffusion_baseline = True  # e2e baseline trains the same denoiser over the whole range (False: plain model)
 
     def __init__(self, config):
         self.config = config
         self.edm = edm_lib.EDM.from_config(config.edm)
+        self._jitted: dict[tuple, Callable] = {}
+
+    def jit(self, name: str, model: nn.Module, build: Callable[[], Callable]) -> Callable:
+        """A jitted function of a model, cached: `build()` (which returns the jitted function) runs once per
+        (name, model class, model config), so blocks of the same shape share one compiled function."""
+        key = (name, type(model).__name__, repr(model))
+        if key not in self._jitted:
+            self._jitted[key] = build()
+        return self._jitted[key]
 
     # -- validation and identity ------------------------------------------------------------------------------
     def validate(self) -> list[str]:

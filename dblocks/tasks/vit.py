@@ -31,7 +31,6 @@ from dblocks.tasks.image_data import LabelledImages
 @register
 class ViTTask(LabelledImages, Task):
     name = "vit"
-    diffusion_baseline = False   # e2e is the plain ViT classifier, not a denoiser over the whole range
 
     def __init__(self, config):
         super().__init__(config)
