@@ -1,4 +1,4 @@
-"""Per-unit Orbax checkpoints and their meta (DESIGN.md item 10).
+"""Per-unit Orbax checkpoints and their meta (docs/design.md item 10).
 
 WORKDIR/blocks/block_XX/ (or WORKDIR/e2e/) holds an Orbax CheckpointManager with the unit's train state
 (step, params, opt_state, ema) and `meta.json`: the block id, its noise ranges, the partition and a hash of the config

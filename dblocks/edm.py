@@ -92,7 +92,7 @@ def loss_weight(sigma, sigma_data: float, mode: str = "edm", max_weight: float =
 
 
 def weighted_mean(per_sample_loss: Array, weight: Array) -> Array:
-    """mean_i(w_i * loss_i). Both must be [N]: a [N] x [N, 1] product is the broadcast bug of pitfalls.md §1.1."""
+    """mean_i(w_i * loss_i). Both must be [N]: a [N] x [N, 1] product is the broadcast bug of docs/method.md §5."""
     if per_sample_loss.shape != weight.shape or per_sample_loss.ndim != 1:
         raise ValueError(f"per-sample loss {per_sample_loss.shape} and weight {weight.shape} must both be [N]: "
                          "a broadcast here would weight every sample by every other sample's weight")

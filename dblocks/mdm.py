@@ -1,5 +1,5 @@
 """Masked diffusion (MD4, Shi et al. 2024) as pure functions: schedule, forward masking, loss weight, the partition
-in t, the ELBO estimator of bits per character, and the ancestral sampler (paper §2.4 / App. D, method.md §4.3).
+in t, the ELBO estimator of bits per character, and the ancestral sampler (paper §2.4 / App. D, docs/method.md §4.3).
 
 Time runs from t = 0 (clean) to t = 1 (every token masked). alpha(t) is the probability that a token is still
 unmasked; the linear schedule alpha(t) = 1 - t is MD4's and the paper's. The negative ELBO per sequence is

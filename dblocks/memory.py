@@ -1,4 +1,4 @@
-"""Compiled memory of one training step, exactly and without running it (DESIGN.md, Measuring).
+"""Compiled memory of one training step, exactly and without running it (docs/design.md, Measuring).
 
 `jax.jit(step).lower(abstract args).compile().memory_analysis()` gives the bytes XLA allocates for the step's
 arguments, outputs and temporaries. It is exact and repeatable on any backend, so paper-sized models can be

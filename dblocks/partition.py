@@ -1,6 +1,6 @@
 """The noise partition: which block owns which noise levels, in training and at inference.
 
-Convention (DESIGN.md item 3): block 0 holds the first layers and the HIGHEST noise and runs first at inference.
+Convention (docs/design.md item 3): block 0 holds the first layers and the HIGHEST noise and runs first at inference.
 `Partition.block_of` is the one map from a noise level to a block; training, sampling and evaluation all use it.
 The partition is generic over a 1-D noise level: sigma for EDM tasks, t for masked diffusion (`t_partition`).
 """
@@ -125,7 +125,7 @@ def steps_per_block(grid, partition: Partition) -> np.ndarray:
 
 def check_grid(grid, partition: Partition) -> np.ndarray:
     """Refuses a grid that is not strictly decreasing or that calls some block neither for a step nor for the
-    final denoise: that block's noise range would be skipped by the chain (pitfalls.md §1.4)."""
+    final denoise: that block's noise range would be skipped by the chain (docs/method.md §5)."""
     grid = np.asarray(grid, np.float64)
     if grid.ndim != 1 or len(grid) < 2:
         raise ValueError(f"a sampling grid needs at least 2 points, got {grid.size}")

@@ -1,8 +1,8 @@
-"""The fixed target space E for discrete targets (class labels, tokens), DESIGN.md item 4.
+"""The fixed target space E for discrete targets (class labels, tokens), docs/design.md item 4.
 
 E is not learned: its rows come from a seed, so every block has the same E without sharing a parameter (a learned
 label embedding would be a parameter every block writes, breaking block independence). The scale contract
-(pitfalls.md §3.3): every row has norm sigma_data * sqrt(dim), i.e. per-coordinate RMS sigma_data, the scale the
+(docs/method.md §5): every row has norm sigma_data * sqrt(dim), i.e. per-coordinate RMS sigma_data, the scale the
 EDM preconditioning assumes. The sampler's bridge from logits back to the target space uses the same E.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_dit_shapes_and_zero_init_identity(task_model_params):
 
 
 def test_output_depends_on_sigma_conditioning(task_model_params):
-    """pitfalls.md §1.6: a denoiser that cannot tell noise levels apart. After any training step the layers'
+    """docs/method.md §5: a denoiser that cannot tell noise levels apart. After any training step the layers'
     modulation is non-zero, so F must change with c_noise."""
     _, model, params = task_model_params
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(7), p.shape), params)

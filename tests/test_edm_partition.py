@@ -1,4 +1,4 @@
-"""The functional core: EDM formulas, the partition, grids and ODE steps (values from reference/method.md)."""
+"""The functional core: EDM formulas, the partition, grids and ODE steps (values from docs/method.md)."""
 import chex
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The fixed target space E and the bridge back from logits (pitfalls.md §1.2, §3.3: the scale contract)."""
+"""The fixed target space E and the bridge back from logits (docs/method.md §5: the scale contract)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

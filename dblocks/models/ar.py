@@ -138,7 +138,7 @@ class RowHead(nn.Module):
 class ARModel(nn.Module):
     """Denoiser F(tokens, c_in z, c_noise) -> logits [N, T, V] of the noisy rows (diffusion=True), or the causal
     LM tokens -> next-token logits [N, T, V] (diffusion=False). Each DiffusionBlocks block is one whole ARModel with
-    its own embeddings, layers and head (DESIGN.md item 1)."""
+    its own embeddings, layers and head (docs/design.md item 1)."""
     vocab: int
     num_layers: int
     hidden: int

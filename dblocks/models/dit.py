@@ -1,7 +1,7 @@
 """DiT (Peebles & Xie) as the raw network F of an EDM denoiser D = c_skip z + c_out F(c_in z, c_noise, y).
 
 A DiffusionBlocks block is a whole DiT with L/B layers: its own patch embedding, noise and label embedders, layers
-and final layer (DESIGN.md item 1). The end-to-end baseline is the same module with all L layers.
+and final layer (docs/design.md item 1). The end-to-end baseline is the same module with all L layers.
 """
 from __future__ import annotations
 

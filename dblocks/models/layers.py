@@ -86,7 +86,7 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
 class AdaLNZeroLayer(nn.Module):
     """One transformer layer with AdaLN-Zero conditioning (DiT): the modulation is Linear(SiLU(c)), zero-initialised,
     so every layer starts as the identity. `official_order=True` reproduces the authors' ViT code, which applies
-    the SiLU after the Linear (pitfalls.md §3.13), for parity experiments only."""
+    the SiLU after the Linear (docs/method.md §5), for parity experiments only."""
     hidden: int
     heads: int
     mlp_ratio: float = 4.0

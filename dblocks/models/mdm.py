@@ -1,8 +1,8 @@
 """The masked-diffusion denoiser f(x_t, t): a bidirectional transformer over tokens with a [MASK] token, conditioned
-on t through AdaLN-Zero (the DiT-style network of SEDD/MDLM/MD4 that the paper uses, method.md §5.4).
+on t through AdaLN-Zero (the DiT-style network of SEDD/MDLM/MD4 that the paper uses, docs/method.md §4.3).
 
 A DiffusionBlocks block is a whole MDMTransformer with L/B layers: its own token embedding, t embedder, layers and
-output head (DESIGN.md item 1). The end-to-end baseline is the same module with all L layers.
+output head (docs/design.md item 1). The end-to-end baseline is the same module with all L layers.
 """
 from __future__ import annotations
 

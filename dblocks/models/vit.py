@@ -1,6 +1,6 @@
 """ViT models for classification: the DiffusionBlocks denoiser (paper §4.1) and the plain ViT baseline.
 
-ViTDenoiser is one whole block (DESIGN.md item 1): its own patch embedding, position embedding, AdaLN-Zero layers
+ViTDenoiser is one whole block (docs/design.md item 1): its own patch embedding, position embedding, AdaLN-Zero layers
 and head. Its sequence is the patch embeddings plus ONE label token that holds the projected `c_in * z`, where z is
 the noisy label embedding in the fixed target space E (dblocks.targets); sigma enters through AdaLN-Zero
 (NoiseEmbedder on c_noise). The head reads the label token and returns class logits; the denoised point of the

@@ -109,7 +109,7 @@ class ARTask(Task):
 
     @property
     def E(self) -> Array:
-        """The fixed target space [V, D]: row v is the clean target of token v (not learned, DESIGN.md item 4).
+        """The fixed target space [V, D]: row v is the clean target of token v (not learned, docs/design.md item 4).
         Row norm: the scale contract, or model.target_norm (targets.fixed_embedding)."""
         if "_E" not in self.__dict__:   # kept as numpy: a jnp constant cached during a trace would leak a tracer
             m = self.config.model

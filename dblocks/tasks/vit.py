@@ -1,6 +1,6 @@
 """Image classification with ViT DiffusionBlocks (paper §4.1) and its plain ViT baseline.
 
-What is diffused is the label's row of the fixed target space E (dblocks.targets; DESIGN.md item 4):
+What is diffused is the label's row of the fixed target space E (dblocks.targets; docs/design.md item 4):
 z = E[y] + sigma * eps. Block b (a whole ViTDenoiser) reads the patches and one token holding c_in * z, is
 conditioned on sigma through AdaLN-Zero, and returns class logits; its loss is the cross-entropy weighted per sample
 by lambda(sigma) (config.edm.loss_weighting). At inference the blocks run once each, highest noise first, on a

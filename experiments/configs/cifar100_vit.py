@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.data.batch_size = 128
 
     # mlp_ratio 24 = MLP width 3072: the authors' code keeps HuggingFace ViT's default intermediate size
-    # (method.md §5.1 [C]); the paper does not state it. Use 4.0 for the usual ViT ratio.
+    # (docs/method.md §4.1); the paper does not state it. Use 4.0 for the usual ViT ratio.
     # target_norm 1.0: label rows of norm 1, as the paper's L2-normalised label embeddings. On Fashion-MNIST a
     # smaller norm measured better (0.1: 85.0 % vs 1.0: 79.7 %; the scale contract's 4.9: 17 %,
     # docs/classification.md); not measured at this scale.

@@ -1,5 +1,5 @@
 r"""The paper's masked-diffusion setting (Table 3): MD4 on text8, 12 layers, hidden 768, 12 heads, sequence length
-256, B=3, gamma=0.05, AdamW lr 3e-4, weight decay 0.03, 2,000 warm-up steps, batch 256 (method.md §5.4).
+256, B=3, gamma=0.05, AdamW lr 3e-4, weight decay 0.03, 2,000 warm-up steps, batch 256 (docs/method.md §4.3).
 For accelerators; text8 must be on disk first (see dblocks/text.py: `~/data/text8` or --config.data.path).
 
   python -m experiments.train --config experiments/configs/text8_mdm.py --workdir runs/text8_mdm
