@@ -11,20 +11,36 @@ Sources (config.data.name):
   tfds:NAME       any text dataset prepared for `tfds.data_source` (ArrayRecord, no TensorFlow needed): its 'text'
                   feature, examples joined by newlines.
   synthetic_text  random words from a seed, for fast tests.
+  text:PATH       your text: a UTF-8 .txt file or a folder of them (searched recursively).
+  jsonl:PATH[:F]  JSON lines, one document per line in field F (default `text`, or data.text_field).
+  hf:NAME_OR_PATH a HuggingFace `datasets` dataset (a save_to_disk folder or the local cache; never the network), its
+                  `text` column (or data.text_field, or its only string column).
+
+Your own text is split by whole documents (files, lines, rows) when there are at least 10 (5 % of them, at least one,
+for validation and for test, chosen with seed 0), else by contiguous characters (90 / 5 / 5 %). Its character
+vocabulary is every character of the train split; dblocks.user_data.resolve_fields stores it in config.data.vocab
+(so config.json keeps it with the run) and registers it here, so training, evaluation and sampling use one vocabulary.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib.util
+import json
 import os
 import zipfile
 
 import numpy as np
 
+from dblocks import data as data_lib
 from dblocks.data import ArraySource, DatasetMissingError
 
-TEXT_DATASETS = ("shakespeare", "text8", "synthetic_text", "tfds:<name>")
+TEXT_DATASETS = ("shakespeare", "text8", "synthetic_text", "tfds:<name>", "text:<path>", "jsonl:<path>[:field]",
+                 "hf:<name or path>")
+USER_TEXT_PREFIXES = ("text:", "jsonl:", "hf:")
+HELDOUT = (0.05, 0.05)        # validation and test shares of your own text (documents, or characters)
+MIN_DOCUMENTS = 10            # fewer documents than this: split by contiguous characters instead
 # Whole works held out (sorted file order is fixed): no passage of these appears in training.
 SHAKESPEARE_TEST = ("hamlet", "sonnets", "tempest", "henry_v")
 SHAKESPEARE_VALIDATION = ("macbeth", "twelfth_night")
@@ -61,12 +77,36 @@ SHAKESPEARE_VOCAB = CharVocab("\n" + "".join(chr(c) for c in range(32, 127)))   
 TEXT8_VOCAB = CharVocab(" abcdefghijklmnopqrstuvwxyz")                          # 27 characters
 
 
+def is_text_dataset(name: str) -> bool:
+    """Whether config.data.name names a text dataset (the character-level tasks can read it)."""
+    name = str(name)
+    return name in ("shakespeare", "text8", "synthetic_text") or name.startswith(("tfds:",) + USER_TEXT_PREFIXES)
+
+
+def vocab_from_chars(chars: str) -> CharVocab:
+    """A vocabulary of exactly these characters (unknown ones map to the space, or to the first character)."""
+    return CharVocab(chars, " " if " " in chars else chars[0])
+
+
+# Options of your own text data, by data.name, set by dblocks.user_data.resolve_fields from the config.
+_REGISTERED: dict[str, dict] = {}
+
+
+def register(name: str, vocab: str = "", text_field: str = "") -> None:
+    """Records the vocabulary (characters) and text field of a user text dataset, for vocab_for and split_text."""
+    _REGISTERED[str(name)] = {"vocab": str(vocab), "text_field": str(text_field)}
+
+
 def vocab_for(name: str) -> CharVocab:
-    """The vocabulary of a text dataset, known without reading any data (models are built before data loads)."""
+    """The vocabulary of a text dataset: fixed for the built-in ones; for your own text the registered one (the
+    run's config.data.vocab) or, when none is, the characters of its train split."""
     if name in ("text8", "tfds:text8", "synthetic_text"):
         return TEXT8_VOCAB
     if name == "shakespeare" or name.startswith("tfds:"):
         return SHAKESPEARE_VOCAB
+    if str(name).startswith(USER_TEXT_PREFIXES):
+        chars = _REGISTERED.get(name, {}).get("vocab") or train_chars(name)
+        return vocab_from_chars(chars)
     raise ValueError(f"unknown text dataset {name!r}; choose one of {TEXT_DATASETS}")
 
 
@@ -160,6 +200,8 @@ def split_text(name: str, split: str, data_dir: str = "", path: str = "") -> tup
         return " ".join(rng.choice(words, 4000)), TEXT8_VOCAB
     if name.startswith("tfds:"):
         return _tfds_text(name[5:], split, data_dir), vocab_for(name)
+    if name.startswith(USER_TEXT_PREFIXES):
+        return user_text(name, split), vocab_for(name)
     raise ValueError(f"unknown text dataset {name!r}; choose one of {TEXT_DATASETS}")
 
 
@@ -177,6 +219,117 @@ def _tfds_text(name: str, split: str, data_dir: str) -> str:
             f"&& tfds build {name} --data_dir {where} --file_format=array_record") from e
     texts = [ds[i]["text"] for i in range(len(ds))]
     return "\n".join(t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Your own text: files, JSON lines, HuggingFace datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+def _text_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
+        if files:
+            return files
+        raise DatasetMissingError(f"no .txt files in {path}")
+    raise DatasetMissingError(f"text path {path} does not exist")
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _jsonl_spec(spec: str) -> tuple[str, str]:
+    """'PATH' or 'PATH:FIELD' -> (path, field or '')."""
+    if os.path.exists(os.path.expanduser(spec)) or ":" not in spec:
+        return os.path.expanduser(spec), ""
+    path, _, field = spec.rpartition(":")
+    return os.path.expanduser(path), field
+
+
+def _jsonl_documents(spec: str, field: str) -> list[str]:
+    path, named = _jsonl_spec(spec)
+    field = named or field or "text"
+    if not os.path.isfile(path):
+        raise DatasetMissingError(f"JSON-lines file {path} does not exist")
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                rec = json.loads(line)
+                if field not in rec:
+                    raise DatasetMissingError(f"{path} line {n} has no field {field!r} (fields: {sorted(rec)}); "
+                                              f"name it with jsonl:{path}:FIELD or data.text_field")
+                docs.append(str(rec[field]))
+    return docs
+
+
+def _hf_text_column(ds, field: str) -> str:
+    if field:
+        if field not in ds.column_names:
+            raise DatasetMissingError(f"the HuggingFace dataset has no column {field!r} ({ds.column_names})")
+        return field
+    if "text" in ds.column_names:
+        return "text"
+    strings = [k for k, f in ds.features.items() if getattr(f, "dtype", "") in ("string", "large_string")]
+    if len(strings) != 1:
+        raise DatasetMissingError(f"the HuggingFace dataset has columns {ds.column_names}: set data.text_field to "
+                                  f"the one holding the text")
+    return strings[0]
+
+
+def split_documents(docs: list[str], split: str) -> str:
+    """One split of a list of documents: whole documents when there are MIN_DOCUMENTS or more, else contiguous
+    characters of all of them joined (train first, then validation, then test)."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"text splits are 'train', 'validation' and 'test', not {split!r}")
+    if len(docs) >= MIN_DOCUMENTS:
+        order = np.random.default_rng(0).permutation(len(docs))
+        n_val, n_test = (max(1, int(round(f * len(docs)))) for f in HELDOUT)
+        pick = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
+                "train": order[n_val + n_test:]}[split]
+        return "\n\n".join(docs[i] for i in sorted(pick))
+    text = "\n\n".join(docs)
+    a = int(len(text) * (1 - sum(HELDOUT)))
+    b = int(len(text) * (1 - HELDOUT[1]))
+    return {"train": text[:a], "validation": text[a:b], "test": text[b:]}[split]
+
+
+@functools.lru_cache(maxsize=6)
+def _user_text(name: str, split: str, field: str) -> str:
+    kind, _, spec = name.partition(":")
+    if kind == "text":
+        files = _text_files(os.path.expanduser(spec))
+        return split_documents([_read(f) for f in files] if len(files) >= MIN_DOCUMENTS else
+                               ["\n\n".join(_read(f) for f in files)], split)
+    if kind == "jsonl":
+        return split_documents(_jsonl_documents(spec, field), split)
+    ds = data_lib.hf_dataset(spec)
+    column = _hf_text_column(ds["train"] if "train" in ds else next(iter(ds.values())), field)
+    if split in ds:
+        return "\n\n".join(ds[split][column])
+    held = [s for s in ("test", "validation", "valid", "val") if s in ds]
+    if held:  # the dataset's own held-out split stands in for the missing one
+        return "\n\n".join(ds[held[0]][column])
+    if "train" not in ds:
+        raise DatasetMissingError(f"HuggingFace dataset {spec!r} has splits {sorted(ds)}, no {split!r} or 'train'")
+    return split_documents(list(ds["train"][column]), split)
+
+
+def user_text(name: str, split: str) -> str:
+    """The text of one split of your own data (text:, jsonl:, hf:)."""
+    return _user_text(name, split, _REGISTERED.get(name, {}).get("text_field", ""))
+
+
+def train_chars(name: str) -> str:
+    """The sorted characters of a user text dataset's train split: its vocabulary."""
+    text = user_text(name, "train")
+    if not text:
+        raise DatasetMissingError(f"the train split of {name} is empty")
+    codes = np.unique(np.frombuffer(text.encode("utf-32-le"), np.uint32))
+    return "".join(chr(int(c)) for c in codes)
 
 
 def sequence_source(tokens: np.ndarray, seq_len: int) -> ArraySource:

@@ -16,7 +16,8 @@ class LabelledImages:
     def source(self, split: str):
         d = self.config.data
         return data_lib.load_images(d.name, split, d.path, d.data_dir, num_classes=d.num_classes,
-                                    size=d.image_size, channels=d.channels)
+                                    size=d.image_size, channels=d.channels,
+                                    test_fraction=float(d.get("test_fraction", data_lib.TEST_FRACTION)))
 
     def make_batch(self, examples, train):
         return {"image": data_lib.to_model_range(examples["image"]), "label": examples["label"].astype(np.int32)}

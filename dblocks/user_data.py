@@ -1,0 +1,132 @@
+"""Your own data: the config fields a dataset decides (classes, image size, channels, the character vocabulary),
+filled in from the data before validation, and a clear error, before anything trains, when data and config disagree.
+
+  from dblocks.user_data import resolve_fields
+  resolve_fields(config, workdir)   # the training dispatcher and assembly call this before config validation
+
+Image data (folder:, npz:, hf:; see dblocks.data): data.num_classes, data.image_size and data.channels left at 0 are
+taken from the data (the class folders or the largest label; the first image's shorter side; grey when every image
+looked at is grey, else RGB). Set ones must agree: folder and hf images are resized and converted to what the config
+says, npz arrays are used as they are, so their size and channels must match.
+
+Text data (text:, jsonl:, hf:; see dblocks.text): data.vocab is set to the characters of the train split, or kept
+from the run's WORKDIR/config.json, so a resumed run, its evaluation and its samples use the same vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from dblocks import data as data_lib
+from dblocks import text as text_lib
+from dblocks.config import ConfigError
+
+IMAGE_FIELDS = ("num_classes", "image_size", "channels")
+PEEK = 16   # images opened to decide grey vs RGB
+
+
+def is_user_dataset(name: str) -> bool:
+    return str(name).startswith(data_lib.USER_IMAGE_PREFIXES + text_lib.USER_TEXT_PREFIXES)
+
+
+def _is_image_task(config) -> bool:
+    return "image_size" in config.data or config.get("task") in ("dit", "vit")
+
+
+def image_info(name: str, test_fraction: float = data_lib.TEST_FRACTION) -> dict:
+    """{'num_classes', 'image_size', 'channels', 'class_names', 'exact'} of a user image dataset; exact: whether
+    image_size and channels are the data's as stored (npz) rather than what it is converted to (folder, hf)."""
+    from PIL import Image
+    kind, _, spec = name.partition(":")
+    if kind == "npz":
+        src = data_lib.npz_images(spec, "train", test_fraction)
+        test = data_lib.npz_images(spec, "test", test_fraction)
+        img = src.arrays["image"]
+        if img.shape[1] != img.shape[2]:
+            raise ConfigError(f"{name}: images are {img.shape[1]}x{img.shape[2]}; the image tasks need square "
+                              f"images (crop or pad the arrays)")
+        labels = np.concatenate([src.arrays["label"], test.arrays["label"]])
+        return {"num_classes": int(labels.max()) + 1, "image_size": int(img.shape[1]), "channels": int(img.shape[3]),
+                "class_names": "", "exact": True}
+    if kind == "folder":
+        files, _, classes = data_lib.folder_files(os.path.expanduser(spec), "train", test_fraction)
+        peek = [files[i] for i in np.linspace(0, len(files) - 1, min(PEEK, len(files))).astype(int)]
+        images = [Image.open(f) for f in peek]
+        names = ",".join(classes)
+        num_classes = len(classes)
+    elif kind == "hf":
+        ds = data_lib.open_hf(spec, "train")
+        image_col, label_col, num_classes = data_lib.hf_image_columns(ds)
+        num_classes = num_classes or int(np.max(ds[label_col])) + 1
+        feat = ds.features[label_col]
+        names = ",".join(getattr(feat, "names", None) or [])
+        rows = ds[[int(i) for i in np.linspace(0, len(ds) - 1, min(PEEK, len(ds))).astype(int)]][image_col]
+        images = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8)) for im in rows]
+    else:
+        raise ValueError(f"{name!r} is not a user image dataset (folder:, npz:, hf:)")
+    info = {"num_classes": int(num_classes), "image_size": int(min(images[0].size)),
+            "channels": 1 if all(data_lib._is_grey(im) for im in images) else 3, "class_names": names,
+            "exact": False}
+    for im in images:
+        im.close()
+    return info
+
+
+def _saved_config(workdir: str | None) -> dict:
+    path = os.path.join(workdir, "config.json") if workdir else ""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def resolve_fields(config, workdir: str | None = None):
+    """Fills the data-decided fields of `config` (in place; the config may be locked) and returns it. Raises
+    ConfigError listing every disagreement between the data and the config. Built-in datasets are left alone."""
+    d = config.data
+    name = str(d.get("name", ""))
+    if not is_user_dataset(name):
+        return config
+    problems, updates = [], {}
+    if _is_image_task(config) and data_lib.is_image_dataset(name):
+        info = image_info(name, float(d.get("test_fraction", data_lib.TEST_FRACTION)))
+        for field in IMAGE_FIELDS:
+            have = int(d.get(field, 0) or 0)
+            if have == 0:
+                updates[field] = info[field]
+            elif have != info[field] and (field == "num_classes" or info["exact"]):
+                fix = (f"set --config.data.{field}={info[field]}, or 0 to take it from the data" if field ==
+                       "num_classes" else f"set --config.data.{field}={info[field]} (the arrays are not resized)")
+                problems.append(f"data.{field}={have} but {name} has {info[field]}: {fix}")
+        if info["class_names"] and not d.get("class_names", ""):
+            updates["class_names"] = info["class_names"]
+    elif text_lib.is_text_dataset(name):
+        saved = _saved_config(workdir).get("data", {})
+        vocab = d.get("vocab", "") or (saved.get("vocab", "") if saved.get("name") == name else "")
+        text_lib.register(name, vocab, d.get("text_field", ""))
+        if not vocab:
+            vocab = text_lib.train_chars(name)
+            text_lib.register(name, vocab, d.get("text_field", ""))
+        updates["vocab"] = vocab
+        seq_len = int(d.get("seq_len", 0) or 0)
+        for split in ("train", "test"):
+            n = len(text_lib.user_text(name, split))
+            if seq_len and n < seq_len:
+                problems.append(f"the {split} split of {name} has {n} characters, fewer than one sequence of "
+                                f"data.seq_len={seq_len}: add text or lower data.seq_len")
+    if problems:
+        raise ConfigError("the data and the config disagree:\n  - " + "\n  - ".join(problems))
+    with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+        for k, v in updates.items():
+            d[k] = v
+    return config
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
