@@ -1,6 +1,12 @@
-"""Progress lines, a JSON-lines metrics file a person can plot, and the loss-curve plot."""
+"""Progress lines, a JSON-lines metrics file a person can plot, TensorBoard event files beside it, and the loss-curve
+plot.
+
+WORKDIR/metrics.jsonl is the record of a run. When tensorboardX is installed (no TensorFlow needed), the same records
+also go to TensorBoard event files in WORKDIR, one scalar per numeric field, tagged "<unit>/<field>" (block_00/loss,
+block_00/lr, e2e/examples_per_s, ...): `tensorboard --logdir WORKDIR` (or the parent of several workdirs)."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import time
@@ -34,20 +40,53 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-class MetricsWriter:
-    """Appends {'unit', 'step', ...} records to WORKDIR/metrics.jsonl (process 0 only)."""
+def _plain(v):
+    return float(v) if isinstance(v, (np.floating, np.integer)) or hasattr(v, "dtype") else v
 
-    def __init__(self, workdir: str):
+
+class MetricsWriter:
+    """Appends {'unit', 'step', ...} records to WORKDIR/metrics.jsonl and, when tensorboardX is installed and
+    `tensorboard` is true, writes every numeric field as the TensorBoard scalar "<unit>/<field>" at `step`
+    (process 0 only)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.workdir = workdir
         self.path = os.path.join(workdir, METRICS_FILE)
         self.enabled = bool(workdir) and jax.process_index() == 0
+        self.tensorboard = tensorboard and self.enabled
+        self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, np.integer)) or hasattr(v, "dtype")
-                                        else v) for k, v in record.items()}) + "\n")
+        if not self.enabled:
+            return
+        record = {k: _plain(v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict) -> None:
+        if self._tb is None:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                log.info("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
+                self.tensorboard = False
+                return
+            self._tb = SummaryWriter(self.workdir, flush_secs=10)
+            atexit.register(self.close)   # events are queued to a writer thread: close() writes them all
+        unit, step = str(record.get("label", record.get("unit", "run"))), int(record.get("step", 0))
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(f"{unit}/{k}", float(v), step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 class Progress:
