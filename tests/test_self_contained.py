@@ -46,7 +46,7 @@ def outside_references(texts: dict[str, str]) -> list[str]:
 
 
 def missing_doc_citations(texts: dict[str, str]) -> list[str]:
-    """'path:line: docs/X.md' for every cited docs/X.md that is not in the working tree."""
+    """'path:line: citation' for every cited doc (docs/ + a name ending in .md) missing from the working tree."""
     missing = []
     for name, text in texts.items():
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -68,6 +68,7 @@ def test_every_cited_doc_exists():
 
 def test_the_checks_catch_what_they_guard():
     """The scanners on made-up files: a needle is found, a clean line is not, a missing doc is reported."""
-    texts = {"a.py": "x = 1\n# see " + NEEDLES[0] + "/x\n", "b.md": "cite docs/design.md and docs/no_such_doc.md\n"}
+    texts = {"a.py": "x = 1\n# see " + NEEDLES[0] + "/x\n",
+             "b.md": "cite docs/design.md and docs/" + "no_such_doc.md\n"}
     assert outside_references(texts) == ["a.py:2: " + NEEDLES[0]]
-    assert missing_doc_citations(texts) == ["b.md:1: docs/no_such_doc.md"]
+    assert missing_doc_citations(texts) == ["b.md:1: docs/" + "no_such_doc.md"]
