@@ -1,25 +1,68 @@
-"""Per-unit Orbax checkpoints and their meta (docs/design.md item 10).
+"""Per-unit Orbax checkpoints and their meta (docs/design.md item 10), and what keeps them safe.
 
 WORKDIR/blocks/block_XX/ (or WORKDIR/e2e/) holds an Orbax CheckpointManager with the unit's train state
 (step, params, opt_state, ema) and `meta.json`: the block id, its noise ranges, the partition and a hash of the config
 fields that must agree across blocks. Orbax writes each checkpoint to a temporary directory and renames it when
 complete, and `meta.json` is replaced atomically, so a killed run never leaves a half-written checkpoint behind.
+
+What can still go wrong on disk, and what happens (docs/reliability.md):
+- a step that cannot be read, or whose content does not match the expected tree (shapes, dtypes, its own step
+  counter, finite values): `restore` warns, moves it aside into `<unit dir>/quarantine/<step>` (never deletes it)
+  and falls back to the newest good step. No good step left: `CheckpointUnreadableError`, nothing moved.
+- `meta.json` unreadable, or saying training reached step N while no checkpoint is on disk:
+  `CheckpointUnreadableError` (never a silent restart from scratch).
+- a second process training the same unit into the same directory: `UnitBusyError` (an advisory `flock` on
+  `<unit dir>/.lock`, released by the kernel when the holder dies, even by `kill -9`).
+- a workdir that cannot be written (read-only, full, no permission): `CheckpointWriteError`; the steps already on
+  disk are untouched.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import socket
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from dblocks import logs
+
 META = "meta.json"
+QUARANTINE = "quarantine"
+LOCK = ".lock"
 
 
 class CheckpointMismatchError(RuntimeError):
     """Checkpoints on disk do not belong with this config (or with each other)."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """No usable checkpoint or meta where one should be; what is on disk is left in place."""
+
+
+class UnitBusyError(RuntimeError):
+    """Another live process is training this unit into the same directory."""
+
+
+class CheckpointWriteError(OSError):
+    """The unit directory cannot be written (read-only, full, no permission); nothing on disk was lost."""
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+WRITE_ERROR_WORDS = ("No space left", "Read-only file system", "Permission denied", "Disk quota")
+
+
+def is_write_error(e: BaseException) -> bool:
+    """An error that means 'the disk refused the write' (also when tensorstore reports it as a plain message)."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return True
+    return any(w in str(e) for w in WRITE_ERROR_WORDS)
 
 
 def signature_hash(signature: dict) -> str:
@@ -27,15 +70,31 @@ def signature_hash(signature: dict) -> str:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes to a temporary file, fsyncs it and renames it over `path`: readers see the old or the new file."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file dblocks wrote; a truncated or corrupt one is a CheckpointUnreadableError naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointUnreadableError(
+            f"{path} is not valid JSON (truncated or corrupt: {e}). dblocks writes it atomically, so something "
+            f"outside dblocks damaged it. It records which config this directory's checkpoints belong to, so dblocks "
+            f"will not guess: if they were trained with this config, delete that file and rerun the same command "
+            f"(it is rewritten); otherwise use another --workdir.") from None
 
 
 def diff_dicts(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -50,43 +109,211 @@ def diff_dicts(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-class UnitCheckpoint:
-    """The checkpoint directory of one unit (block or e2e)."""
+# -- one trainer per unit directory ------------------------------------------------------------------------------
 
-    def __init__(self, directory: str, meta: dict, every: int = 1000, keep: int = 2):
+_HELD: dict[str, list] = {}   # directory -> [open lock file, count]: a process may open its own unit twice
+
+
+def _acquire_lock(directory: str) -> None:
+    if directory in _HELD:
+        _HELD[directory][1] += 1
+        return
+    path = os.path.join(directory, LOCK)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UnitBusyError(f"{directory} is being trained by another process ({holder}); two trainers of one unit "
+                            f"would overwrite each other's checkpoints. Wait for it to finish (or stop it), then "
+                            f"rerun; to train other blocks at the same time use --config.blocks.train.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD[directory] = [f, 1]
+
+
+def _release_lock(directory: str) -> None:
+    held = _HELD.get(directory)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        fcntl.flock(held[0], fcntl.LOCK_UN)
+        held[0].close()
+        del _HELD[directory]
+
+
+# -- integrity of a restored step ----------------------------------------------------------------------------------
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def state_problems(state: Any, abstract: Any, step: int) -> list[str]:
+    """What is wrong with a restored step: its tree, shapes or dtypes differ from the expected (abstract) state,
+    its step counter is not the step it is filed under, or it holds NaN/inf."""
+    if jax.tree.structure(state) != jax.tree.structure(abstract):
+        return ["its tree differs from the expected train state"]
+    p = []
+    for (path, x), a in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(abstract)):
+        if tuple(x.shape) != tuple(a.shape) or x.dtype != a.dtype:
+            p.append(f"{jax.tree_util.keystr(path)} is {x.dtype}{list(x.shape)}, expected {a.dtype}{list(a.shape)}")
+    if p:
+        return p[:5]
+    if isinstance(state, dict) and "step" in state and int(state["step"]) != step:
+        p.append(f"its step counter says {int(state['step'])}")
+    if not bool(_all_finite(state)):
+        p.append("it holds NaN or inf values")
+    return p
+
+
+def _short(e: BaseException) -> str:
+    """The first line of the innermost cause (tensorstore's wrapper messages are screens of JSON)."""
+    seen = [e]
+    while (seen[-1].__cause__ or seen[-1].__context__) is not None and len(seen) < 20:
+        seen.append(seen[-1].__cause__ or seen[-1].__context__)
+    root = seen[-1]
+    line = (str(root).strip().splitlines() or [""])[0]
+    return f"{type(root).__name__}: {line[:300]}"
+
+
+class UnitCheckpoint:
+    """The checkpoint directory of one unit (block or e2e). With read_only (assembly, sampling), no lock is taken
+    and nothing is written or moved."""
+
+    def __init__(self, directory: str, meta: dict, every: int = 1000, keep: int = 2, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.meta = meta
-        os.makedirs(self.directory, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+            except OSError as e:
+                raise self._write_error(e, "create") from None
         self._check_existing_meta()
-        # On a mesh several units save at the same step at once; in a multi-process run Orbax synchronises each
-        # save with barriers named by step, so each unit's manager gets its own barrier prefix (else two blocks'
-        # saves of step s collide: "Barrier _async_write_complete.s is already ongoing").
-        prefix = str(meta.get("unit") or os.path.basename(self.directory))
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=every, create=True,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)))
+        self._locked = not read_only and jax.process_index() == 0
+        if self._locked:
+            try:
+                _acquire_lock(self.directory)
+            except OSError as e:
+                if isinstance(e, UnitBusyError) or not is_write_error(e):
+                    raise
+                raise self._write_error(e, "lock") from None
+        try:
+            # On a mesh several units save at the same step at once; in a multi-process run Orbax synchronises each
+            # save with barriers named by step, so each unit's manager gets its own barrier prefix (else two
+            # blocks' saves of step s collide: "Barrier _async_write_complete.s is already ongoing").
+            prefix = str(meta.get("unit") or os.path.basename(self.directory))
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep, save_interval_steps=every, create=not read_only, read_only=read_only,
+                    multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)))
+            self._check_steps_against_meta()
+        except BaseException:
+            self._unlock()
+            raise
 
     def _check_existing_meta(self) -> None:
         check_compatible(self.directory, self.meta)
 
+    def _check_steps_against_meta(self) -> None:
+        """meta.json says training got to step N > 0, but no checkpoint is on disk: refuse to start from zero."""
+        path = os.path.join(self.directory, META)
+        if self.manager.latest_step() is not None or not os.path.exists(path):
+            return
+        reached = int(read_json(path).get("step") or 0)
+        if reached > 0:
+            raise CheckpointUnreadableError(
+                f"{self.directory}/meta.json says training reached step {reached}, but no checkpoint is on disk "
+                f"(deleted or moved?). Refusing to restart it from scratch silently: put the step directories back, "
+                f"or delete {path} to train this unit from step 0.")
+
+    def _write_error(self, e: BaseException, what: str) -> CheckpointWriteError:
+        steps = self.manager.all_steps() if hasattr(self, "manager") else []
+        kept = f"the checkpoints on disk (steps {list(steps)}) are intact" if steps else "nothing was lost"
+        return CheckpointWriteError(e.errno if isinstance(e, OSError) and e.errno else errno.EIO,
+                                    f"cannot {what} in {self.directory}: {_short(e)}. The workdir must be writable "
+                                    f"and have free space; {kept}. Rerun the same command once it is fixed.")
+
     def write_meta(self, **extra) -> None:
-        if jax.process_index() == 0:
-            write_json_atomic(os.path.join(self.directory, META), {**self.meta, **extra})
+        if jax.process_index() == 0 and not self.read_only:
+            try:
+                write_json_atomic(os.path.join(self.directory, META), {**self.meta, **extra})
+            except OSError as e:
+                raise self._write_error(e, "write meta.json") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
-        step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        """The newest good step at or before `step` (default: the latest). A step that cannot be read or fails the
+        integrity check is moved aside with a warning, and the next older one is tried; read `state['step']` for
+        the step actually restored. No good step: CheckpointUnreadableError, and nothing is moved."""
+        steps = sorted((s for s in self.manager.all_steps() if step is None or s <= step), reverse=True)
+        failures: list[tuple[int, str]] = []
+        for s in steps:
+            try:
+                state = self.manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
+                problems = state_problems(state, abstract_state, s)
+            except Exception as e:  # noqa: BLE001 - whatever stops a step from being read makes it unusable
+                problems = [_short(e)]
+            if not problems:
+                for bad, why in failures:
+                    self._quarantine(bad, why, good=s)
+                return state
+            failures.append((s, "; ".join(problems)))
+        where = f"at or before step {step}" if step is not None else "at all"
+        details = "".join(f"\n  - step {s}: {why}" for s, why in failures) or " (no step directory found)"
+        raise CheckpointUnreadableError(
+            f"{self.directory}: no readable checkpoint {where}{details}\nNothing was moved or deleted. If the code "
+            f"or config changed since these were written, go back to it; to train this unit from scratch, move "
+            f"{self.directory} aside.")
+
+    def _quarantine(self, step: int, why: str, good: int) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory, QUARANTINE, str(step))
+        n = 1
+        while os.path.exists(dst):
+            dst, n = os.path.join(self.directory, QUARANTINE, f"{step}.{n}"), n + 1
+        if jax.process_index() == 0 and not self.read_only and os.path.exists(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.move(src, dst)
+            logs.log.warning("[%s] checkpoint step %d is unusable (%s); moved it to %s and resumed from step %d",
+                             self.meta.get("unit"), step, why, dst, good)
+            self.manager.reload()
+        else:
+            logs.log.warning("[%s] checkpoint step %d is unusable (%s); using step %d", self.meta.get("unit"), step,
+                             why, good)
 
     def save(self, step: int, state: Any, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        try:
+            return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        except Exception as e:
+            if is_write_error(e):
+                raise self._write_error(e, f"save step {step}") from None
+            raise
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:
+            if is_write_error(e):
+                raise self._write_error(e, "finish saving") from None
+            raise
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
+            _release_lock(self.directory)
 
 
 def check_compatible(directory: str, meta: dict) -> None:

@@ -62,8 +62,39 @@ def parse_blocks(spec: str, num_blocks: int) -> list[int]:
     return blocks
 
 
-def _generic_problems(c) -> list[str]:
+POSITIVE_MODEL_FIELDS = ("hidden", "heads", "patch", "mlp_ratio", "core")
+FRACTION_MODEL_FIELDS = ("dropout", "class_dropout")
+
+
+def _nan_fields(c, prefix: str = "") -> list[str]:
+    """Dotted names of float fields that are NaN (every comparison with NaN is False, so range checks miss it)."""
+    out = []
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict) or isinstance(v, dict):
+            out += _nan_fields(v, f"{prefix}{k}.")
+        elif isinstance(v, float) and math.isnan(v):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _model_problems(c) -> list[str]:
+    """Range checks of the model fields several tasks share, run before any task's own checks divide by them."""
+    m = c.get("model") or {}
     p = []
+    for k in POSITIVE_MODEL_FIELDS:
+        if k in m and not (isinstance(m[k], (int, float)) and m[k] > 0):
+            p.append(f"model.{k}={m[k]!r} must be > 0")
+    for k in FRACTION_MODEL_FIELDS:
+        if k in m and not (isinstance(m[k], (int, float)) and 0 <= m[k] < 1):
+            p.append(f"model.{k}={m[k]!r} must be in [0, 1)")
+    return p
+
+
+def _generic_problems(c) -> list[str]:
+    p = [f"{k}=nan must be a number" for k in _nan_fields(c)]
+    if p:
+        return p
+    p += _model_problems(c)
     if c.task not in TASK_NAMES:
         p.append(f"task={c.task!r} is unknown; choose one of {TASK_NAMES}")
     if c.method not in METHODS:
@@ -142,6 +173,10 @@ def validate(config) -> None:
     """Raises ConfigError listing every problem; checks the task's own fields when the generic ones pass."""
     problems = _generic_problems(config)
     if not problems:
-        problems += get_task(config).validate()
+        try:
+            problems += get_task(config).validate()
+        except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError) as e:
+            # the task's checks assume the generic ones; a field they still trip over is a config problem too
+            problems.append(f"the {config.task!r} task's checks failed on this config: {type(e).__name__}: {e}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -80,9 +80,26 @@ def packed_tokens(name: str, split: str, vocab, data_dir: str = "", cache_dir: s
     return tokens
 
 
+# Datasets with no validation split of their own: the fraction of the train split's tokens (its tail) held out as
+# 'validation' and never trained on. LM1B has only train and test, and settings must not be chosen on test.
+HELD_OUT_FRACTION = {"lm1b": 0.01}
+
+
+def split_tokens(tokens: np.ndarray, split: str, fraction: float) -> np.ndarray:
+    """'train' -> the head of the train split's tokens, 'validation' -> its last `fraction` (at least one token)."""
+    cut = len(tokens) - max(1, int(round(len(tokens) * fraction)))
+    return tokens[:cut] if split == "train" else tokens[cut:]
+
+
 def packed_source(name: str, split: str, seq_len: int, vocab, data_dir: str = "",
                   cache_dir: str | None = None) -> ArraySource:
-    """Non-overlapping windows of seq_len tokens over the packed split: {'tokens': [num_windows, seq_len]}."""
-    if split == "validation":
-        split = "test"   # LM1B has only train and test
-    return text_lib.sequence_source(np.asarray(packed_tokens(name, split, vocab, data_dir, cache_dir)), seq_len)
+    """Non-overlapping windows of seq_len tokens over the packed split: {'tokens': [num_windows, seq_len]}.
+    For a dataset in HELD_OUT_FRACTION, 'validation' is a held-out tail of train (and 'train' excludes it)."""
+    if name in HELD_OUT_FRACTION and split in ("train", "validation"):
+        tokens = split_tokens(packed_tokens(name, "train", vocab, data_dir, cache_dir), split, HELD_OUT_FRACTION[name])
+        if len(tokens) < seq_len:
+            raise DatasetMissingError(f"{name}'s {split} slice has {len(tokens)} tokens, fewer than data.seq_len="
+                                      f"{seq_len}")
+    else:
+        tokens = packed_tokens(name, split, vocab, data_dir, cache_dir)
+    return text_lib.sequence_source(np.asarray(tokens), seq_len)
