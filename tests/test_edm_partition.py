@@ -123,8 +123,8 @@ def test_loss_weight_modes():
     sigma = jnp.array([0.002, 0.5, 80.0])
     lam = E.loss_weight(sigma, 0.5, "edm")
     np.testing.assert_allclose(lam, (sigma**2 + 0.25) / (0.25 * sigma**2), rtol=1e-6)
-    # lambda * c_out^2 == 1: the L2 loss is unit-weighted in F-space
-    np.testing.assert_allclose(lam * E.precondition(sigma, 0.5).c_out ** 2, 1.0, rtol=1e-5)
+    # lambda(0.1) = 0.26 / 0.0025 by hand (lambda is symmetric in sigma, sigma_data: the swap is caught below)
+    np.testing.assert_allclose(E.loss_weight(jnp.array([0.1, 2.0]), 0.5, "edm"), [104.0, 4.25], rtol=1e-5)
     np.testing.assert_array_equal(E.loss_weight(sigma, 0.5, "none"), 1.0)
     c = E.loss_weight(sigma, 0.5, "clamped", max_weight=10.0)
     assert float(c.max()) == 10.0 and abs(float(c[1]) - 1.0) < 1e-6
@@ -132,10 +132,31 @@ def test_loss_weight_modes():
         E.loss_weight(sigma, 0.5, "bogus")
 
 
-def test_preconditioning_values():
-    pc = E.precondition(jnp.array(0.5), 0.5)
-    np.testing.assert_allclose([pc.c_skip, pc.c_out, pc.c_in, pc.c_noise],
-                               [0.5, 0.25 / np.sqrt(0.5), 1 / np.sqrt(0.5), 0.25 * np.log(0.5)], rtol=1e-6)
+@pytest.mark.parametrize("sigma,expected", [
+    # by hand, sigma_data = 0.5: s2 = sigma^2 + 0.25; c_skip = 0.25/s2, c_out = 0.5 sigma/sqrt(s2), c_in = 1/sqrt(s2)
+    (0.1, [0.25 / 0.26, 0.05 / np.sqrt(0.26), 1 / np.sqrt(0.26), 0.25 * np.log(0.1)]),    # c_skip 0.9615
+    (2.0, [0.25 / 4.25, 1.0 / np.sqrt(4.25), 1 / np.sqrt(4.25), 0.25 * np.log(2.0)]),     # c_skip 0.0588
+    (0.5, [0.5, 0.25 / np.sqrt(0.5), 1 / np.sqrt(0.5), 0.25 * np.log(0.5)]),
+])
+def test_preconditioning_values(sigma, expected):
+    """Away from sigma = sigma_data, where swapping sigma and sigma_data in c_skip (0.9615 <-> 0.0385 at 0.1)
+    changes the value."""
+    pc = E.precondition(jnp.array(sigma), 0.5)
+    np.testing.assert_allclose([pc.c_skip, pc.c_out, pc.c_in, pc.c_noise], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.1, 2.0, 30.0])
+def test_preconditioning_gives_unit_variance_input_and_unit_initial_loss(sigma):
+    """EDM's design goals, by Monte Carlo on data of std sigma_data: the network input c_in * z has unit variance,
+    and an untrained network (F = 0, so D = c_skip z) has lambda-weighted loss 1 at every sigma. A swapped c_skip
+    gives lambda * E[(c_skip z - y)^2] = 25 at sigma 0.1 and 0.07 at sigma 2."""
+    rng = np.random.default_rng(0)
+    y = 0.5 * rng.standard_normal(200_000)
+    z = y + sigma * rng.standard_normal(y.shape)
+    pc = E.precondition(jnp.array(sigma), 0.5)
+    np.testing.assert_allclose(np.var(float(pc.c_in) * z), 1.0, rtol=0.02)
+    initial_loss = float(E.loss_weight(jnp.array(sigma), 0.5, "edm")) * np.mean((float(pc.c_skip) * z - y) ** 2)
+    np.testing.assert_allclose(initial_loss, 1.0, rtol=0.02)
 
 
 def _oracle_walk(solver, n=30):
