@@ -13,7 +13,7 @@ import jax
 import ml_collections
 
 from dblocks import checkpoint as ckpt_lib
-from dblocks import engine
+from dblocks import steps
 from dblocks import partition as partition_lib
 from dblocks.tasks import Task, Unit, get_task
 
@@ -90,15 +90,14 @@ def load_run(workdir: str, method: str | None = None, use_ema: bool = True, allo
     task = get_task(config)
     units = task.units(method)
     metas = _check_metas(task, units, workdir, allow_incomplete)
-    trainer = engine.Trainer(task, config, workdir, source=None)
-    tx = trainer.tx
+    tx = steps.make_optimizer(config.optim, int(config.train.steps))
     models, params = [], []
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     for u in units:
         model = task.make_model(u)
         ckpt = ckpt_lib.UnitCheckpoint(os.path.join(workdir, u.subdir()), ckpt_lib.unit_meta(task, u, config))
         dummy = task.dummy_batch()
-        abstract = jax.eval_shape(lambda: engine.init_state(task.init_params(model, jax.random.PRNGKey(0), dummy),
+        abstract = jax.eval_shape(lambda: steps.init_state(task.init_params(model, jax.random.PRNGKey(0), dummy),
                                                             tx, float(config.optim.ema_decay)))
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
         state = ckpt.restore(abstract)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dblocks import engine
+from dblocks import engine, steps
 from dblocks.tasks import Task, Unit
 
 
@@ -26,7 +26,7 @@ def step_memory(task: Task, unit: Unit, batch_size: int) -> dict:
     model = task.make_model(unit)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), task.dummy_batch(batch_size))
     state = jax.eval_shape(lambda: trainer.initial_state(unit, model, task.dummy_batch(2)))
-    step = jax.jit(engine.make_train_step(task, model, trainer.tx, float(config.optim.ema_decay)),
+    step = jax.jit(steps.make_train_step(task, model, trainer.tx, config.optim),
                    donate_argnums=0)
     rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     compiled = step.lower(state, batch, rng, jax.ShapeDtypeStruct((2,), jnp.float32)).compile()

@@ -1,4 +1,4 @@
-"""Block-parallel training on a device mesh with axes ('block', 'data') (DESIGN.md item 9).
+"""Block-parallel training on a device mesh with axes ('block', 'data') (docs/design.md item 9).
 
 Blocks of one shape train at once: their train states are stacked on a leading axis sharded over 'block', and one
 jitted step, vmapped over that axis, trains all of them. Each block's batch [bs, ...] is sharded over 'data', so XLA's
@@ -6,7 +6,8 @@ partitioner averages the block's gradients over its own 'data' group; nothing in
 arrays, so no collective crosses 'block' (tests/test_parallel.py reads the compiled HLO to prove it).
 
 Block b draws its randomness from fold_in(fold_in(fold_in(seed, b), 1), step) and trains on Trainer.batch(b, step),
-exactly as the sequential engine does, so both modes end with the same parameters to float tolerance. Each block is
+exactly as the sequential engine does (both build their steps from dblocks.steps and run the same loop,
+dblocks.loop), so both modes end with the same parameters to float tolerance and log the same interval means. Each block is
 saved to its own Orbax directory in the sequential engine's format, so assembly, sampling and resuming do not care
 which mode trained it (a block begun sequentially can be finished on the mesh and the other way round).
 
@@ -27,12 +28,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dblocks import checkpoint as ckpt_lib
-from dblocks import engine, logs
+from dblocks import engine, logs, loop, steps
 from dblocks.config import ConfigError
 from dblocks.tasks import Unit
 
 BLOCK, DATA = "block", "data"
-State = engine.State
+State = steps.State
 
 
 # -- processes and the mesh ---------------------------------------------------------------------------------------
@@ -101,16 +102,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def make_parallel_step(trainer: engine.Trainer, model, mesh: Mesh) -> Callable:
     """step(state [K, ...], batch [K, bs, ...], base_keys [K, 2], train_ranges [K, 2]) -> (state, metrics [K]).
 
-    Block k's rng is fold_in(base_keys[k], state['step'][k]), the sequential engine's sequence. The step is manual
-    over 'block' (jax.shard_map): each block group runs the plain single-block step on its own slice, vmapped over
-    the blocks it holds (a squeeze when it holds one), so nothing can move between blocks; it is automatic over
-    'data', so XLA splits each block's batch over its data group and all-reduces the gradients inside that group.
-    (A vmapped step partitioned automatically over both axes is not safe: XLA all-gathers the activations of a
-    vmapped convolution's weight gradient across every device.)"""
-    step = engine.make_train_step(trainer.task, model, trainer.tx, float(trainer.config.optim.ema_decay))
-
-    def one_block(state, batch, base_key, train_range):
-        return step(state, batch, jax.random.fold_in(base_key, state["step"]), train_range)
+    Block k runs the plain single-unit step (steps.make_train_step: its rng is fold_in(base_keys[k], step), the
+    sequential engine's sequence). The step is manual over 'block' (jax.shard_map): each block group runs the step on
+    its own slice, vmapped over the blocks it holds (a squeeze when it holds one), so nothing can move between
+    blocks; it is automatic over 'data', so XLA splits each block's batch over its data group and all-reduces the
+    gradients inside that group. (A vmapped step partitioned automatically over both axes is not safe: XLA
+    all-gathers the activations of a vmapped convolution's weight gradient across every device.)"""
+    one_block = trainer.train_step(model)
 
     def local_blocks(*args):  # the blocks of one block group: leading axis mesh.shape['block'] times fewer
         if jax.tree.leaves(args)[0].shape[0] == 1:
@@ -186,7 +184,6 @@ class _Stack:
         self.zeros = lambda abstract: jax.jit(lambda: jax.tree.map(  # noqa: E731
             lambda x: jnp.zeros((k, *x.shape), x.dtype), abstract), out_shardings=st)()
         self.replicated = rep
-        self.inits: dict[str, Callable] = {}
 
     def block(self, state: State, i: int) -> State:
         """Block i's state as Orbax should save it: one process holds it on its first device, exactly as the
@@ -208,16 +205,13 @@ def _group(trainer: engine.Trainer, units: list[Unit], starts: dict[str, int]) -
     return list(groups.values())
 
 
-def train_units(trainer: engine.Trainer, units: list[Unit], on_step: Callable[[Unit, int], None] | None = None,
-                return_params: bool = False) -> dict[str, Any]:
+def train_units(trainer: engine.Trainer, units: list[Unit], return_params: bool = False) -> dict[str, Any]:
     """Trains `units` on a ('block', 'data') mesh, up to K same-shape blocks at once (a wave). Returns, with
-    return_params, {unit name: final params} as numpy trees, like engine.train."""
+    return_params, {unit name: final params} as numpy trees, like dblocks.train.train."""
     c = trainer.config
     total = int(c.train.steps)
     mesh_shape(c, 1)  # a mesh that cannot fit is refused before any directory is touched
-    ckpts = {u.name: ckpt_lib.UnitCheckpoint(os.path.join(trainer.workdir, u.subdir()),
-                                             ckpt_lib.unit_meta(trainer.task, u, c), every=int(c.train.ckpt_every),
-                                             keep=int(c.train.keep_checkpoints)) for u in units}
+    ckpts = {u.name: trainer.checkpoint(u) for u in units}
     finals: dict[str, Any] = {}
     try:
         starts = {u.name: int(ckpts[u.name].latest_step() or 0) for u in units}
@@ -237,104 +231,92 @@ def train_units(trainer: engine.Trainer, units: list[Unit], on_step: Callable[[U
         mesh = make_mesh(k, data)
         logs.log.info("mesh %s over %d devices (%d processes): %d block(s) at once, batch %d per block split %d "
                       "ways", dict(mesh.shape), k * data, jax.process_count(), k, int(c.data.batch_size), data)
-        stack, steps = _Stack(mesh), {}
+        stack, compiled, inits = _Stack(mesh), {}, {}
         for group in groups:
             model = trainer.model(group[0])
-            if repr(model) not in steps:
-                steps[repr(model)] = make_parallel_step(trainer, model, mesh)
+            if repr(model) not in compiled:
+                compiled[repr(model)] = make_parallel_step(trainer, model, mesh)
             for w in range(0, len(group), k):
-                wave = group[w:w + k]
-                state = _train_wave(trainer, model, mesh, stack, steps[repr(model)], wave,
-                                    [ckpts[u.name] for u in wave], starts[wave[0].name], on_step)
+                wave = _Wave(trainer, model, mesh, stack, compiled[repr(model)], group[w:w + k],
+                             [ckpts[u.name] for u in group[w:w + k]], starts[group[w].name], inits)
+                loop.run(wave, wave.start, total, c, trainer.writer, trainer.lr_at, trainer.on_step)
                 if return_params:
-                    for i, u in enumerate(wave):
-                        finals[u.name] = jax.device_get(stack.block(state, i)["params"])
-                del state  # the wave's device buffers are released before the next wave starts
+                    for i, u in enumerate(wave.units):
+                        finals[u.name] = jax.device_get(stack.block(wave.state, i)["params"])
+                del wave  # the wave's device buffers are released before the next wave starts
     finally:
         for ck in ckpts.values():
             ck.close()
     return finals
 
 
-def _initial_stack(trainer, model, mesh, stack: _Stack, padded: list[Unit], ckpts: list, start: int) -> State:
-    """Fresh states (vmapped init from each block's own key and first batch, as Trainer.initial_state) or, when
-    resuming, each block's checkpoint restored and put into its slot of the stack."""
-    if start == 0:
-        return init_stack(trainer, model, mesh, padded, stack.inits)
-    abstract = jax.eval_shape(lambda: trainer.initial_state(padded[0], model))
-    state = stack.zeros(abstract)
-    restore_as = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=stack.replicated), abstract)
-    for i, u in enumerate(padded):
-        one = ckpts[min(i, len(ckpts) - 1)].restore(restore_as, start)  # padding slots repeat the last block
-        state = stack.put(state, one, i)
-        del one
-        if i < len(ckpts):
-            logs.log.info("[%s] resumed from step %d", u.name, start)
-    return state
-
-
 def init_stack(trainer: engine.Trainer, model, mesh: Mesh, units: list[Unit], cache: dict | None = None) -> State:
-    """Fresh stacked states [K, ...]: block k from fold_in(fold_in(seed, b_k), 0) and its first batch, exactly as
-    Trainer.initial_state, initialised where it lives (each device computes only its own blocks)."""
+    """Fresh stacked states [K, ...]: block k from its init key and first batch, exactly as Trainer.initial_state,
+    initialised where it lives (each device computes only its own blocks)."""
     st = stacked_sharding(mesh)
     task, ema = trainer.task, float(trainer.config.optim.ema_decay)
     cache = {} if cache is None else cache
     init = cache.setdefault(repr(model), jax.jit(jax.vmap(
-        lambda key, b: engine.init_state(task.init_params(model, key, b), trainer.tx, ema)), out_shardings=st))
-    keys = np.stack([np.asarray(jax.random.fold_in(engine.unit_key(trainer.config.seed, u), 0)) for u in units])
+        lambda key, b: steps.init_state(task.init_params(model, key, b), trainer.tx, ema)), out_shardings=st))
+    keys = np.stack([np.asarray(steps.init_key(trainer.config.seed, u.index)) for u in units])
     return init(put_global(keys, st), global_batch(trainer, units, 0, batch_sharding(mesh)))
 
 
-def _train_wave(trainer, model, mesh, stack: _Stack, step_fn, wave: list[Unit], ckpts: list, start: int,
-                on_step) -> State:
-    """Trains up to K blocks in lockstep from `start`; padding slots (a last, short wave) repeat the last block and
-    are never saved. Saves, logs and checks every block exactly as Trainer.train_unit does."""
-    c = trainer.config
-    total, log_every, ckpt_every = int(c.train.steps), int(c.train.log_every), int(c.train.ckpt_every)
-    k = mesh.shape[BLOCK]
-    padded = wave + [wave[-1]] * (k - len(wave))
-    st, bt = stacked_sharding(mesh), batch_sharding(mesh)
-    lead = jax.process_index() == 0
-    if len(wave) < k:
-        logs.log.warning("%d of the mesh's %d block rows repeat %s in this wave (padding, never saved): a block count "
-                         "that divides by parallel.blocks, or a larger parallel.data, keeps every device busy",
-                         k - len(wave), k, wave[-1].name)
-    state = _initial_stack(trainer, model, mesh, stack, padded, ckpts, start)
-    for ck in ckpts:
-        ck.write_meta(complete=False, step=start)
-    base_keys = put_global(np.stack([np.asarray(jax.random.fold_in(engine.unit_key(c.seed, u), 1))
-                                     for u in padded]), st)
-    ranges = put_global(np.asarray([u.train_range for u in padded], np.float32), st)
-    labels = [u.name if u.is_block else "e2e" for u in wave]
-    progress = [logs.Progress(label, start, total, log_every) for label in labels]
-    logs.log.info("training %s together on the mesh", ", ".join(labels))
-    t0 = time.time()
-    for step in range(start, total):
-        if on_step is not None:
-            for u in wave:
-                on_step(u, step)
-        state, metrics = step_fn(state, global_batch(trainer, padded, step, bt), base_keys, ranges)
-        done = step + 1
-        if step == start:
-            for p in progress:
-                p.start_clock(done)
-        if done % log_every == 0 or done == total or done % ckpt_every == 0:
-            host = to_host(metrics)  # {name: [K]}
-            for i, label in enumerate(labels):
-                loss = float(host["loss"][i])
-                if not np.isfinite(loss):
-                    raise engine.NonFiniteLossError(
-                        f"[{label}] loss is {loss} at step {done}; the last good checkpoint (step "
-                        f"{ckpts[i].latest_step()}) is kept. Lower optim.lr or check the data.")
-                record = progress[i].update(done, {n: v[i] for n, v in host.items()}) if lead else None
-                if record is not None:
-                    trainer.writer.write({"unit": label, "step": done, "wall": time.time() - t0, **record})
-        if done % ckpt_every == 0 and done != total:
-            for i, ck in enumerate(ckpts):
-                ck.save(done, stack.block(state, i))
-    for i, ck in enumerate(ckpts):
-        ck.save(total, stack.block(state, i), force=True)
-    for ck in ckpts:
-        ck.manager.wait_until_finished()  # the final checkpoint is on disk before the meta says complete
-        ck.write_meta(complete=True, step=total)
-    return state
+class _Wave:
+    """The loop's driver for up to K same-shape blocks in lockstep. Padding slots (a last, short wave) repeat the
+    last block and are never saved."""
+
+    def __init__(self, trainer, model, mesh: Mesh, stack: _Stack, step_fn, wave: list[Unit], ckpts: list,
+                 start: int, inits: dict):
+        k = mesh.shape[BLOCK]
+        self.trainer, self.stack, self.step_fn, self.start = trainer, stack, step_fn, start
+        self.units, self.ckpts = wave, ckpts
+        self.labels = [u.name if u.is_block else "e2e" for u in wave]
+        self.padded = wave + [wave[-1]] * (k - len(wave))
+        st = stacked_sharding(mesh)
+        self.batch_sharding = batch_sharding(mesh)
+        if len(wave) < k:
+            logs.log.warning("%d of the mesh's %d block rows repeat %s in this wave (padding, never saved): a block "
+                             "count that divides by parallel.blocks, or a larger parallel.data, keeps every device "
+                             "busy", k - len(wave), k, wave[-1].name)
+        if start == 0:
+            self.state = init_stack(trainer, model, mesh, self.padded, inits)
+        else:
+            self.state = self._restore(model, start)
+        for ck in ckpts:
+            ck.write_meta(complete=False, step=start)
+        seed = trainer.config.seed
+        self.base_keys = put_global(np.stack([np.asarray(steps.step_base_key(seed, u.index)) for u in self.padded]), st)
+        self.ranges = put_global(np.asarray([u.train_range for u in self.padded], np.float32), st)
+        logs.log.info("training %s together on the mesh", ", ".join(self.labels))
+
+    def _restore(self, model, start: int) -> State:
+        """Each block's checkpoint restored and put into its slot of the stack (padding repeats the last block)."""
+        abstract = jax.eval_shape(lambda: self.trainer.initial_state(self.padded[0], model,
+                                                                     self.trainer.task.dummy_batch(2)))
+        state = self.stack.zeros(abstract)
+        restore_as = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.stack.replicated),
+                                  abstract)
+        for i, u in enumerate(self.padded):
+            one = self.ckpts[min(i, len(self.ckpts) - 1)].restore(restore_as, start)
+            state = self.stack.put(state, one, i)
+            del one
+            if i < len(self.ckpts):
+                logs.log.info("[%s] resumed from step %d", u.name, start)
+        return state
+
+    def batch(self, step: int):
+        return global_batch(self.trainer, self.padded, step, self.batch_sharding)
+
+    def step(self, batch):
+        self.state, metrics = self.step_fn(self.state, batch, self.base_keys, self.ranges)
+        return metrics
+
+    def to_host(self, tree):
+        return to_host(tree)
+
+    def unit_metrics(self, host, i: int) -> dict:
+        return {n: v[i] for n, v in host.items()}
+
+    def unit_state(self, i: int) -> State:
+        return self.stack.block(self.state, i)

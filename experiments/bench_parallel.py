@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from dblocks import config as config_lib
 from dblocks import engine, logs, parallel
+from dblocks import steps as steps_lib
 from dblocks.tasks import get_task
 from experiments.common import user_errors
 
@@ -42,7 +43,7 @@ def measure(trainer: engine.Trainer, units: list, mesh, steps: int, warmup: int)
     st = parallel.stacked_sharding(mesh)
     state = parallel.init_stack(trainer, model, mesh, units)
     batch = parallel.global_batch(trainer, units, 0, parallel.batch_sharding(mesh))
-    keys = parallel.put_global(np.stack([np.asarray(engine.unit_key(0, u)) for u in units]), st)
+    keys = parallel.put_global(np.stack([np.asarray(steps_lib.step_base_key(0, u.index)) for u in units]), st)
     ranges = parallel.put_global(np.asarray([u.train_range for u in units], np.float32), st)
     times = []
     for i in range(warmup + steps):

@@ -25,7 +25,8 @@ from ml_collections import config_flags
 
 from dblocks import checkpoint as ckpt_lib
 from dblocks import config as config_lib
-from dblocks import engine, logs, memory
+from dblocks import logs, memory
+from dblocks import train as train_lib
 from dblocks.tasks import get_task
 from experiments.common import user_errors
 from experiments.evaluate import define_option_flags, evaluate_workdir
@@ -53,7 +54,7 @@ def train_timed(config, workdir: str) -> dict:
         logs.log.info("[%s] already trained (%.0f s); not retraining", config.method, previous["seconds"])
         return previous
     t0 = time.perf_counter()
-    engine.train(config, workdir)
+    train_lib.train(config, workdir)
     seconds = time.perf_counter() - t0 + (previous or {}).get("seconds", 0.0)
     record = {"seconds": round(seconds, 1), "resumed": previous is not None}
     ckpt_lib.write_json_atomic(time_file, record)

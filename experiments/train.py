@@ -14,12 +14,13 @@ import logging
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dblocks import assemble, engine, logs, parallel
+from dblocks import assemble, logs, parallel
+from dblocks import train as train_lib
 from dblocks import config as config_lib
-from experiments.common import user_errors
+from experiments.common import run_main, user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
@@ -30,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train; then, when every unit of the run is finished, plot the losses and write samples."""
-    engine.train(config, workdir)
+    train_lib.train(config, workdir)
     out = {}
     if jax.process_count() > 1:  # one process writes shared files; sample afterwards with experiments.sample
         if config.train.plot_at_end and jax.process_index() == 0:
@@ -64,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -11,10 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from dblocks import assemble, engine, textgen
+from dblocks import assemble, textgen
+from dblocks import train as train_lib
 from dblocks import config as config_lib
 from dblocks.models import ar as ar_model
 from dblocks.tasks import get_task
+from dblocks.train import train
 from experiments.configs import tiny_ar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,11 +209,12 @@ def test_validate_reports_bad_values():
     c = tiny_ar.get_config()
     c.model.heads = 3
     c.sample.bridge = "nope"
-    c.sample.steps = 1
+    c.sample.grid_points = 1
+    c.sample.grid = "1.0,2.0"
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c)
     msg = str(e.value)
-    assert "model.hidden" in msg and "sample.bridge" in msg and "sample.steps" in msg
+    assert "model.hidden" in msg and "sample.bridge" in msg and "sample.grid_points" in msg and "sample.grid:" in msg
 
 
 # -- the whole path: train, assemble, evaluate, sample ---------------------------------------------------------------
@@ -220,7 +223,7 @@ def test_validate_reports_bad_values():
 def trained(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("tiny_ar"))
     c = tiny_ar.get_config()
-    engine.train(c, wd)
+    train_lib.train(c, wd)
     return wd
 
 

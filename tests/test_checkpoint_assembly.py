@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dblocks import assemble, engine
+from dblocks import assemble
+from dblocks import train as train_lib
 from dblocks.checkpoint import CheckpointMismatchError
 from experiments.configs import tiny_dit
 
@@ -20,7 +21,7 @@ def _cfg(**overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("run"))
-    engine.train(_cfg(), wd)
+    train_lib.train(_cfg(), wd)
     return wd
 
 
@@ -85,7 +86,7 @@ def test_training_into_a_workdir_of_another_config_is_refused_and_harmless(train
     wd = _copy(trained, tmp_path)
     before = sorted(os.listdir(os.path.join(wd, "blocks", "block_00")))
     with pytest.raises(CheckpointMismatchError, match="different config"):
-        engine.train(_cfg(**{"model.hidden": 32}), wd)
+        train_lib.train(_cfg(**{"model.hidden": 32}), wd)
     assert sorted(os.listdir(os.path.join(wd, "blocks", "block_00"))) == before
     assert assemble.load_run(wd).num_blocks == 3  # the original run is intact
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dblocks import engine
+from dblocks import train as train_lib
 from experiments.configs import tiny_dit
 
 
@@ -24,12 +25,12 @@ def _assert_trees_equal(a, b):
 def all_blocks(tmp_path_factory):
     """One uninterrupted all-blocks run, shared by the tests below."""
     wd = str(tmp_path_factory.mktemp("all"))
-    return wd, engine.train(_cfg(), wd, return_params=True)
+    return wd, train_lib.train(_cfg(), wd, return_params=True)
 
 
 def test_block_trained_alone_equals_block_from_all_blocks_run(all_blocks, tmp_path):
     _, finals = all_blocks
-    alone = engine.train(_cfg(**{"blocks.train": "1"}), str(tmp_path), return_params=True)
+    alone = train_lib.train(_cfg(**{"blocks.train": "1"}), str(tmp_path), return_params=True)
     assert list(alone) == ["block_01"]
     _assert_trees_equal(alone["block_01"], finals["block_01"])
     assert not os.path.exists(tmp_path / "blocks" / "block_00")
@@ -54,11 +55,11 @@ def test_killed_run_resumes_to_identical_parameters(all_blocks, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        engine.train(_cfg(), str(tmp_path), on_step=kill)
+        train_lib.train(_cfg(), str(tmp_path), on_step=kill)
     meta = json.load(open(tmp_path / "blocks" / "block_01" / "meta.json"))
     assert meta["complete"] is False
     assert not os.path.exists(tmp_path / "blocks" / "block_02")
-    resumed = engine.train(_cfg(), str(tmp_path), return_params=True)  # the same command again
+    resumed = train_lib.train(_cfg(), str(tmp_path), return_params=True)  # the same command again
     for name in ("block_00", "block_01", "block_02"):
         _assert_trees_equal(resumed[name], finals[name])
     assert json.load(open(tmp_path / "blocks" / "block_01" / "meta.json"))["complete"] is True
@@ -66,9 +67,9 @@ def test_killed_run_resumes_to_identical_parameters(all_blocks, tmp_path):
 
 def test_b1_blocks_equals_e2e_diffusion_training(tmp_path):
     """B=1 is ordinary EDM training over the whole range: the same parameters as the e2e DiT baseline."""
-    b1 = engine.train(_cfg(**{"blocks.num_blocks": 1, "blocks.gamma": 0.0}), str(tmp_path / "b1"),
+    b1 = train_lib.train(_cfg(**{"blocks.num_blocks": 1, "blocks.gamma": 0.0}), str(tmp_path / "b1"),
                       return_params=True)
-    e2e = engine.train(_cfg(**{"method": "e2e"}), str(tmp_path / "e2e"), return_params=True)
+    e2e = train_lib.train(_cfg(**{"method": "e2e"}), str(tmp_path / "e2e"), return_params=True)
     _assert_trees_equal(b1["block_00"], e2e["e2e"])
     assert os.path.isdir(tmp_path / "e2e" / "e2e")
 
@@ -82,7 +83,7 @@ def test_only_the_active_block_is_resident(tmp_path):
             live[unit.index] = sum(a.nbytes for a in jax.live_arrays())
 
     cfg = _cfg(**{"train.steps": 4})
-    finals = engine.train(cfg, str(tmp_path), on_step=measure, return_params=True)
+    finals = train_lib.train(cfg, str(tmp_path), on_step=measure, return_params=True)
     one_block = sum(np.asarray(x).nbytes for x in jax.tree.leaves(finals["block_00"]))
     all_states = 3 * 3 * one_block  # three blocks' params + two Adam moments each
     assert live[2] < all_states, (live, one_block)

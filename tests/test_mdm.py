@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dblocks import assemble, engine
+from dblocks import assemble
+from dblocks import train as train_lib
 from dblocks import config as config_lib
 from dblocks import mdm
 from experiments.configs import tiny_mdm
@@ -217,7 +218,7 @@ def tiny_runs(tmp_path_factory):
     for method in ("dblocks", "e2e"):
         c = tiny_mdm.get_config()
         c.method = method
-        engine.train(c, str(base / method))
+        train_lib.train(c, str(base / method))
         runs[method] = assemble.load_run(str(base / method))
     return runs
 

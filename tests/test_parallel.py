@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dblocks import assemble, engine, parallel
+from dblocks import train as train_lib
 from dblocks.config import ConfigError, validate
 from dblocks.tasks import get_task
 from experiments.configs import tiny_dit
@@ -39,7 +40,7 @@ def max_diff(a, b) -> float:
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("sequential"))
-    return workdir, engine.train(tiny_dit.get_config(), workdir, return_params=True)
+    return workdir, train_lib.train(tiny_dit.get_config(), workdir, return_params=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def mesh_run(sequential, tmp_path_factory):
         shutil.copytree(os.path.join(sequential[0], "blocks", b), os.path.join(workdir, "blocks", b),
                         ignore=shutil.ignore_patterns("6"))
         assert sorted(os.listdir(os.path.join(workdir, "blocks", b))) == ["3", "meta.json"]
-    return workdir, engine.train(mesh_config(), workdir, return_params=True)
+    return workdir, train_lib.train(mesh_config(), workdir, return_params=True)
 
 
 def test_mesh_training_equals_sequential(sequential, mesh_run):

@@ -1,0 +1,69 @@
+"""Training a run: check everything, then hand the units to the sequential or the mesh trainer.
+
+The top of the library's training side: it imports both trainers (`dblocks.engine`, `dblocks.parallel`), neither of
+which imports it. Everything a user can get wrong is refused here, before anything is compiled or written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+
+from dblocks import checkpoint as ckpt_lib
+from dblocks import config as config_lib
+from dblocks import engine, logs, parallel
+from dblocks.tasks import Task, Unit, get_task
+
+
+def units_to_train(task: Task, config) -> list[Unit]:
+    """The units this process trains: the e2e network, or the blocks named by config.blocks.train."""
+    units = task.units(config.method)
+    if config.method == "e2e":
+        return units
+    wanted = config_lib.parse_blocks(config.blocks.train, int(config.blocks.num_blocks))
+    return [u for u in units if u.index in wanted]
+
+
+def save_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        ckpt_lib.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+
+
+def check_data(config, source) -> None:
+    """Problems that need the data itself (the config alone cannot show them)."""
+    n, bs = len(source), int(config.data.batch_size)
+    if bs > n:
+        raise config_lib.ConfigError(f"invalid config:\n  - data.batch_size={bs} exceeds the {n} training examples "
+                                     f"of data.name={config.data.name!r}")
+
+
+def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = None,
+          return_params: bool = False) -> dict[str, Any]:
+    """Validates the config and the data, then trains this process's units (sequentially, or side by side on a
+    mesh when config.parallel.mode == 'mesh'). With return_params, returns {unit name: final params} as host trees."""
+    config_lib.validate(config)
+    task = get_task(config)
+    for unit in task.units(config.method):  # refuse a workdir of another config before writing anything into it
+        ckpt_lib.check_compatible(os.path.join(workdir, unit.subdir()), ckpt_lib.unit_meta(task, unit, config))
+    source = task.source("train")
+    check_data(config, source)
+    units = units_to_train(task, config)
+    mode = parallel.settings(config)[0]
+    if mode == "mesh":
+        parallel.mesh_shape(config, 1)  # a mesh that cannot fit is refused before anything is written
+    save_config(config, workdir)
+    trainer = engine.Trainer(task, config, workdir, source, on_step=on_step)
+    logs.log.info("training %s: %s", config.method, ", ".join(
+        f"{u.name} ({u.num_layers} layers, range [{u.train_range[0]:.4g}, {u.train_range[1]:.4g}])" for u in units))
+    if mode == "mesh":
+        return parallel.train_units(trainer, units, return_params=return_params)
+    finals = {}
+    for unit in units:
+        state = trainer.train_unit(unit)
+        if return_params:
+            finals[unit.name] = jax.device_get(state["params"])
+        del state  # the unit's device buffers are released before the next unit starts
+    return finals
