@@ -82,12 +82,18 @@ def _saved_config(workdir: str | None) -> dict:
     return {}
 
 
-def resolve_fields(config, workdir: str | None = None):
+def resolve_fields(config, workdir: str | None = None, read_data: bool = True):
     """Fills the data-decided fields of `config` (in place; the config may be locked) and returns it. Raises
-    ConfigError listing every disagreement between the data and the config. Built-in datasets are left alone."""
+    ConfigError listing every disagreement between the data and the config. Built-in datasets are left alone.
+    workdir: a run's folder whose config.json, when there is one, gives the text vocabulary (resumes, evaluation).
+    read_data=False (a saved config: sampling, exported models) only registers the saved text vocabulary."""
     d = config.data
     name = str(d.get("name", ""))
     if not is_user_dataset(name):
+        return config
+    if not read_data:
+        if text_lib.is_text_dataset(name) and d.get("vocab", "") and not _is_image_task(config):
+            text_lib.register(name, d.vocab, d.get("text_field", ""))
         return config
     problems, updates = [], {}
     if _is_image_task(config) and data_lib.is_image_dataset(name):
