@@ -144,6 +144,9 @@ def _generic_problems(c) -> list[str]:
         p.append(f"train.steps={t.steps} must be >= 1")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:
         p.append(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
+    elif o.schedule == "cosine" and o.warmup_steps >= t.steps:
+        p.append(f"optim.warmup_steps={o.warmup_steps} must be < train.steps={t.steps} with optim.schedule='cosine' "
+                 f"(no steps would be left to decay over)")
     if c.data.batch_size < 1:
         p.append(f"data.batch_size={c.data.batch_size} must be >= 1")
     if t.ckpt_every < 1 or t.log_every < 1:

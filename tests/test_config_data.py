@@ -38,6 +38,12 @@ def _problems(**overrides):
     ({"data.image_size": 10}, "not divisible by model.patch"),
     ({"sample.steps": 2}, "cannot visit all 3 blocks"),
     ({"optim.warmup_steps": 100}, "optim.warmup_steps=100 must be in [0, train.steps=6]"),
+    ({"optim.warmup_steps": 6}, "must be < train.steps=6 with optim.schedule='cosine'"),   # was optax's ValueError
+    ({"model.heads": 0}, "model.heads=0 must be > 0"),          # was a ZeroDivisionError in the task's checks
+    ({"model.patch": 0}, "model.patch=0 must be > 0"),
+    ({"model.hidden": -16}, "model.hidden=-16 must be > 0"),
+    ({"model.dropout": 1.0}, "model.dropout=1.0 must be in [0, 1)"),
+    ({"edm.sigma_data": float("nan")}, "edm.sigma_data=nan must be a number"),
 ])
 def test_invalid_configs_are_refused_with_a_clear_message(overrides, message):
     assert message in _problems(**overrides)
@@ -97,3 +103,43 @@ def test_tfds_data_source_with_mock_data():
         assert len(src) == 12
         b = src.get(np.array([0, 3, 5]))
     assert b["image"].shape == (3, 28, 28, 1) and b["label"].shape == (3,)
+
+
+def _cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "experiments.train", "--config", "experiments/configs/tiny_dit.py",
+                           "--workdir", str(tmp_path / "w"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_unknown_config_field_is_refused_with_the_closest_names(tmp_path):
+    proc = _cli(tmp_path, "--config.optim.learning_rat=0.1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unknown field --config.optim.learning_rat" in proc.stderr and "optim.lr" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "w")
+
+
+def test_cli_user_errors_exit_2_without_traceback(tmp_path):
+    for arg, message in [("--config.nonexistent=3", "unknown field --config.nonexistent"),
+                         ("--config.model.heads=0", "model.heads=0 must be > 0"),
+                         ("--config.model.heads=abc", "--config.model.heads=abc")]:
+        proc = _cli(tmp_path, arg)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (arg, proc.stderr)
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_lm1b_validation_is_held_out_from_train_not_the_test_split(monkeypatch):
+    from dblocks import tokenized
+    asked = []
+
+    def fake_tokens(name, split, vocab, data_dir="", cache_dir=None):
+        asked.append(split)
+        return np.arange(10_000 if split == "train" else 500, dtype=np.int32) + (0 if split == "train" else 10**6)
+
+    monkeypatch.setattr(tokenized, "packed_tokens", fake_tokens)
+    train = tokenized.packed_source("lm1b", "train", 10, vocab=None).get(np.arange(990))["tokens"]
+    val = tokenized.packed_source("lm1b", "validation", 10, vocab=None)
+    test = tokenized.packed_source("lm1b", "test", 10, vocab=None)
+    assert asked == ["train", "train", "test"]          # validation never reads the test split
+    assert len(val) == 10 and len(train) == 990         # 1 % of train held out
+    assert val.get(np.arange(10))["tokens"].min() > train.max()   # disjoint from what is trained on
+    assert test.get(np.arange(1))["tokens"].min() >= 10**6
