@@ -31,6 +31,7 @@ range, and bounds the estimator's variance (the plain 1/t weight has a log-diver
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -194,7 +195,7 @@ def elbo_bpc(logits_fn: LogitsFn, tokens: np.ndarray, partition: partition_lib.P
 # ---------------------------------------------------------------------------------------------------------------
 
 def sampling_grid(steps: int, schedule: str = "linear") -> np.ndarray:
-    """steps+1 descending times from 1 to 0, equally spaced in alpha (so each block gets about steps/B steps)."""
+    """steps+1 descending times from 1 to 0, equally spaced in alpha (each block gets steps/B steps, rounded)."""
     if steps < 1:
         raise ValueError(f"the sampler needs at least 1 step, got {steps}")
     grid = np.asarray([alpha_inv(i / steps, schedule) for i in range(steps + 1)], np.float64)
@@ -225,23 +226,36 @@ class SampleResult:
     block_calls: int          # network evaluations per sample (one per step)
 
 
+def step_blocks(grid: np.ndarray, partition: partition_lib.Partition, t_min: float = 1e-3) -> np.ndarray:
+    """Block that runs each step t_i -> t_{i+1} of a descending grid: the owner of the interval it covers, with
+    the times clamped at t_min (`partition.step_blocks`). A step starting on a boundary (every multiple of B steps
+    puts grid points there) belongs to the lower block, so `steps` = kB gives every block k steps. Host numpy."""
+    return partition_lib.step_blocks(np.maximum(np.asarray(grid, np.float64), t_min), partition)
+
+
+@functools.lru_cache(maxsize=32)
+def _default_step(mask_id: int, schedule: str, temperature: float) -> Callable:
+    return jax.jit(lambda k, x, lg, t, s: unmask_step(k, x, lg, t, s, mask_id, schedule, temperature))
+
+
 def sample(logits_fn: LogitsFn, key: Array, num: int, length: int, steps: int,
            partition: partition_lib.Partition, mask_id: int, schedule: str = "linear", t_min: float = 1e-3,
            temperature: float = 1.0,
            step_fn: Callable | None = None) -> SampleResult:
     """Ancestral MD4 sampling from all-[MASK] down a grid equally spaced in alpha; step i (t_i -> t_{i+1}) is run by
-    the block that owns t_i (the model sees max(t_i, t_min)). step_fn(key, x, logits, t, s) may replace the
-    default `unmask_step` (e.g. a jitted one)."""
+    the block that owns the interval it covers (`step_blocks`; the model sees max(t_i, t_min)). step_fn(key, x,
+    logits, t, s) may replace the default `unmask_step` (jitted, cached). The schedule is computed on the host and
+    nothing is read back from the device until the tokens at the end."""
     grid = sampling_grid(steps, schedule)
-    blocks = np.asarray(partition.block_of(np.maximum(grid[:-1], t_min)), np.int32)
+    blocks = step_blocks(grid, partition, t_min)
     missing = sorted(set(range(partition.num_blocks)) - set(blocks.tolist()))
     if missing:
         raise ValueError(f"a {steps}-step grid never runs block(s) {missing} of {partition.num_blocks}; "
                          f"use more steps")
-    step_fn = step_fn or jax.jit(lambda k, x, lg, t, s: unmask_step(k, x, lg, t, s, mask_id, schedule, temperature))
+    step_fn = step_fn or _default_step(int(mask_id), schedule, float(temperature))
     x = jnp.full((num, length), mask_id, jnp.int32)
     for i in range(steps):
-        t_model = jnp.full((num,), max(grid[i], t_min), jnp.float32)
+        t_model = jax.device_put(np.full((num,), max(grid[i], t_min), np.float32))
         logits = logits_fn(int(blocks[i]), x, t_model)
-        x = step_fn(jax.random.fold_in(key, i), x, logits, jnp.float32(grid[i]), jnp.float32(grid[i + 1]))
+        x = step_fn(jax.random.fold_in(key, i), x, logits, np.float32(grid[i]), np.float32(grid[i + 1]))
     return SampleResult(np.asarray(x, np.int32), blocks, steps)

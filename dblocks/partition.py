@@ -17,7 +17,7 @@ import numpy as np
 
 from dblocks import edm as edm_lib
 
-PARTITION_KINDS = ("equiprobable", "loguniform")
+PARTITION_KINDS = ("equiprobable", "loguniform", "information")   # information: dblocks.information
 _PHI = NormalDist()
 
 
@@ -25,9 +25,11 @@ _PHI = NormalDist()
 class Partition:
     """B blocks over the noise range.
 
-    boundaries: B+1 levels, ascending (boundaries[0] = lowest level, boundaries[-1] = highest).
-    ranges:     per block, in block order (block 0 = highest noise), the (lo, hi) range it is trained on: its
-                interval widened by the overlap gamma in log space and clamped to the global range.
+    Mind the two orders (a known trap; the names are kept because tasks, checkpoints and metas use them):
+    boundaries: B+1 levels, ASCENDING (boundaries[0] = lowest level, boundaries[-1] = highest), so block b's own
+                interval is (boundaries[B-1-b], boundaries[B-b]); use `interval(b)` rather than indexing it.
+    ranges:     per block, in BLOCK ORDER (ranges[0] = block 0 = highest noise), the (lo, hi) range it is trained
+                on: its interval widened by the overlap gamma in log space and clamped to the global range.
     """
     boundaries: tuple[float, ...]
     ranges: tuple[tuple[float, float], ...]
@@ -38,20 +40,21 @@ class Partition:
         return len(self.ranges)
 
     def interval(self, b: int) -> tuple[float, float]:
-        """Block b's own interval (no overlap): the levels it owns at inference."""
+        """Block b's own interval (lo, hi), no overlap: the levels it owns at inference."""
         B = self.num_blocks
         return self.boundaries[B - 1 - b], self.boundaries[B - b]
 
-    def train_ranges(self) -> np.ndarray:
-        """[B, 2] float32 (lo, hi) per block, for a step that takes the range as a traced argument."""
-        return np.asarray(self.ranges, np.float32)
-
     def block_of(self, level):
-        """Block that owns `level` (scalar or array; jnp-traceable). A level on a boundary goes to the
-        higher-noise block (the authors' `bucketize(right=True)`); levels outside the range are clamped."""
-        inner = jnp.asarray(self.boundaries[1:-1], jnp.float32)
-        ascending_idx = jnp.searchsorted(inner, jnp.asarray(level, jnp.float32), side="right")
-        return (self.num_blocks - 1 - ascending_idx).astype(jnp.int32)
+        """Block that owns `level`. A level on a boundary goes to the higher-noise block (the authors'
+        `bucketize(right=True)`); levels outside the range are clamped. A jax array (or tracer) is mapped on the
+        device in float32; a Python float or numpy array is mapped on the host in float64 (no device round trip)."""
+        if isinstance(level, (jax.Array, jax.core.Tracer)):
+            inner = jnp.asarray(self.boundaries[1:-1], jnp.float32)
+            ascending_idx = jnp.searchsorted(inner, jnp.asarray(level, jnp.float32), side="right")
+            return (self.num_blocks - 1 - ascending_idx).astype(jnp.int32)
+        ascending_idx = np.searchsorted(np.asarray(self.boundaries[1:-1], np.float64),
+                                        np.asarray(level, np.float64), side="right")
+        return (self.num_blocks - 1 - ascending_idx).astype(np.int32)
 
     def to_dict(self) -> dict:
         return {"boundaries": list(self.boundaries), "ranges": [list(r) for r in self.ranges], "gamma": self.gamma}
@@ -89,12 +92,17 @@ def overlap_ranges(boundaries: Sequence[float], gamma: float) -> tuple[tuple[flo
     return tuple(ranges)
 
 
-def make_partition(num_blocks: int, edm: edm_lib.EDM, gamma: float = 0.0, kind: str = "equiprobable") -> Partition:
+def make_partition(num_blocks: int, edm: edm_lib.EDM, gamma: float = 0.0, kind: str = "equiprobable",
+                   boundaries: Sequence[float] | None = None) -> Partition:
     """The sigma partition of an EDM task. B=1 is ordinary EDM training over the whole range."""
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     if kind == "equiprobable":
         bounds = equiprobable_boundaries(num_blocks, edm)
+    elif kind == "information":   # computed by the task from its fixed target space (dblocks.information)
+        if boundaries is None:
+            raise ValueError("the 'information' partition needs boundaries from the task's target space")
+        bounds = [float(v) for v in boundaries]
     elif kind == "loguniform":
         bounds = loguniform_boundaries(num_blocks, edm.sigma_min, edm.sigma_max)
     else:
@@ -111,29 +119,48 @@ def sample_block_sigma(key: jax.Array, shape, train_range, edm: edm_lib.EDM) -> 
 # Inference grids and blocks
 # ---------------------------------------------------------------------------------------------------------------
 
+# Where a step starts exactly on a boundary (MDM grids equal in alpha, sigma grids of k*B+1 points up to float32
+# round-off), the step covers the LOWER block's interval. A step is therefore routed by the top of the interval it
+# covers: the level a fraction STEP_PROBE of the way (in log level) from its start to its end. Any other start level
+# is owned by one block, and that block runs the step, so every evaluation stays at a level its block owns.
+STEP_PROBE = 1e-3
+
+
+def step_blocks(grid, partition: Partition) -> np.ndarray:
+    """Block that runs step i (grid[i] -> grid[i+1]) of a descending grid of positive levels: the owner of the
+    interval's top (see STEP_PROBE). Host numpy, float64. Returns [len(grid) - 1] int32."""
+    g = np.log(np.asarray(grid, np.float64))
+    return partition.block_of(np.exp(g[:-1] - STEP_PROBE * (g[:-1] - g[1:])))
+
+
 def grid_blocks(grid, partition: Partition) -> np.ndarray:
-    """Block that runs each step of a descending grid: step i (grid[i] -> grid[i+1]) and the final denoise at
-    grid[-1] are run by the block that owns the level they start from. Returns [len(grid)] int32."""
-    return np.asarray(partition.block_of(jnp.asarray(grid)), np.int32)
+    """Block that makes each call of a descending grid: the step calls (`step_blocks`), then the final denoise at
+    grid[-1], run by the owner of that level (a boundary goes to the higher-noise block). Returns [len(grid)] int32."""
+    grid = np.asarray(grid, np.float64)
+    return np.append(step_blocks(grid, partition), partition.block_of(grid[-1])).astype(np.int32)
 
 
 def steps_per_block(grid, partition: Partition) -> np.ndarray:
     """Number of ODE steps (grid[i] -> grid[i+1]) each block runs, in block order: [B] int."""
     grid = check_grid(grid, partition)
-    return np.bincount(grid_blocks(grid, partition)[:-1], minlength=partition.num_blocks)
+    return np.bincount(step_blocks(grid, partition), minlength=partition.num_blocks)
 
 
 def check_grid(grid, partition: Partition) -> np.ndarray:
-    """Refuses a grid that is not strictly decreasing or that calls some block neither for a step nor for the
-    final denoise: that block's noise range would be skipped by the chain (docs/method.md §5)."""
+    """Refuses a grid that is not strictly decreasing and positive, or that skips a block: a block whose own
+    interval the grid's span [grid[-1], grid[0]] crosses but which it never calls (its noise range would be run by
+    another block, outside that block's training range; docs/method.md "3 Sampling"). A grid may end above the lowest block (a
+    language model reads its token from the last call): the blocks below its span are not skipped, just unused."""
     grid = np.asarray(grid, np.float64)
     if grid.ndim != 1 or len(grid) < 2:
         raise ValueError(f"a sampling grid needs at least 2 points, got {grid.size}")
-    if np.any(np.diff(grid) >= 0):
-        raise ValueError("a sampling grid must be strictly decreasing")
-    calls = np.bincount(grid_blocks(grid, partition), minlength=partition.num_blocks)
-    if np.any(calls == 0):
-        missing = [b for b in range(partition.num_blocks) if calls[b] == 0]
+    if np.any(np.diff(grid) >= 0) or grid[-1] <= 0:
+        raise ValueError("a sampling grid must be strictly decreasing and positive")
+    called = set(grid_blocks(grid, partition).tolist())
+    spanned = [b for b in range(partition.num_blocks)
+               if partition.interval(b)[0] < grid[0] and partition.interval(b)[1] > grid[-1]]
+    missing = [b for b in spanned if b not in called]
+    if missing:
         raise ValueError(f"a {len(grid)}-point grid never runs block(s) {missing} of {partition.num_blocks}; "
                          f"use at least {partition.num_blocks} points")
     return grid

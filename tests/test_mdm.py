@@ -174,19 +174,25 @@ def test_sampler_fills_every_mask_and_routes_steps():
 
     def random_logits(b, x, t):
         seen.append((b, float(t[0])))
-        assert np.all(np.asarray(part.block_of(t)) == b)
+        lo, hi = part.interval(b)
+        assert np.all((np.asarray(t) >= lo) & (np.asarray(t) <= hi))   # t lies in the running block's own interval
         return jnp.asarray(rng.normal(size=x.shape + (V,)), jnp.float32)
 
     rng = np.random.default_rng(0)
     res = mdm.sample(random_logits, jax.random.PRNGKey(0), num=5, length=40, steps=12, partition=part, mask_id=V)
     assert res.tokens.shape == (5, 40) and res.tokens.min() >= 0 and res.tokens.max() < V   # no [MASK] left
-    # each step is run by the block owning the t it starts from; a start on a boundary (t = 2/3, 1/3) goes to the
-    # noisier block, as for sigma, so 12 steps split 5/4/3
-    assert res.block_calls == 12 and list(np.bincount(res.blocks)) == [5, 4, 3]
+    # each step is run by the block owning the interval it covers; a step starting on a boundary (t = 2/3, 1/3)
+    # covers the lower block's interval, so 12 steps split 4/4/4 (the old start-level rule gave 5/4/3)
+    assert res.block_calls == 12 and list(np.bincount(res.blocks)) == [4, 4, 4]
+    for steps, shares in ((6, [2, 2, 2]), (9, [3, 3, 3]), (64, [22, 21, 21]), (7, [3, 2, 2])):
+        blocks = mdm.step_blocks(mdm.sampling_grid(steps), part)
+        assert list(np.bincount(blocks, minlength=3)) == shares, steps
+    assert list(np.bincount(mdm.step_blocks(mdm.sampling_grid(6, "cosine"), mdm.t_partition(3, 0.05, 1e-3, "cosine")),
+                            minlength=3)) == [2, 2, 2]
     assert [b for b, _ in seen] == sorted(b for b, _ in seen)          # highest noise first, each block once in turn
     assert seen[0][1] == 1.0 and np.all(np.diff([t for _, t in seen]) < 0)
     with pytest.raises(ValueError, match="never runs block"):
-        mdm.sample(random_logits, jax.random.PRNGKey(0), 1, 8, 3, part, V)
+        mdm.sample(random_logits, jax.random.PRNGKey(0), 1, 8, 2, part, V)   # 3 steps = one per block is enough
 
 
 def test_unmask_step_reveals_at_the_schedule_rate():
