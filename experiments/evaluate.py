@@ -1,12 +1,12 @@
 r"""Evaluates a trained run (DiffusionBlocks or end-to-end; detected from the workdir) on its test split.
 
   python -m experiments.evaluate --workdir runs/fmnist_vit                  # -> runs/fmnist_vit/eval.json
-  python -m experiments.evaluate --workdir runs/fmnist_vit --steps 10       # more inference steps
+  python -m experiments.evaluate --workdir runs/fmnist_vit --grid_points 10   # more block calls
   python -m experiments.evaluate --workdir runs/fmnist_dit --num_samples 2000 --repeats 3
 
 Task-agnostic: it assembles the run and calls `run.task.evaluate(run, **options)` (contract in
 dblocks/tasks/base.py). Only the options given on the command line are passed; a task ignores those it has no use
-for. Common options: steps (grid points), solver, limit (test examples), num_samples and repeats (generation),
+for. Common options: grid_points (noise levels the chain visits: dit, vit, ar, recurrent), steps (MDM unmasking steps), solver, limit (test examples), num_samples and repeats (generation),
 batch_size, seed, cache_dir (artifacts such as the FID feature network); any other as --opt key=value.
 """
 from __future__ import annotations
@@ -21,13 +21,15 @@ from absl import app, flags
 
 from dblocks import assemble, logs
 from dblocks.checkpoint import write_json_atomic
-from experiments.common import user_errors
+from experiments.common import run_main, user_errors
 
 
 def define_option_flags() -> Callable[[], dict]:
     """Defines the evaluation-option flags; returns a function that gives {option: value} of those set."""
     defined = [
-        flags.DEFINE_integer("steps", None, "inference grid points (classification default: B; DiT: 50)"),
+        flags.DEFINE_integer("grid_points", None, "noise levels the chain visits = block calls with Euler "
+                                                  "(dit, vit, ar, recurrent; default: the config's sample.grid_points)"),
+        flags.DEFINE_integer("steps", None, "masked diffusion: unmasking steps (default: the config's sample.steps)"),
         flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver"),
         flags.DEFINE_integer("limit", None, "evaluate on the first N test examples only"),
         flags.DEFINE_integer("num_samples", None, "generated samples per FID evaluation (paper: 10,000)"),
@@ -59,7 +61,10 @@ def evaluate_workdir(workdir: str, method: str | None = None, use_ema: bool = Tr
     """Assembles the run of `workdir`, evaluates it and writes the result (default WORKDIR/eval.json)."""
     run = assemble.load_run(workdir, method=method, use_ema=use_ema)
     t0 = time.perf_counter()
-    result = run.task.evaluate(run, **options)
+    extra = {}
+    if options.get("e2e_workdir"):   # the judge of generated text (language tasks); a task never assembles runs
+        extra["judge"] = assemble.load_run(options["e2e_workdir"], method="e2e", use_ema=use_ema)
+    result = run.task.evaluate(run, **options, **extra)
     result = {**result, "task": run.config.task, "method": run.method, "workdir": os.path.abspath(workdir),
               "options": options, "eval_wall_seconds": round(time.perf_counter() - t0, 2)}
     for key in ("headline", "block_calls_per_sample"):
@@ -84,4 +89,4 @@ if __name__ == "__main__":
     _NO_EMA = flags.DEFINE_bool("no_ema", False, "use the raw weights instead of their EMA")
     _OPTIONS = define_option_flags()
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    run_main(main)

@@ -36,7 +36,7 @@ def test_assembly_loads_all_blocks_and_samples(trained, tmp_path):
     assert run.method == "dblocks" and run.num_blocks == 3
     assert [m["block"] for m in run.metas] == [0, 1, 2]
     out = str(tmp_path / "grid.png")
-    summary = run.task.write_samples(run, out, steps=6, per_class=2)
+    summary = run.task.write_samples(run, out, grid_points=6, per_class=2)
     assert os.path.getsize(out) > 0
     assert summary["block_calls_per_sample"] == 6 and summary["images"] == 8
 
@@ -44,13 +44,13 @@ def test_assembly_loads_all_blocks_and_samples(trained, tmp_path):
 def test_heun_and_karras_sampling_run(trained):
     run = assemble.load_run(trained)
     labels = np.arange(4)
-    res = run.task.generate(run, labels, steps=5, solver="heun", guidance=1.0, seed=0)
+    res = run.task.generate(run, labels, grid_points=5, solver="heun", guidance=1.0, seed=0)
     assert res.block_calls == 2 * 4 + 1
     assert np.all(np.isfinite(np.asarray(res.denoised)))
-    res_k = run.task.generate(run, labels, steps=12, solver="euler", guidance=1.0, seed=0, grid_kind="karras")
+    res_k = run.task.generate(run, labels, grid_points=12, solver="euler", guidance=1.0, seed=0, grid_kind="karras")
     assert res_k.denoised.shape == (4, 8, 8, 1)
     with pytest.raises(ValueError, match=r"never runs block\(s\) \[1\]"):  # rho=7 skips the middle block
-        run.task.generate(run, labels, steps=6, solver="euler", guidance=1.0, seed=0, grid_kind="karras")
+        run.task.generate(run, labels, grid_points=6, solver="euler", guidance=1.0, seed=0, grid_kind="karras")
 
 
 def test_missing_block_is_refused(trained, tmp_path):
@@ -101,7 +101,7 @@ def test_sample_cli_writes_a_grid(trained, tmp_path):
     import sys
     out = tmp_path / "cli.png"
     proc = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", trained, "--out", str(out),
-                           "--steps", "4", "--per_class", "1", "--solver", "heun"],
+                           "--grid_points", "4", "--per_class", "1", "--solver", "heun"],
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

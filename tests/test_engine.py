@@ -8,6 +8,7 @@ import pytest
 
 from dblocks import engine
 from dblocks import train as train_lib
+from dblocks.tasks import get_task
 from experiments.configs import tiny_dit
 
 
@@ -36,10 +37,19 @@ def test_block_trained_alone_equals_block_from_all_blocks_run(all_blocks, tmp_pa
     assert not os.path.exists(tmp_path / "blocks" / "block_00")
 
 
-def test_blocks_differ_from_each_other(all_blocks):
+def test_every_block_trained_from_its_own_init(all_blocks):
+    """Each block moved away from its own fold_in(seed, b) initialisation (a trainer that skipped or reused a
+    block's updates fails), and blocks end different from one another."""
     _, finals = all_blocks
+    cfg = _cfg()
+    task = get_task(cfg)
+    trainer = engine.Trainer(task, cfg, "", task.source("train"))
+    for unit in task.units("dblocks"):
+        init = trainer.initial_state(unit, trainer.model(unit))["params"]
+        moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                 for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(finals[unit.name]))]
+        assert max(moved) > 1e-4, unit.name
     a, b = finals["block_00"], finals["block_01"]
-    assert jax.tree.structure(a) == jax.tree.structure(b)
     assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
@@ -97,3 +107,23 @@ def test_metrics_file_has_a_record_per_log_step(all_blocks):
     assert units == {"block_00", "block_01", "block_02"}
     assert all(np.isfinite(r["loss"]) for r in records)
     assert sorted(r["step"] for r in records if r["unit"] == "block_00") == [3, 6]
+
+
+def test_metrics_are_interval_means_in_both_modes(tmp_path):
+    """A logged loss is the mean over its log interval (not the loss of the logging step), sequentially and on the
+    mesh: a record every 3 steps equals the mean of the per-step records, in both modes."""
+    def run(name, log_every, mode="sequential"):
+        c = _cfg(**{"train.steps": 6, "train.log_every": log_every, "train.ckpt_every": 6, "blocks.train": "0",
+                    "parallel.mode": mode})
+        train_lib.train(c, str(tmp_path / name))
+        return [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+
+    every = run("every_step", 1)
+    assert [r["step"] for r in every] == [1, 2, 3, 4, 5, 6]
+    assert all("lr" in r for r in every) and all(r["examples_per_s"] > 0 for r in every[1:])  # 1st: compiles
+    expected = [np.mean([r["loss"] for r in every[:3]]), np.mean([r["loss"] for r in every[3:]])]
+    for mode in ("sequential", "mesh"):
+        got = run(mode, 3, mode)
+        assert [r["step"] for r in got] == [3, 6]
+        np.testing.assert_allclose([r["loss"] for r in got], expected, rtol=1e-4)
+        assert abs(got[0]["loss"] - every[2]["loss"]) > 1e-6   # not the logging step's own loss

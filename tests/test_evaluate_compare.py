@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from dblocks import assemble, engine
+from dblocks import assemble
+from dblocks import train as train_lib
 from dblocks.tasks import get_task
 from experiments import compare as compare_lib
 from experiments.configs import tiny_dit, tiny_vit
@@ -64,14 +65,14 @@ def test_classification_diagnostics(compared):
     alone = ev["per_block"]["values"]
     assert alone[2] > 0.9 and alone[0] <= alone[2]
     assert "per_step" not in result["runs"]["e2e"]["eval"]
-    more = evaluate_workdir(os.path.join(wd, "dblocks"), out=os.path.join(wd, "eval_10.json"), steps=10, limit=64)
+    more = evaluate_workdir(os.path.join(wd, "dblocks"), out=os.path.join(wd, "eval_10.json"), grid_points=10, limit=64)
     assert more["block_calls_per_sample"] == 10 and len(more["per_step"]["values"]) == 10
-    assert more["options"] == {"steps": 10, "limit": 64} and os.path.exists(os.path.join(wd, "eval_10.json"))
+    assert more["options"] == {"grid_points": 10, "limit": 64} and os.path.exists(os.path.join(wd, "eval_10.json"))
 
 
 def test_finished_runs_are_not_retrained(compared, monkeypatch):
     wd, result = compared
-    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
     cfg = _tiny_vit()
     cfg.method = "e2e"
     assert compare_lib.train_timed(cfg, os.path.join(wd, "e2e")) == result["runs"]["e2e"]["train"]
@@ -85,7 +86,7 @@ def test_dit_fid_evaluation(tmp_path):
     init = jax.jit(lambda m, k: task.init_params(m, k, task.dummy_batch()), static_argnums=0)
     params = [init(m, jax.random.PRNGKey(u.index)) for u, m in zip(units, models)]
     run = assemble.Run("", task.config, task, "dblocks", task.partition(), units, models, params, [{}] * 3)
-    ev = task.evaluate(run, num_samples=24, repeats=2, batch_size=12, limit=100, steps=4,
+    ev = task.evaluate(run, num_samples=24, repeats=2, batch_size=12, limit=100, grid_points=4,
                        cache_dir=str(tmp_path / "cache"), fid_train_steps=20)
     assert ev["headline"]["name"] == "fid_min_of_2" and not ev["headline"]["higher_is_better"]
     assert len(ev["fids"]) == 2 and ev["headline"]["value"] == min(ev["fids"]) and np.isfinite(ev["fids"]).all()
@@ -103,14 +104,14 @@ def test_command_lines(tmp_path):
                     "--workdir", wd, "--limit", "64", "--config.train.steps=6"], cwd=ROOT, env=env, check=True)
     assert os.path.exists(os.path.join(wd, "compare.md"))
     out = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir", os.path.join(wd, "dblocks"),
-                          "--steps", "5", "--opt", "bridge='renorm'", "--limit", "32"], cwd=ROOT, env=env,
+                          "--grid_points", "5", "--opt", "bridge='renorm'", "--limit", "32"], cwd=ROOT, env=env,
                          check=True, capture_output=True, text=True).stdout
     ev = json.loads(out[out.index("{"):])
     assert ev["bridge"] == "renorm" and ev["block_calls_per_sample"] == 5
     bad = subprocess.run([sys.executable, "-m", "experiments.compare", "--config", "experiments/configs/tiny_vit.py",
-                          "--workdir", wd, "--config.sample.steps=1"], cwd=ROOT, env=env, capture_output=True,
+                          "--workdir", wd, "--config.sample.grid_points=1"], cwd=ROOT, env=env, capture_output=True,
                          text=True)
-    assert bad.returncode == 2 and "sample.steps=1" in bad.stderr
+    assert bad.returncode == 2 and "sample.grid_points=1" in bad.stderr
 
 
 def test_compare_trains_both_methods_before_evaluating_either(monkeypatch, tmp_path):

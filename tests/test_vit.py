@@ -89,16 +89,16 @@ class _Oracle(nn.Module):
         return 30.0 * jax.nn.one_hot(jnp.round(image[:, 0, 0, 0]).astype(jnp.int32), self.num_classes)
 
 
-@pytest.mark.parametrize("steps", [3, 10])
-def test_classification_sampler_with_oracle(task, steps):
+@pytest.mark.parametrize("grid_points", [3, 10])
+def test_classification_sampler_with_oracle(task, grid_points):
     part = task.partition()
     units = task.units("dblocks")
     run = Run("", task.config, task, "dblocks", part, units, [_Oracle(4)] * 3, [{}] * 3, [{}] * 3)
     labels = np.asarray([0, 1, 2, 3, 2, 1])
     image = np.zeros((6, 8, 8, 1), np.float32)
     image[:, 0, 0, 0] = labels
-    res = task.classify(run, image, steps=steps, keep_trace=True)
-    assert res.block_calls == steps and len(res.trace) == steps
+    res = task.classify(run, image, grid_points=grid_points, keep_trace=True)
+    assert res.block_calls == grid_points and len(res.trace) == grid_points
     assert list(np.unique(res.blocks)) == [0, 1, 2] and res.blocks[0] == 0 and res.blocks[-1] == 2
     for logits in res.trace:
         np.testing.assert_array_equal(np.argmax(logits, -1), labels)
@@ -141,9 +141,9 @@ def test_augmentations_keep_shape_and_range():
 def test_validate_reports_bad_values():
     c = tiny_vit.get_config()
     c.model.patch = 3
-    c.sample.steps = 2
+    c.sample.grid_points = 2
     c.sample.bridge = "mean"
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c)
     msg = str(e.value)
-    assert "model.patch=3" in msg and "sample.steps=2" in msg and "sample.bridge='mean'" in msg
+    assert "model.patch=3" in msg and "sample.grid_points=2" in msg and "sample.bridge='mean'" in msg

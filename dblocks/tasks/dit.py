@@ -6,17 +6,16 @@ D = D_uncond + w (D_cond - D_uncond).
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dblocks import data as data_lib
 from dblocks import edm as edm_lib
-from dblocks import images as images_lib
 from dblocks import sampling
 from dblocks.models.dit import DiT
+from dblocks.models.options import model_options
+from dblocks.tasks import dit_eval
 from dblocks.tasks.base import Task, Unit, register
 from dblocks.tasks.image_data import LabelledImages
 
@@ -29,7 +28,7 @@ class DiTTask(LabelledImages, Task):
     def validate(self) -> list[str]:
         c, p = self.config, []
         m, d = c.model, c.data
-        if not (d.name in ("fashion_mnist", "synthetic") or str(d.name).startswith("tfds:")):
+        if not data_lib.is_image_dataset(d.name):
             p.append(f"data.name={d.name!r} is unknown; choose one of {data_lib.IMAGE_DATASETS}")
         if d.image_size % m.patch:
             p.append(f"data.image_size={d.image_size} is not divisible by model.patch={m.patch}")
@@ -40,8 +39,8 @@ class DiTTask(LabelledImages, Task):
         s = c.sample
         if s.solver not in sampling.SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
-        if s.steps < max(2, int(c.blocks.num_blocks)):
-            p.append(f"sample.steps={s.steps} cannot visit all {c.blocks.num_blocks} blocks")
+        if s.grid_points < max(2, int(c.blocks.num_blocks)):
+            p.append(f"sample.grid_points={s.grid_points} cannot visit all {c.blocks.num_blocks} blocks")
         if s.guidance < 0:
             p.append(f"sample.guidance={s.guidance} must be >= 0")
         return p
@@ -51,7 +50,7 @@ class DiTTask(LabelledImages, Task):
         m, d = self.config.model, self.config.data
         return DiT(num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads, patch=m.patch,
                    image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
-                   mlp_ratio=m.mlp_ratio, dropout=m.dropout)
+                   mlp_ratio=m.mlp_ratio, dropout=m.dropout, **model_options(m))
 
     def init_params(self, model, rng, batch):
         n = batch["image"].shape[0]
@@ -71,9 +70,10 @@ class DiTTask(LabelledImages, Task):
         k_sigma, k_eps, k_drop, k_flip, k_dropout = jax.random.split(rng, 5)
         y, label = batch["image"], batch["label"]
         n = y.shape[0]
-        if c.data.get("flip", False):
+        if train and c.data.get("flip", False):
             y = jnp.where(jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1)), y[:, :, ::-1], y)
-        label = jnp.where(jax.random.uniform(k_drop, (n,)) < c.model.class_dropout, c.data.num_classes, label)
+        if train:   # classifier-free guidance: labels dropped to the null class
+            label = jnp.where(jax.random.uniform(k_drop, (n,)) < c.model.class_dropout, c.data.num_classes, label)
         sigma = edm_lib.sample_sigma(k_sigma, (n,), train_range[0], train_range[1], self.edm.p_mean,
                                      self.edm.p_std)
         z = y + edm_lib.expand_to(sigma, y) * jax.random.normal(k_eps, y.shape)
@@ -82,88 +82,14 @@ class DiTTask(LabelledImages, Task):
         w = edm_lib.loss_weight(sigma, self.edm.sigma_data, c.edm.loss_weighting, c.edm.max_weight)
         return edm_lib.weighted_mean(per_sample, w), {"mse": jnp.mean(per_sample)}
 
-    # -- sampling ------------------------------------------------------------------------------------------------
-    def _guided(self, model):
-        """One jitted guided denoiser per model shape (blocks of equal shape share the compiled function)."""
-        cache = self.__dict__.setdefault("_guided_cache", {})
-        if repr(model) in cache:
-            return cache[repr(model)]
+    # -- after training (dblocks.tasks.dit_eval) -------------------------------------------------------------------
+    def generate(self, run, labels, grid_points=None, solver=None, guidance=None, seed=0, grid_kind=None):
+        """Samples one image per label (dblocks.tasks.dit_eval.generate; unset options from config.sample)."""
+        return dit_eval.generate(self, run, labels, seed=seed,
+                                 **dit_eval.sampler_options(self, grid_points, solver, guidance, grid_kind))
 
-        @jax.jit
-        def guided(params, z, sigma, label, guidance):
-            null = jnp.full_like(label, self.config.data.num_classes)
-            d = self.denoise(model, params, jnp.concatenate([z, z]), jnp.concatenate([sigma, sigma]),
-                             jnp.concatenate([label, null]))
-            d_cond, d_uncond = jnp.split(d, 2)
-            return d_uncond + guidance * (d_cond - d_uncond)
-        cache[repr(model)] = guided
-        return guided
+    def write_samples(self, run, out_path, **options) -> dict:
+        return dit_eval.write_samples(self, run, out_path, **options)
 
-    def generate(self, run, labels: np.ndarray, steps: int, solver: str, guidance: float, seed: int,
-                 grid_kind: str = "cdf") -> sampling.SampleResult:
-        """Samples one image per label: [N, S, S, C] in about [-1, 1]."""
-        labels = jnp.asarray(labels, jnp.int32)
-        g = jnp.float32(guidance)
-
-        def denoise(b, z, sigma):
-            return self._guided(run.models[b])(run.params[b], z, sigma, labels, g), None
-
-        d = self.config.data
-        z0 = edm_lib.initial_noise(jax.random.PRNGKey(seed), (len(labels), d.image_size, d.image_size, d.channels),
-                                   self.edm.sigma_max)
-        return sampling.sample(denoise, z0, sampling.grid_for(steps, self.edm, grid_kind), run.partition, solver)
-
-    def write_samples(self, run, out_path, steps=None, solver=None, guidance=None, per_class=None, seed=0,
-                      grid_kind="cdf", **_):
-        s = self.config.sample
-        steps, solver = int(steps or s.steps), solver or s.solver
-        guidance = float(s.guidance if guidance is None else guidance)
-        per_class = int(per_class or s.per_class)
-        classes = int(self.config.data.num_classes)
-        labels = np.repeat(np.arange(classes), per_class)
-        t0 = time.perf_counter()
-        res = self.generate(run, labels, steps, solver, guidance, seed, grid_kind)
-        images = np.asarray(jax.device_get(res.denoised))
-        seconds = time.perf_counter() - t0
-        names = list(data_lib.FASHION_MNIST_CLASSES) if self.config.data.name == "fashion_mnist" else [
-            f"class {k}" for k in range(classes)]
-        images_lib.save_grid(images, classes, out_path, row_labels=names)
-        return {"path": out_path, "images": len(labels), "steps": steps, "solver": solver, "guidance": guidance,
-                "block_calls_per_sample": res.block_calls, "seconds": round(seconds, 2),
-                "seconds_per_image": seconds / len(labels)}
-
-    # -- evaluation (FID) ----------------------------------------------------------------------------------------
-    def evaluate(self, run, num_samples=10_000, repeats=3, steps=None, solver=None, guidance=None, seed=0,
-                 batch_size=None, limit=None, cache_dir=None, fid_train_steps=1500, **_) -> dict:
-        """FID (min of `repeats` sets of num_samples class-balanced samples) against the test split, in the
-        features of a classifier trained on this dataset (dblocks.fid; NOT Inception: not comparable with the
-        paper's FIDs), plus sampling time per image and block calls per sample. limit caps the reference set."""
-        from dblocks import fid
-        d, s = self.config.data, self.config.sample
-        steps, solver = int(steps or s.steps), solver or s.solver
-        guidance = float(s.guidance if guidance is None else guidance)
-        to_batch = lambda ex: (data_lib.to_model_range(ex["image"]), np.asarray(ex["label"], np.int32))  # noqa
-        key = {"name": d.name, "image_size": d.image_size, "channels": d.channels, "num_classes": d.num_classes}
-        extractor = fid.load_or_train(cache_dir, key, self.source, to_batch, int(d.num_classes),
-                                      steps=int(fid_train_steps))
-        test = self.source("test")
-        n_ref = len(test) if not limit else min(int(limit), len(test))
-        reference = to_batch(test.get(np.arange(n_ref)))[0]
-        calls = []
-
-        def sample_fn(r, start, count):
-            labels = np.arange(start, start + count) % int(d.num_classes)
-            res = self.generate(run, labels, steps, solver, guidance, seed=seed * 1_000_003 + r * 10_007 + start)
-            calls.append(res.block_calls)
-            return jax.device_get(res.denoised)
-
-        out = fid.evaluate_samples(extractor, reference, sample_fn, int(num_samples), int(repeats),
-                                   int(batch_size or 500))
-        return {"headline": {"name": "fid_min_of_%d" % int(repeats), "value": out["fid_min"],
-                             "higher_is_better": False},
-                "block_calls_per_sample": int(calls[-1]), "steps": steps, "solver": solver, "guidance": guidance,
-                "network_batch_note": "with guidance each block call runs the conditional and unconditional "
-                                      "branch as one doubled batch",
-                "method": run.method, **out,
-                "feature_net": {k: extractor.meta.get(k) for k in ("path", "test_accuracy", "steps", "features")},
-                "fid_features": "dblocks.fid.FeatureNet trained on this dataset (not Inception-v3)"}
+    def evaluate(self, run, **options) -> dict:
+        return dit_eval.evaluate(self, run, **options)

@@ -10,20 +10,18 @@ last call (at sigma_min) are the prediction. The end-to-end baseline (method='e2
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dblocks import augment
 from dblocks import data as data_lib
 from dblocks import edm as edm_lib
-from dblocks import images as images_lib
 from dblocks import sampling
 from dblocks import targets
 from dblocks.models.vit import ViTClassifier, ViTDenoiser
+from dblocks.models.options import model_options
+from dblocks.tasks import vit_eval
 from dblocks.tasks.base import Task, Unit, register
 from dblocks.tasks.image_data import LabelledImages
 
@@ -44,7 +42,7 @@ class ViTTask(LabelledImages, Task):
     def validate(self) -> list[str]:
         c, p = self.config, []
         m, d, s = c.model, c.data, c.sample
-        if not (d.name in ("fashion_mnist", "synthetic") or str(d.name).startswith("tfds:")):
+        if not data_lib.is_image_dataset(d.name):
             p.append(f"data.name={d.name!r} is unknown; choose one of {data_lib.IMAGE_DATASETS}")
         if d.image_size % m.patch:
             p.append(f"data.image_size={d.image_size} is not divisible by model.patch={m.patch}")
@@ -63,8 +61,8 @@ class ViTTask(LabelledImages, Task):
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
         if s.bridge not in targets.BRIDGES:
             p.append(f"sample.bridge={s.bridge!r}; choose one of {targets.BRIDGES}")
-        if s.steps < max(2, int(c.blocks.num_blocks)):
-            p.append(f"sample.steps={s.steps} cannot visit all {c.blocks.num_blocks} blocks (use >= "
+        if s.grid_points < max(2, int(c.blocks.num_blocks)):
+            p.append(f"sample.grid_points={s.grid_points} cannot visit all {c.blocks.num_blocks} blocks (use >= "
                      f"{max(2, int(c.blocks.num_blocks))})")
         return p
 
@@ -73,7 +71,7 @@ class ViTTask(LabelledImages, Task):
         m, d = self.config.model, self.config.data
         cls = ViTDenoiser if unit.is_block else ViTClassifier
         return cls(num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads, patch=m.patch,
-                   num_classes=d.num_classes, mlp_ratio=m.mlp_ratio, dropout=m.dropout)
+                   num_classes=d.num_classes, mlp_ratio=m.mlp_ratio, dropout=m.dropout, **model_options(m))
 
     def init_params(self, model, rng, batch):
         image = jnp.asarray(batch["image"])
@@ -116,99 +114,13 @@ class ViTTask(LabelledImages, Task):
         metrics = {"ce": jnp.mean(ce), "accuracy": jnp.mean(jnp.argmax(logits, -1) == label)}
         return edm_lib.weighted_mean(ce, w), metrics
 
-    # -- inference -----------------------------------------------------------------------------------------------
-    def _jitted(self, model):
-        """One jitted forward per model shape (blocks of equal shape share the compiled function)."""
-        cache = self.__dict__.setdefault("_jit_cache", {})
-        if repr(model) not in cache:
-            if isinstance(model, ViTClassifier):
-                cache[repr(model)] = jax.jit(lambda params, image: model.apply({"params": params}, image))
-            else:
-                cache[repr(model)] = jax.jit(lambda params, image, z, sigma: self.logits(model, params, image, z,
-                                                                                         sigma))
-        return cache[repr(model)]
+    # -- after training (dblocks.tasks.vit_eval) -------------------------------------------------------------------
+    def classify(self, run, image, grid_points=None, bridge=None, solver=None, seed=0, keep_trace=False):
+        """Logits of a batch of images through the run's chain (dblocks.tasks.vit_eval.classify)."""
+        return vit_eval.classify(self, run, image, grid_points, bridge, solver, seed, keep_trace)
 
-    def classify(self, run, image, steps: int | None = None, bridge: str | None = None, solver: str | None = None,
-                 seed: int = 0, keep_trace: bool = False) -> sampling.SampleResult:
-        """Logits (SampleResult.aux, [N, K]) of a batch of images [N, S, S, C] through the run's chain.
-        For the e2e baseline: one forward pass (block_calls 1)."""
-        image = jnp.asarray(image)
-        if run.method == "e2e":
-            logits = self._jitted(run.models[0])(run.params[0], image)
-            return sampling.SampleResult(None, logits, [logits], 1, np.zeros(1, np.int32))
-        s = self.config.sample
-        steps, bridge, solver = int(steps or s.steps), bridge or s.bridge, solver or s.solver
+    def write_samples(self, run, out_path, **options) -> dict:
+        return vit_eval.write_samples(self, run, out_path, **options)
 
-        def denoise(b, z, sigma):
-            logits = self._jitted(run.models[b])(run.params[b], image, z, sigma)
-            return targets.bridge(logits, self.E, bridge), logits
-
-        z0 = edm_lib.initial_noise(jax.random.PRNGKey(seed), (image.shape[0], self.target_dim), self.edm.sigma_max)
-        return sampling.sample(denoise, z0, sampling.grid_for(steps, self.edm), run.partition, solver, keep_trace)
-
-    def block_alone_accuracy(self, run, b: int, image, label, key) -> float:
-        """Block b fed the true label embedding plus noise from its own training range: correct predictions."""
-        n = label.shape[0]
-        lo, hi = run.units[b].train_range
-        k_sigma, k_eps = jax.random.split(key)
-        sigma = edm_lib.sample_sigma(k_sigma, (n,), lo, hi, self.edm.p_mean, self.edm.p_std)
-        z = self.E[label] + sigma[:, None] * jax.random.normal(k_eps, (n, self.target_dim))
-        logits = self._jitted(run.models[b])(run.params[b], jnp.asarray(image), z, sigma)
-        return int(jnp.sum(jnp.argmax(logits, -1) == label))
-
-    def evaluate(self, run, steps=None, bridge=None, solver=None, seed=0, limit=None, batch_size=None,
-                 **_) -> dict:
-        """Top-1 test accuracy through the sampler; per-block accuracy alone; accuracy after each step."""
-        src = self.source("test")
-        n = len(src) if not limit else min(int(limit), len(src))
-        bs = int(batch_size or 500)
-        s = self.config.sample
-        steps, bridge, solver = int(steps or s.steps), bridge or s.bridge, solver or s.solver
-        correct, per_step, per_block, calls = 0, None, np.zeros(run.num_blocks), 1
-        t0 = time.perf_counter()
-        for i, start in enumerate(range(0, n, bs)):
-            batch = self.make_batch(src.get(np.arange(start, min(start + bs, n))), train=False)
-            label = jnp.asarray(batch["label"])
-            res = self.classify(run, batch["image"], steps, bridge, solver, seed=seed * 100_003 + i, keep_trace=True)
-            calls = res.block_calls
-            hits = np.asarray([int(jnp.sum(jnp.argmax(t, -1) == label)) for t in res.trace])
-            per_step = hits if per_step is None else per_step + hits
-            correct += int(hits[-1])
-            if run.method == "dblocks":
-                keys = jax.random.split(jax.random.PRNGKey(seed * 7919 + i), run.num_blocks)
-                per_block += [self.block_alone_accuracy(run, b, batch["image"], label, keys[b])
-                              for b in range(run.num_blocks)]
-        seconds = time.perf_counter() - t0
-        out = {"headline": {"name": "top1_accuracy", "value": correct / n, "higher_is_better": True},
-               "block_calls_per_sample": calls,
-               "layer_evals_per_sample": int(sum(u.num_layers for u in run.units)) if run.method == "dblocks"
-               else int(run.units[0].num_layers),
-               "num_examples": n, "method": run.method, "seconds": round(seconds, 2)}
-        if run.method == "dblocks":
-            grid = sampling.grid_for(steps, self.edm)
-            out.update(steps=steps, bridge=bridge, solver=solver,
-                       per_step={"name": "accuracy after each block call", "values": (per_step / n).tolist(),
-                                 "sigmas": [float(g) for g in grid] if solver == "euler" else None,
-                                 "blocks": [int(b) for b in res.blocks]},
-                       per_block={"name": "block alone, true label + noise of its training range",
-                                  "values": (per_block / n).tolist(),
-                                  "ranges": [list(u.train_range) for u in run.units]})
-        return out
-
-    def write_samples(self, run, out_path, steps=None, per_class=None, seed=0, **_):
-        """A grid of test images, one row per true class, and their predicted classes (in the summary)."""
-        src, k = self.source("test"), int(self.config.data.num_classes)
-        per_class = int(per_class or self.config.sample.get("per_class", 8))
-        labels = np.asarray(src.get(np.arange(min(len(src), 50 * k * per_class)))["label"])
-        idx = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(k)])
-        if len(idx) != k * per_class:
-            raise ValueError(f"the test split has fewer than {per_class} images of some class")
-        batch = self.make_batch(src.get(idx), train=False)
-        res = self.classify(run, batch["image"], steps, seed=seed)
-        pred = np.asarray(jnp.argmax(res.aux, -1))
-        names = list(data_lib.FASHION_MNIST_CLASSES) if self.config.data.name == "fashion_mnist" else [
-            f"class {c}" for c in range(k)]
-        images_lib.save_grid(batch["image"], k, out_path, row_labels=names)
-        return {"path": out_path, "images": len(idx), "accuracy": float(np.mean(pred == batch["label"])),
-                "predicted": [[names[p] for p in pred[r * per_class:(r + 1) * per_class]] for r in range(k)],
-                "block_calls_per_sample": res.block_calls}
+    def evaluate(self, run, **options) -> dict:
+        return vit_eval.evaluate(self, run, **options)

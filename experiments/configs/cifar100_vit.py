@@ -51,6 +51,6 @@ def get_config(arg=None):
     c.train.log_every = 500
     c.train.ckpt_every = 5000
 
-    # steps = grid points = block calls per image: B, one call of each block (the authors' code; App. H)
-    c.sample = dict(steps=3, solver="euler", bridge="softmax", per_class=1)
+    # grid_points = block calls per image: B, one call of each block (the authors' code; App. H)
+    c.sample = dict(grid_points=3, solver="euler", bridge="softmax", per_class=1)
     return c

@@ -34,5 +34,5 @@ def get_config(arg=None):
     c.train.log_every = 200
     c.train.ckpt_every = 500
 
-    c.sample = dict(steps=50, solver="euler", guidance=2.0, per_class=10)
+    c.sample = dict(grid_points=50, solver="euler", guidance=2.0, per_class=10)
     return c

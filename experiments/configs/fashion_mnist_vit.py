@@ -46,6 +46,6 @@ def get_config(arg=None):
     c.train.log_every = 100
     c.train.ckpt_every = 500
 
-    # steps = grid points = block calls per image (B: one call of each block, as the authors' code)
-    c.sample = dict(steps=3, solver="euler", bridge="softmax", per_class=8)
+    # grid_points = block calls per image (B: one call of each block, as the authors' code)
+    c.sample = dict(grid_points=3, solver="euler", bridge="softmax", per_class=8)
     return c

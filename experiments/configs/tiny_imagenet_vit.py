@@ -48,5 +48,5 @@ def get_config(arg=None):
     c.train.log_every = 500
     c.train.ckpt_every = 5000
 
-    c.sample = dict(steps=2, solver="euler", bridge="softmax", per_class=1)
+    c.sample = dict(grid_points=2, solver="euler", bridge="softmax", per_class=1)
     return c

@@ -31,5 +31,5 @@ def get_config(arg=None):
     c.train.sample_at_end = False
     c.train.plot_at_end = False
 
-    c.sample = dict(steps=3, solver="euler", bridge="softmax", per_class=2)
+    c.sample = dict(grid_points=3, solver="euler", bridge="softmax", per_class=2)
     return c
