@@ -23,8 +23,11 @@ log = logging.getLogger("dblocks")
 
 def setup(level: int = logging.INFO) -> None:
     """dblocks' progress lines on stdout; the libraries' INFO chatter (orbax logs every save) silenced."""
+    from absl import flags as absl_flags
     from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    given = "verbosity" in absl_flags.FLAGS and absl_flags.FLAGS["verbosity"].present
+    if not given:   # a user's -v / --verbosity wins
+        absl_logging.set_verbosity(absl_logging.WARNING)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
