@@ -72,3 +72,22 @@ def text_summary(texts: Sequence[str], ns: Sequence[int] = (1, 2, 3), rep_n: int
     out = {f"distinct_{n}": distinct_n(texts, n) for n in ns}
     out[f"repetition_{rep_n}"] = repetition_rate(texts, rep_n)
     return out
+
+
+def char_entropy_bits(texts: Sequence[str]) -> float:
+    """Entropy in bits of the character frequencies over all texts (a diversity measure of a sampler's output)."""
+    counts = np.array(list(Counter("".join(texts)).values()), np.float64)
+    if counts.size == 0:
+        return float("nan")
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = 1, scaling: float = 5.0) -> float:
+    """MAUVE (Pillutla et al. 2021) between reference features p [n, d] and sample features q [m, d], from the PyPI
+    package `mauve-text` (imported here only: an optional dependency; it needs no torch when given features)."""
+    import mauve   # noqa: PLC0415 (optional third-party dependency)
+    out = mauve.compute_mauve(p_features=np.asarray(p_features, np.float32), q_features=np.asarray(q_features,
+                              np.float32), seed=seed, mauve_scaling_factor=scaling, verbose=False,
+                              num_buckets="auto")
+    return float(out.mauve)

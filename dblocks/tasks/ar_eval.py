@@ -1,56 +1,39 @@
-"""Honest evaluation of autoregressive language models (DiffusionBlocks, plain LM, recurrent-depth), shared by the
-'ar' and 'recurrent' tasks.
+"""Evaluation of the language tasks (DiffusionBlocks, plain LM, recurrent-depth): functions of (task, run, ...).
 
-- Held-out bits per token of the distribution the sampler draws from (temperature 1, no top-p), on windows of the
-  test split, scoring positions 1..T-1 of each window (every model sees the same in-window context). For a model
-  whose read-out depends on noise (DiffusionBlocks' chain, the recurrent model's random initial state) this is the
-  softmax of the final logits averaged over `num_draws` draws: a finite-draw estimate of the mixture, which can only
-  overstate the bits (log of an average of finitely many draws is biased low).
-- Next-token accuracy: argmax of that averaged distribution.
-- Generated text (prompts from the test split): distinct-n, repetition rate, and gen-PPL, the perplexity per token of
-  the samples under the end-to-end model of the same comparison (option `e2e_workdir`; the e2e run judges itself).
-  The true continuations of the same prompts get the same numbers, as the reference point.
+Likelihood, on windows of the held-out split, scoring positions 1..T-1 of each window (every model sees the same
+in-window context):
+- `sampler_bits`: bits per token of the distribution the sampler draws from (temperature 1, no top-p). For a model
+  whose read-out depends on noise (the DiffusionBlocks chain, the recurrent baseline's random s_0) it is the final
+  softmax averaged over `sampler_draws` draws: a finite-draw estimate that can only overstate the bits.
+- `first_call_bits`: the first block call's read-out alone (block 0 at sigma_max: a plain next-token LM).
+- `final_entropy_bits`: mean entropy of one draw's final softmax (what temperature and top-p act on).
+- `elbo_bits` (DiffusionBlocks): the continuous-time ELBO of dblocks.lm_elbo, each sigma routed to its block, with
+  the prior and decoder terms; `elbo_per_block_bits` splits its diffusion term by block.
+Generation, prompts from the held-out split, for each sampling protocol: distinct-n, repetition, character entropy,
+gen-PPL under the e2e judge (a run passed in by the caller: experiments.evaluate / compare load it) and under an
+interpolated n-gram fitted on the train split (dblocks.ngram), and MAUVE (dblocks.text_metrics.mauve_score) against
+the true continuations on features of the e2e judge. The true continuations get the same numbers, as reference.
 """
 from __future__ import annotations
 
-import os
-
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from dblocks import text_metrics
+from dblocks import lm_elbo, ngram, text_metrics
+from dblocks.tasks import ar_infer
+
+LN2 = float(np.log(2.0))
 
 
-def test_stream(task, split: str = "test") -> np.ndarray:
-    src = task.source(split)
-    return np.asarray(src.get(np.arange(len(src)))["tokens"]).reshape(-1)
-
-
-def test_windows(task, max_windows: int, split: str = "test") -> np.ndarray:
-    """Up to max_windows windows of the test split, evenly spaced over it: [n, T]."""
-    src = task.source(split)
-    idx = np.unique(np.linspace(0, len(src) - 1, min(int(max_windows), len(src))).astype(int))
-    return np.asarray(src.get(idx)["tokens"], np.int32)
-
-
-def test_prompts(task, n: int, prompt_len: int, cont_len: int, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    """n prompts of prompt_len tokens from evenly spaced places of the test split, and their true continuations of
-    cont_len tokens: ([n, prompt_len], [n, cont_len])."""
-    stream = test_stream(task, split)
-    starts = np.linspace(0, len(stream) - prompt_len - cont_len - 1, n).astype(int)
-    prompts = np.stack([stream[s:s + prompt_len] for s in starts]).astype(np.int32)
-    conts = np.stack([stream[s + prompt_len:s + prompt_len + cont_len] for s in starts]).astype(np.int32)
-    return prompts, conts
-
-
-def score_windows(task, run, windows: np.ndarray, num_draws: int, batch_size: int, seed: int = 0,
-                  steps: int | None = None) -> dict:
-    """Bits per token, accuracy and per-call bits over windows [n, T] (batched)."""
+def score_windows(task, run, windows: np.ndarray, num_draws: int, batch_size: int, seed: int,
+                  sampler: ar_infer.Sampler) -> dict:
+    """Bits per token, accuracy and per-call bits of the sampler's read-out over windows [n, T] (batched)."""
     logp, correct, per_step, ent, mix_ent = [], [], [], [], []
     key = jax.random.PRNGKey(seed)
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size]
-        r = task.window_logprobs(run, w, jax.random.fold_in(key, i), num_draws, steps=steps)
+        r = task.window_logprobs(run, w, jax.random.fold_in(key, i), num_draws, sampler)
         logp.append(r["logp"])
         correct.append(r["argmax"] == w[:, 1:])
         ent.append(r["entropy"])
@@ -61,9 +44,31 @@ def score_windows(task, run, windows: np.ndarray, num_draws: int, batch_size: in
            "accuracy": float(np.concatenate(correct).mean()), "positions": int(sum(x.size for x in logp)),
            "entropy": float(np.mean(ent)), "mixture_entropy": float(np.mean(mix_ent))}
     if per_step:
-        steps_lp = np.concatenate(per_step, axis=1)
-        out["per_step_bits"] = [text_metrics.bits_per_token(s) for s in steps_lp]
+        out["per_step_bits"] = [text_metrics.bits_per_token(s) for s in np.concatenate(per_step, axis=1)]
     return out
+
+
+def elbo(task, run, windows: np.ndarray, num_sigmas: int, batch_size: int, seed: int) -> dict:
+    """The DiffusionBlocks ELBO in bits per token over positions 1..T-1 of the windows (dblocks.lm_elbo)."""
+    fns = [ar_infer.block_fns(task, m, "softmax") for m in run.models]
+    E = task.E
+    totals, blocks, prior, dec = [], [], [], []
+    for i in range(0, len(windows), batch_size):
+        w = jnp.asarray(windows[i:i + batch_size])
+        r = lm_elbo.elbo_nats(lambda b, z, s: fns[b]["forward"](run.params[b], w, z, s)[0], E[w], E, run.partition,
+                              task.edm.sigma_min, task.edm.sigma_max, jax.random.fold_in(jax.random.PRNGKey(seed), i),
+                              num_sigmas)
+        totals.append(r["total"][:, 1:])
+        blocks.append(r["diffusion_per_block"][:, :, 1:].reshape(run.num_blocks, -1))
+        prior.append(r["prior"][:, 1:])
+        dec.append(r["decoder"][:, 1:])
+    per_block = np.concatenate(blocks, axis=1).mean(1) / LN2
+    return {"elbo_bits": float(np.concatenate(totals).mean() / LN2),
+            "elbo_per_block_bits": [float(v) for v in per_block],
+            "elbo_prior_bits": float(np.concatenate(prior).mean() / LN2),
+            "elbo_decoder_bits": float(np.concatenate(dec).mean() / LN2),
+            "elbo_estimator": {"num_sigmas": len(lm_elbo.strata(run.partition, num_sigmas)),
+                               "description": lm_elbo.ESTIMATOR, "unbiased": True}}
 
 
 def sequence_logprobs(task, run, seqs: np.ndarray, start: int, num_draws: int, seed: int = 0) -> np.ndarray:
@@ -74,10 +79,11 @@ def sequence_logprobs(task, run, seqs: np.ndarray, start: int, num_draws: int, s
     h = T // 2
     out = np.full((N, L), np.nan)
     s = 0
+    sampler = ar_infer.sampler_options(task, run)
     while True:
         w = seqs[:, s:s + T]
         w = np.pad(w, ((0, 0), (0, T - w.shape[1])))   # right padding cannot change a causal model's scores
-        lp = task.window_logprobs(run, w, jax.random.fold_in(jax.random.PRNGKey(seed), s), num_draws)["logp"]
+        lp = task.window_logprobs(run, w, jax.random.fold_in(jax.random.PRNGKey(seed), s), num_draws, sampler)["logp"]
         for j in range(1, T):
             idx = s + j
             if idx < L and (s == 0 or j >= h) and np.isnan(out[0, idx]):
@@ -88,69 +94,134 @@ def sequence_logprobs(task, run, seqs: np.ndarray, start: int, num_draws: int, s
     return out[:, start:]
 
 
-def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_samples=None, max_tokens=None,
-             prompt_len=None, e2e_workdir=None, seed=None, temperature=None, top_p=None, greedy=None, steps=None,
-             judge=None, limit=None, bridge=None, split="test", **_) -> dict:
-    """The task contract's evaluate (dblocks.tasks.base.Task.evaluate) for autoregressive models. `limit` is an
-    alias of max_windows (test windows scored); e2e_workdir names the judge of gen-PPL (default: the run itself if
-    it is e2e, else a finished sibling WORKDIR/../e2e or WORKDIR_e2e); bridge overrides sample.bridge; split
-    'validation' scores the validation works instead of the test works (for choosing settings)."""
-    e, s = task.config.eval, task.config.sample
-    if bridge:   # an option overrides the run's sample.bridge (softmax | renorm | argmax)
-        s.bridge = str(bridge)
-    seed = int(seed or 0)
-    max_windows = max_windows or limit
-    draws = int(num_draws or e.num_draws) if task.noisy_readout(run) else 1
-    name = "bits_per_token" if task.config.data.get("tokenizer") else "bits_per_char"
-    sc = score_windows(task, run, test_windows(task, int(max_windows or e.max_windows), split), draws,
-                       int(batch_size or e.batch_size), seed, steps)
-    out = {"headline": {"name": name, "value": sc["bits"], "higher_is_better": False},
-           name: sc["bits"], "next_token_accuracy": sc["accuracy"], "num_draws": draws,
-           "positions_scored": sc["positions"], "method": run.method, "split": split,
-           "final_softmax_entropy_bits": sc["entropy"], "mixture_entropy_bits": sc["mixture_entropy"],
-           "bridge": str(s.bridge),
-           "grid_points": len(task.grid(run, steps)) if run.method == "dblocks" else None}
-    if "per_step_bits" in sc:
-        out["per_step"] = {"name": f"{name} of the read-out after each block call", "values": sc["per_step_bits"]}
+def lm_features(task, run, seqs: np.ndarray) -> np.ndarray:
+    """MAUVE features of sequences under a plain LM run (the e2e judge): its log-probabilities at the last position
+    and their mean over the last window's positions, [N, 2V]."""
+    T = int(task.config.data.seq_len)
+    w = jnp.asarray(seqs[:, -T:])
+    lp = jax.nn.log_softmax(ar_infer.lm_fns(task, run.models[0])["lm"](run.params[0], w), -1)
+    return np.concatenate([np.asarray(lp[:, -1]), np.asarray(lp.mean(1))], axis=1)
 
-    n, G, P = int(num_samples or e.num_samples), int(max_tokens or e.max_tokens), int(prompt_len or e.prompt_len)
-    prompts, refs = test_prompts(task, n, P, G, split)
-    gen, calls = task.generate(run, prompts, G, seed, temperature, top_p, greedy, steps)
-    out["block_calls_per_sample"] = calls   # network evaluations per generated token
-    out["layer_evals_per_sample"] = task.training_compute(run.method)["inference_layer_rows_per_token"]
-    texts, ref_texts = [task.vocab.decode(g) for g in gen], [task.vocab.decode(r) for r in refs]
-    g = {"samples": n, "prompt_tokens": P, "new_tokens": G,
-         "sampler": {"temperature": float(s.temperature if temperature is None else temperature),
-                     "top_p": float(s.top_p if top_p is None else top_p),
-                     "greedy": bool(s.greedy if greedy is None else greedy)},
-         **text_metrics.text_summary(texts), "reference": text_metrics.text_summary(ref_texts),
-         "examples": [task.vocab.decode(prompts[i]) + "[[" + texts[i] + "]]" for i in range(min(2, n))]}
-    judge_run = judge if judge is not None else _judge(run, e2e_workdir)
-    if judge_run is not None:
-        jd = int(num_draws or e.num_draws) if judge_run.task.noisy_readout(judge_run) else 1
-        for key, toks in (("gen", gen), ("ref", refs)):
-            lp = sequence_logprobs(judge_run.task, judge_run, np.concatenate([prompts, toks], 1), P, jd, seed)
-            g[f"{key}_ppl"] = text_metrics.perplexity(lp)
-        g["judge"] = judge_run.workdir
-    out["generation"] = g
-    out["training_compute"] = task.training_compute(run.method)
+
+def ngram_judge(task, order: int = 6) -> ngram.NGram:
+    """The interpolated n-gram of the train split (fitted once per task object)."""
+    key = f"_ngram_{order}"
+    if key not in task.__dict__:
+        setattr(task, key, ngram.NGram(ar_infer.heldout_stream(task, "train"), task.vocab.size, order))
+    return task.__dict__[key]
+
+
+def text_scores(task, prompts: np.ndarray, toks: np.ndarray, judge, ng: ngram.NGram, num_draws: int,
+                seed: int) -> dict:
+    """Diversity and judge scores of continuations toks [N, G] of prompts [N, P]."""
+    P = prompts.shape[1]
+    texts = [task.vocab.decode(t) for t in toks]
+    seqs = np.concatenate([prompts, toks], 1)
+    out = {**text_metrics.text_summary(texts), "char_entropy_bits": text_metrics.char_entropy_bits(texts),
+           "gen_ppl_ngram": text_metrics.perplexity(ng.logprobs(seqs, P))}
+    if judge is not None:
+        jd = num_draws if judge.task.noisy_readout(judge) else 1
+        out["gen_ppl_e2e"] = text_metrics.perplexity(sequence_logprobs(judge.task, judge, seqs, P, jd, seed))
     return out
 
 
-def _judge(run, e2e_workdir):
-    """The end-to-end run that scores generated text: the given workdir, the run itself when it is e2e, or a
-    finished e2e run next to it (experiments.compare's WORKDIR/e2e, or the configs' WORKDIR_e2e)."""
-    from dblocks import assemble
-    if e2e_workdir:
-        return assemble.load_run(e2e_workdir, method="e2e")
-    if run.method == "e2e":
-        return run
-    here = os.path.abspath(run.workdir)
-    for cand in (os.path.join(os.path.dirname(here), "e2e"), here + "_e2e"):
-        if os.path.isdir(os.path.join(cand, "e2e")):
+def protocols(task, run, temperatures=(0.7, 0.8, 0.9, 1.0)) -> dict[str, dict]:
+    """Named sampler settings: 'config' (sample.*), 'paper' (DiffusionBlocks greedy on the default B-point grid
+    ending at sigma_min, as the paper's '4 diffusion steps and greedy sampling'; the baseline top-p 0.95 at T = 1),
+    and 'T=<t>' temperature rows (top-p 1) for the matched-diversity comparison."""
+    out = {"config": {}}
+    if run.method == "dblocks":
+        out["paper"] = {"grid": "", "grid_points": task.default_grid_points(), "sigma_end": 0.0, "greedy": True}
+    else:
+        out["paper"] = {"temperature": 1.0, "top_p": 0.95, "greedy": False}
+    for t in temperatures:
+        out[f"T={t:g}"] = {"temperature": float(t), "top_p": 1.0, "greedy": False}
+    return out
+
+
+def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_samples=None, max_tokens=None,
+             prompt_len=None, seed=None, judge=None, limit=None, split="test", elbo_sigmas=None, mauve=True,
+             temperatures=(0.7, 0.8, 0.9, 1.0), generation=True, ngram_order=6, **sampler_overrides) -> dict:
+    """The task contract's evaluate (dblocks.tasks.base.Task.evaluate) for language models. `judge`: the e2e run
+    that scores generated text (the run itself when it is e2e; none when not given); `limit` is an alias of
+    max_windows; split 'validation' scores the validation works (for choosing settings); sampler overrides
+    (grid, grid_points, sigma_end, solver, bridge, temperature, top_p, greedy) as ar_infer.sampler_options."""
+    e = task.config.eval
+    seed = int(seed or 0)
+    sampler = ar_infer.sampler_options(task, run, **sampler_overrides)
+    draws = int(num_draws or e.num_draws) if task.noisy_readout(run) else 1
+    name = "bits_per_token" if task.config.data.get("tokenizer") else "bits_per_char"
+    windows = ar_infer.heldout_windows(task, int(max_windows or limit or e.max_windows), split)
+    bs = int(batch_size or e.batch_size)
+    sc = score_windows(task, run, windows, draws, bs, seed, sampler)
+    out = {"headline": {"name": name, "value": sc["bits"], "higher_is_better": False},
+           name: sc["bits"], "sampler_bits": sc["bits"], "sampler_draws": draws,
+           "next_token_accuracy": sc["accuracy"], "num_draws": draws, "positions_scored": sc["positions"],
+           "method": run.method, "split": split, "final_entropy_bits": sc["entropy"],
+           "final_softmax_entropy_bits": sc["entropy"], "mixture_entropy_bits": sc["mixture_entropy"],
+           "bridge": sampler.bridge, "sampler": sampler.to_dict(), "grid_points": len(sampler.grid) or None,
+           "block_calls_per_token": sampler.calls_per_token, "block_calls_per_sample": sampler.calls_per_token,
+           "layer_evals_per_sample": task.training_compute(run.method, len(sampler.grid) or None)[
+               "inference_layer_rows_per_token"],
+           "training_compute": task.training_compute(run.method, len(sampler.grid) or None)}
+    if "per_step_bits" in sc:
+        out["per_step"] = {"name": f"{name} of the read-out after each block call", "values": sc["per_step_bits"]}
+        out["first_call_bits"] = sc["per_step_bits"][0]
+    if run.method == "dblocks":
+        out.update(elbo(task, run, windows, int(elbo_sigmas or e.get("elbo_sigmas", 32)), bs, seed))
+    if not generation:
+        return out
+
+    judge = run if judge is None and run.method == "e2e" else judge
+    n, G, P = int(num_samples or e.num_samples), int(max_tokens or e.max_tokens), int(prompt_len or e.prompt_len)
+    prompts, refs = ar_infer.heldout_prompts(task, n, P, G, split)
+    ng = ngram_judge(task, int(ngram_order))
+    feats = (lambda toks: lm_features(judge.task, judge, np.concatenate([prompts, toks], 1))) \
+        if judge is not None and judge.task.name == "ar" else None
+    ref_scores = text_scores(task, prompts, refs, judge, ng, int(num_draws or e.num_draws), seed)
+    ref_feats = feats(refs) if feats else None
+    rows = {}
+    for pname, opts in protocols(task, run, temperatures).items():
+        smp = sampler if pname == "config" else ar_infer.sampler_options(
+            task, run, **{**sampler_overrides, **opts})
+        gen, _ = ar_infer.generate(task, run, prompts, G, seed, smp)
+        row = {"sampler": smp.to_dict(), **text_scores(task, prompts, gen, judge, ng, int(num_draws or e.num_draws),
+                                                        seed)}
+        if mauve and feats is not None:
             try:
-                return assemble.load_run(cand, method="e2e")
-            except assemble.AssemblyError:
-                pass   # unfinished or another config: no judge
-    return None
+                row["mauve"] = text_metrics.mauve_score(ref_feats, feats(gen))
+            except ImportError:
+                row["mauve"] = None   # mauve-text not installed
+        row["examples"] = [task.vocab.decode(prompts[i]) + "[[" + task.vocab.decode(gen[i]) + "]]"
+                           for i in range(min(3, n))]
+        rows[pname] = row
+    temps = [k for k in rows if k.startswith("T=")]
+    if temps:   # matched diversity: the temperature whose samples' character entropy is nearest the reference's
+        best = min(temps, key=lambda k: abs(rows[k]["char_entropy_bits"] - ref_scores["char_entropy_bits"]))
+        rows["matched"] = {**rows[best], "matched_from": best}
+    cfg = rows["config"]
+    out["generation"] = {"samples": n, "prompt_tokens": P, "new_tokens": G, "reference": ref_scores,
+                         "judge": getattr(judge, "workdir", None), "ngram_order": ng.order,
+                         **{k: v for k, v in cfg.items() if k != "examples"}, "examples": cfg["examples"]}
+    if "gen_ppl_e2e" in cfg:   # the key the comparison table reads
+        out["generation"]["gen_ppl"] = cfg["gen_ppl_e2e"]
+    out["generation_protocols"] = rows
+    return out
+
+
+def ensemble_bits(task, runs: list, windows: np.ndarray, batch_size: int) -> dict:
+    """Bits per token of the mixture (average of probabilities) and of the product (normalised average of
+    log-probabilities) of plain LM runs, on windows [n, T]."""
+    mix, prod = [], []
+    for i in range(0, len(windows), batch_size):
+        w = jnp.asarray(windows[i:i + batch_size])
+        lps = jnp.stack([jax.nn.log_softmax(ar_infer.lm_fns(task, r.models[0])["lm"](r.params[0], w)[:, :-1], -1)
+                         for r in runs])
+        true = w[:, 1:, None]
+        mix_lp = jax.scipy.special.logsumexp(lps, 0) - np.log(len(runs))
+        prod_lp = jax.nn.log_softmax(lps.mean(0), -1)
+        mix.append(np.asarray(jnp.take_along_axis(mix_lp, true, -1)[..., 0]))
+        prod.append(np.asarray(jnp.take_along_axis(prod_lp, true, -1)[..., 0]))
+    return {"mixture_bits": text_metrics.bits_per_token(np.concatenate(mix)),
+            "product_bits": text_metrics.bits_per_token(np.concatenate(prod)), "members": len(runs)}
 

@@ -3,30 +3,30 @@
 
 Baseline (method 'e2e', Huginn): each step draws a number of core iterations r = k + r', r' ~ Poisson(exp(tau)),
 tau ~ N(log(K - k) - s^2/2, s), s = 0.5 (Huginn's log-normal Poisson; mean r = K), runs r' iterations without
-gradients and back-propagates through the last k (truncated backprop). Generation runs K iterations.
+gradients and back-propagates through the last k (truncated backprop). Generation runs K iterations
+(dblocks.tasks.recurrent_infer).
 DiffusionBlocks (method 'dblocks', B = 1): the whole network is one denoiser trained in a single pass with sigma from
-the whole range (per token, cross-entropy weighted by lambda(sigma)); generation runs K Euler steps, each one pass of
-core and coda for the new token (the prelude reads only clean tokens and is cached).
-The training compute of both, in layer evaluations per token, is `training_compute`.
+the whole range (per token, the shared language-task loss of dblocks.tasks.lm_base); generation runs K Euler steps,
+each one pass of core and coda for the new token (the prelude reads only clean tokens and is cached), through the
+autoregressive decoder of dblocks.tasks.ar_infer.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from dblocks import text_metrics, textgen
 from dblocks.models import ar as ar_model
 from dblocks.models.recurrent import RecurrentModel
-from dblocks.tasks.ar import ARTask
+from dblocks.tasks import recurrent_infer
 from dblocks.tasks.base import Unit, register
+from dblocks.tasks.lm_base import LMTask
 
 DEPTH_STD = 0.5   # Huginn's sigma of the log-normal Poisson depth distribution
 
 
 @register
-class RecurrentTask(ARTask):
+class RecurrentTask(LMTask):
     name = "recurrent"
 
     def validate(self) -> list[str]:
@@ -44,11 +44,11 @@ class RecurrentTask(ARTask):
                      f"={r.mean_iterations})")
         return p
 
-    def min_steps(self) -> int:
+    def min_grid_points(self) -> int:
         return 2
 
-    def grid(self, run, steps=None):
-        return super().grid(run, steps or self.config.sample.steps or self.config.recurrent.mean_iterations)
+    def default_grid_points(self) -> int:
+        return int(self.config.recurrent.mean_iterations)
 
     def make_model(self, unit: Unit) -> RecurrentModel:
         m = self.config.model
@@ -56,6 +56,13 @@ class RecurrentTask(ARTask):
                               coda=m.coda, mlp_ratio=m.mlp_ratio, diffusion=unit.is_block,
                               iterations=int(self.config.recurrent.mean_iterations),
                               init_std=float(self.config.recurrent.init_std), sigma_min=self.edm.sigma_min)
+
+    def init_params(self, model, rng, batch):
+        tokens = jnp.asarray(batch["tokens"])
+        if not model.diffusion:
+            return model.init(rng, tokens)["params"]
+        N, T = tokens.shape
+        return model.init(rng, tokens, jnp.zeros((N, T, self.target_dim)), jnp.zeros((N, T)))["params"]
 
     # -- the baseline's training: random depth, truncated backprop ---------------------------------------------------
     def sample_depth(self, key) -> jax.Array:
@@ -67,9 +74,10 @@ class RecurrentTask(ARTask):
         return jax.random.poisson(k2, jnp.exp(tau))
 
     def loss(self, model, params, batch, rng, train_range, train=True):
-        if model.diffusion:
-            return super().loss(model, params, batch, rng, train_range, train)
         tokens = batch["tokens"]
+        if model.diffusion:
+            return self.denoising_loss(lambda z, s: self.noisy_logits(model, params, tokens, z, s), tokens, rng,
+                                       train_range)
         N, T = tokens.shape
         k_s, k_r = jax.random.split(rng)
         apply = lambda p, *a, method: model.apply({"params": p}, *a, method=method)  # noqa: E731
@@ -86,81 +94,21 @@ class RecurrentTask(ARTask):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
         return ce.mean(), {"ce": ce.mean(), "iterations": extra + self.config.recurrent.backprop_iterations}
 
-    # -- the baseline's read-out and generation (random s_0, K iterations, one cache slot per iteration) ----------
-    def _huginn_fns(self, model) -> dict:
-        cache = self.__dict__.setdefault("_fn_cache", {})
-        if ("huginn", repr(model)) in cache:
-            return cache["huginn", repr(model)]
-        t_max, K, H = int(self.config.data.seq_len), model.iterations, model.hidden
-        s0 = lambda key, n, s: model.init_std * jax.random.normal(key, (n, s, H))  # noqa: E731
+    # -- the baseline's read-out and generation (dblocks.tasks.recurrent_infer) -------------------------------------
+    def decoder(self, run, n, sampler=None, use_cache=True):
+        if run.method == "e2e":
+            return recurrent_infer.huginn_decoder(self, run, n, use_cache)
+        return super().decoder(run, n, sampler, use_cache)
 
-        def lm(params, tokens, key):
-            return model.apply({"params": params}, tokens, s0=s0(key, *tokens.shape))
-
-        def prefill(params, tokens, key):
-            logits, kvs = model.apply({"params": params}, tokens, s0(key, *tokens.shape), K, method=model.recur)
-            empty = ar_model.empty_cache(model.num_layers, tokens.shape[0], t_max, model.heads, H // model.heads)
-            return logits[:, -1], ar_model.write_cache(empty, kvs, 0)
-
-        def clean_row(params, cache, token, pos, key):
-            logits, kvs = model.apply({"params": params}, token[:, None], s0(key, token.shape[0], 1), K,
-                                      jnp.full((1, 1), pos), ar_model.prefix_mask(pos, t_max), cache,
-                                      method=model.recur)
-            return logits[:, 0], ar_model.write_cache(cache, kvs, pos)
-
-        fns = {"lm": jax.jit(lm), "prefill": jax.jit(prefill), "clean_row": jax.jit(clean_row)}
-        cache["huginn", repr(model)] = fns
-        return fns
-
-    def decoder(self, run, n, steps=None, solver=None, use_cache=True):
-        if run.method != "e2e":
-            return super().decoder(run, n, steps, solver, use_cache)
-        f, p, t_max = self._huginn_fns(run.models[0]), run.params[0], int(self.config.data.seq_len)
-        base = jax.random.PRNGKey(int(self.config.seed) + 1)
-        calls = int(self.config.recurrent.mean_iterations)
-        if not use_cache:   # recomputes the window; s_0 of row j is drawn from fold_in(base, j) in both paths
-            model = run.models[0]
-            rows = jax.jit(jax.vmap(lambda k: model.init_std * jax.random.normal(k, (n, model.hidden)), out_axes=1))
-            lm = jax.jit(lambda padded, s: model.apply({"params": p}, padded, s0=s))
-
-            def next_uncached(ctx, key):
-                P = ctx.shape[1]
-                s = rows(jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(t_max)))   # [N, t_max, H]
-                return lm(jnp.asarray(np.pad(ctx, ((0, 0), (0, t_max - P)))), s)[:, P - 1]
-            return textgen.Decoder(lambda ctx: ctx, next_uncached,
-                                   lambda ctx, tok: np.concatenate([ctx, tok[:, None]], 1), t_max, calls)
-
-        def prefill(ctx):   # row by row, so each row's s_0 matches the uncached path
-            logits, cache = f["prefill"](p, jnp.asarray(ctx[:, :1]), jax.random.fold_in(base, 0))
-            state = {"cache": cache, "logits": logits, "pos": 1}
-            for j in range(1, ctx.shape[1]):
-                state = append(state, ctx[:, j])
-            return state
-
-        def append(state, tok):
-            pos = state["pos"]
-            logits, cache = f["clean_row"](p, state["cache"], jnp.asarray(tok), pos, jax.random.fold_in(base, pos))
-            return {"cache": cache, "logits": logits, "pos": pos + 1}
-        return textgen.Decoder(prefill, lambda s, key: s["logits"], append, t_max, calls)
-
-    def window_logprobs(self, run, tokens, key, num_draws, steps=None, solver=None):
-        if run.method != "e2e":
-            return super().window_logprobs(run, tokens, key, num_draws, steps, solver)
-        f, tokens = self._huginn_fns(run.models[0]), jnp.asarray(tokens)
-        logps, prob_sum, ents = [], 0.0, []
-        for d in range(num_draws):
-            lp = jax.nn.log_softmax(f["lm"](run.params[0], tokens, jax.random.fold_in(key, d))[:, :-1], -1)
-            logps.append(np.asarray(jnp.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0]))
-            prob_sum = prob_sum + jnp.exp(lp)
-            ents.append(text_metrics.entropy_bits(lp))
-        return {"logp": text_metrics.mixture_logprob(np.stack(logps)), "argmax": np.asarray(jnp.argmax(prob_sum, -1)),
-                "per_step": None, "entropy": float(np.mean(ents)),
-                "mixture_entropy": text_metrics.mixture_entropy_bits(prob_sum, num_draws)}
+    def window_logprobs(self, run, tokens, key, num_draws, sampler=None):
+        if run.method == "e2e":
+            return recurrent_infer.huginn_window_logprobs(self, run, tokens, key, num_draws)
+        return super().window_logprobs(run, tokens, key, num_draws, sampler)
 
     def noisy_readout(self, run) -> bool:
         return True   # the baseline's s_0 is random too
 
-    def training_compute(self, method: str) -> dict:
+    def training_compute(self, method: str, grid_points: int | None = None) -> dict:
         """Layer evaluations per token of one training step, forward and backward (a layer over one row = 1)."""
         m, r = self.config.model, self.config.recurrent
         P, C, D, K, k = m.prelude, m.core, m.coda, r.mean_iterations, r.backprop_iterations
@@ -168,9 +116,9 @@ class RecurrentTask(ARTask):
             return {"forward_layer_rows_per_token": P + K * C + D, "backward_layer_rows_per_token": P + k * C + D,
                     "inference_layer_rows_per_token": P + K * C + D,
                     "note": f"mean {K} core iterations, backprop through the last {k}"}
-        K = int(self.config.sample.steps or K)
+        K = int(grid_points or self.config.sample.get("grid_points", 0) or K)
         return {"forward_layer_rows_per_token": (P + C + D) + (C + D),
                 "backward_layer_rows_per_token": (P + C + D) + (C + D),
                 "inference_layer_rows_per_token": (P + C + D) + K * (C + D),
                 "note": "single pass: clean row through prelude+core+coda, noisy row through core+coda; "
-                        f"generation: {K} Euler steps of core+coda per token"}
+                        f"generation: {K} block calls (core+coda) per token"}

@@ -42,7 +42,7 @@ def get_config(arg=None):
     c.train.log_every = 500
     c.train.ckpt_every = 5000
 
-    c.sample = dict(steps=0, solver="euler", bridge="softmax", temperature=1.0, top_p=0.95, greedy=False,
+    c.sample = dict(grid_points=0, grid="", sigma_end=0.0, solver="euler", bridge="softmax", temperature=1.0, top_p=0.95, greedy=False,
                     num_samples=8, max_tokens=50)
     c.eval = dict(num_draws=4, max_windows=2000, batch_size=32, num_samples=1000, max_tokens=50, prompt_len=50)
     return c

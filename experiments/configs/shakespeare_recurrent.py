@@ -23,6 +23,6 @@ def get_config(arg=None):
     c.blocks.num_blocks = 1
     c.blocks.gamma = 0.0
     c.recurrent = dict(mean_iterations=8, backprop_iterations=2, init_std=1.0)
-    c.sample.steps = 0   # 0 = recurrent.mean_iterations Euler steps per token
+    c.sample.grid_points = 0   # 0 = recurrent.mean_iterations Euler steps per token
     c.train.steps = 1000
     return c

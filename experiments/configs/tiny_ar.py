@@ -13,7 +13,8 @@ def get_config(arg=None):
     c.data.batch_size = 8
     c.data.tokenizer = ""
 
-    c.model = dict(num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, target_dim=0, target_norm=0.0, target_seed=0)
+    c.model = dict(num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, target_dim=0, target_norm=0.0, target_seed=0,
+                   likelihood=False, match_sigma_data=False)
 
     c.blocks.num_blocks = 2
     c.blocks.gamma = 0.1
@@ -27,7 +28,9 @@ def get_config(arg=None):
     c.train.sample_at_end = False
     c.train.plot_at_end = False
 
-    c.sample = dict(steps=0, solver="euler", bridge="softmax", temperature=1.0, top_p=0.95, greedy=False,
-                    num_samples=2, max_tokens=8)
-    c.eval = dict(num_draws=2, max_windows=8, batch_size=8, num_samples=2, max_tokens=8, prompt_len=4)
+    c.blocks.sigma_floor = 0.0
+    c.sample = dict(grid_points=0, grid="", sigma_end=0.0, solver="euler", bridge="softmax", temperature=1.0,
+                    top_p=0.95, greedy=False, num_samples=2, max_tokens=8)
+    c.eval = dict(num_draws=2, max_windows=8, batch_size=8, num_samples=2, max_tokens=8, prompt_len=4,
+                  elbo_sigmas=8)
     return c

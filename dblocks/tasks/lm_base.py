@@ -1,0 +1,231 @@
+"""What the autoregressive ('ar') and recurrent-depth ('recurrent') language tasks share on the training side: text
+data, the fixed target space E, the scale contract, the noise partition (optionally by information), the denoiser
+read-out with the optional analytic likelihood term, and the per-token denoising loss.
+
+Scale contract for token targets (docs/language_models.md, "Scale contract"): row v of E is the clean target of
+token v, of norm r (model.target_norm; 0 = sigma_data * sqrt(D)). With model.match_sigma_data the EDM input scaling
+uses the rows' per-coordinate RMS, sigma_data = r / sqrt(D), so c_in = 1 / sqrt(sigma^2 + sigma_data^2) gives inputs
+of unit variance per coordinate at every sigma; the training targets, the bridge rows and the likelihood term all
+use the same E. `sigma_data` below is that one value.
+
+Analytic likelihood (model.likelihood): the Bayes-optimal denoiser of a fixed E is
+softmax(LM(context) + log N(z; E_v, sigma^2 I)), so the task adds (<z, E_v> - |E_v|^2 / 2) / sigma^2 (raw z, not
+scaled by c_in) to the network's logits, and the network only has to learn the next-token LM.
+
+Sampling, decoding and evaluation are functions in dblocks.tasks.ar_infer and dblocks.tasks.ar_eval taking
+(task, run, ...); the thin methods at the end of the class reach them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dblocks import edm as edm_lib
+from dblocks import information, partition as partition_lib, sampling, targets
+from dblocks import text as text_lib
+from dblocks import tokenized
+from dblocks.data import DatasetMissingError
+from dblocks.tasks import ar_eval, ar_infer
+from dblocks.tasks.base import Task
+
+Array = jax.Array
+
+
+def likelihood_logits(z: Array, sigma: Array, E: Array) -> Array:
+    """log N(z; E_v, sigma^2 I) up to a v-independent constant: (<z, E_v> - |E_v|^2 / 2) / sigma^2.
+    z [..., D] (raw, not c_in-scaled), sigma [...] -> [..., V]."""
+    half_sq = 0.5 * jnp.sum(E * E, axis=-1)
+    return (z @ E.T - half_sq) / (sigma[..., None] ** 2)
+
+
+class LMTask(Task):
+    """Base of the language tasks; subclasses add make_model, init_params, loss and training_compute."""
+
+    # -- config ----------------------------------------------------------------------------------------------------
+    def validate(self) -> list[str]:
+        c, p = self.config, []
+        m, d, s = c.model, c.data, c.sample
+        try:
+            text_lib.vocab_for(d.name)
+        except ValueError as e:
+            p.append(f"data.name: {e}")
+        if d.get("tokenizer"):
+            if not str(d.name).startswith("tfds:"):
+                p.append("data.tokenizer (a SentencePiece model) is only used with tfds text data (e.g. tfds:lm1b)")
+            else:
+                try:
+                    self.vocab
+                except DatasetMissingError as e:
+                    p.append(f"data.tokenizer: {e}")
+        if d.seq_len < 2:
+            p.append(f"data.seq_len={d.seq_len} must be >= 2")
+        if m.hidden % m.heads or (m.hidden // m.heads) % 2:
+            p.append(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads} with an even head size")
+        if m.get("target_dim", 0) < 0 or m.get("target_norm", 0.0) < 0:
+            p.append(f"model.target_dim={m.get('target_dim')} and model.target_norm={m.get('target_norm')} must be "
+                     f">= 0 (0 = hidden, and the sigma_data * sqrt(dim) scale contract)")
+        if s.get("steps"):
+            p.append(f"sample.steps={s.steps}: language tasks call it sample.grid_points (noise levels the chain "
+                     f"visits; 0 = default)")
+        if s.solver not in sampling.SOLVERS:
+            p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
+        gp = int(s.get("grid_points", 0) or 0)
+        if gp and gp < max(2, self.min_grid_points()):
+            p.append(f"sample.grid_points={gp} cannot visit all {self.min_grid_points()} blocks (0 = one per block)")
+        try:
+            ar_infer.parse_grid(s.get("grid", ""))
+        except ValueError as e:
+            p.append(f"sample.grid: {e}")
+        if s.bridge not in targets.BRIDGES:
+            p.append(f"sample.bridge={s.bridge!r}; choose one of {targets.BRIDGES}")
+        if not s.temperature > 0 or not 0 < s.top_p <= 1:
+            p.append(f"sample.temperature={s.temperature} must be > 0 and sample.top_p={s.top_p} in (0, 1]")
+        if c.eval.num_draws < 1:
+            p.append(f"eval.num_draws={c.eval.num_draws} must be >= 1")
+        if float(c.blocks.get("sigma_floor", 0.0) or 0.0) < 0:
+            p.append(f"blocks.sigma_floor={c.blocks.sigma_floor} must be >= 0 (0 = none)")
+        return p
+
+    def min_grid_points(self) -> int:
+        return int(self.config.blocks.num_blocks)
+
+    def default_grid_points(self) -> int:
+        return max(2, int(self.config.blocks.num_blocks))
+
+    def data_signature_fields(self):
+        return ("name", "seq_len", "tokenizer")
+
+    # -- data --------------------------------------------------------------------------------------------------------
+    @property
+    def vocab(self):
+        """Characters (CharVocab) or a SentencePiece model: .size, .encode(str), .decode(ids)."""
+        if "_vocab" not in self.__dict__:
+            d = self.config.data
+            self._vocab = (tokenized.load_tokenizer(d.tokenizer) if d.get("tokenizer")
+                           else text_lib.vocab_for(d.name))
+        return self._vocab
+
+    def source(self, split: str):
+        d = self.config.data
+        if d.get("tokenizer"):
+            return tokenized.packed_source(d.name[5:], split, int(d.seq_len), self.vocab, d.data_dir)
+        return text_lib.load_text(d.name, split, int(d.seq_len), d.data_dir, d.get("path", ""))[0]
+
+    def make_batch(self, examples, train):
+        return {"tokens": np.asarray(examples["tokens"], np.int32)}
+
+    def dummy_batch(self, n: int = 2) -> dict:
+        return {"tokens": np.zeros((n, int(self.config.data.seq_len)), np.int32)}
+
+    # -- the target space and the scale contract -------------------------------------------------------------------
+    @property
+    def target_dim(self) -> int:
+        m = self.config.model
+        return int(m.get("target_dim", 0) or m.hidden)
+
+    @property
+    def target_norm(self) -> float:
+        """Row norm r of E: model.target_norm, or the contract sigma_data * sqrt(D) when it is 0."""
+        r = float(self.config.model.get("target_norm", 0.0) or 0.0)
+        return r if r > 0 else self.edm.sigma_data * float(np.sqrt(self.target_dim))
+
+    @property
+    def sigma_data(self) -> float:
+        """The sigma_data of the input scaling: the rows' per-coordinate RMS r / sqrt(D) with model.match_sigma_data
+        (the scale contract), else edm.sigma_data (how runs before the option were trained)."""
+        if self.config.model.get("match_sigma_data", False):
+            return self.target_norm / float(np.sqrt(self.target_dim))
+        return self.edm.sigma_data
+
+    @property
+    def E(self) -> Array:
+        """The fixed target space [V, D]: row v is the clean target of token v (not learned, docs/design.md item 4)."""
+        if "_E" not in self.__dict__:   # kept as numpy: a jnp constant cached during a trace would leak a tracer
+            m = self.config.model
+            self._E = targets.fixed_embedding(self.vocab.size, self.target_dim, self.edm.sigma_data,
+                                              int(m.get("target_seed", 0)), float(m.get("target_norm", 0.0) or 0.0))
+        return jnp.asarray(self._E)
+
+    @property
+    def likelihood(self) -> bool:
+        return bool(self.config.model.get("likelihood", False))
+
+    # -- the noise partition ------------------------------------------------------------------------------------------
+    def unigram(self) -> np.ndarray:
+        """Train-split token frequencies [V] (add-one smoothed), for the information partition."""
+        if "_unigram" not in self.__dict__:
+            src = self.source("train")
+            toks = np.asarray(src.get(np.arange(len(src)))["tokens"]).reshape(-1)
+            counts = np.bincount(toks, minlength=self.vocab.size).astype(np.float64) + 1.0
+            self._unigram = counts / counts.sum()
+        return self._unigram
+
+    def partition(self) -> partition_lib.Partition:
+        """The config's partition; 'information' places the boundaries where z removes equal shares of the token's
+        uncertainty (dblocks.information, from E and the train unigram only); blocks.sigma_floor raises each block's
+        lowest training sigma (inference ownership is unchanged)."""
+        b = self.config.blocks
+        kind, B = str(b.partition), int(b.num_blocks)
+        if "_partition" in self.__dict__:
+            return self._partition
+        bounds = None
+        if kind == "information":
+            bounds = information.information_boundaries(np.asarray(self.E), self.unigram(), B, self.edm.sigma_min,
+                                                         self.edm.sigma_max)
+        extra = {"boundaries": bounds} if bounds is not None else {}
+        part = partition_lib.make_partition(B, self.edm, float(b.gamma), kind, **extra)
+        floor = float(b.get("sigma_floor", 0.0) or 0.0)
+        if floor > 0:
+            part = information.with_sigma_floor(part, floor)
+        self._partition = part
+        return part
+
+    # -- the denoiser read-out and the loss -------------------------------------------------------------------------
+    def precondition_logits(self, apply, z: Array, sigma: Array) -> Array:
+        """The block's logits for raw noisy targets z [..., D] at sigma [...]: `apply(c_in z, c_noise)`, plus the
+        analytic likelihood term when model.likelihood is set."""
+        pc = edm_lib.precondition(sigma, self.sigma_data)
+        logits = apply(pc.c_in[..., None] * z, pc.c_noise)
+        if self.likelihood:
+            logits = logits + likelihood_logits(z, sigma, self.E)
+        return logits
+
+    def noisy_logits(self, model, params, tokens, z, sigma):
+        """Teacher-forced denoiser read-out: clean tokens [N, T], noisy targets z [N, T, D], sigma [N, T] ->
+        logits [N, T, V]."""
+        return self.precondition_logits(lambda zz, cn: model.apply({"params": params}, tokens, zz, cn), z, sigma)
+
+    def denoising_loss(self, logits_fn, tokens, rng, train_range):
+        """CE of every noisy row against its token, weighted per token by lambda(sigma); sigma per token."""
+        k_sigma, k_eps = jax.random.split(rng)
+        sigma = edm_lib.sample_sigma(k_sigma, tokens.shape, train_range[0], train_range[1], self.edm.p_mean,
+                                     self.edm.p_std)                                   # [N, T]
+        y = self.E[tokens]                                                             # [N, T, D]
+        z = y + sigma[..., None] * jax.random.normal(k_eps, y.shape)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(z, sigma), tokens)   # [N, T]
+        w = edm_lib.loss_weight(sigma, self.sigma_data, self.config.edm.loss_weighting, self.config.edm.max_weight)
+        return edm_lib.weighted_mean(ce.reshape(-1), w.reshape(-1)), {"ce": ce.mean()}
+
+    # -- inference and evaluation (functions of (task, run, ...) in ar_infer / ar_eval) -----------------------------
+    def noisy_readout(self, run) -> bool:
+        """Whether the sampler's next-token distribution depends on noise (then it is averaged over draws)."""
+        return run.method == "dblocks"
+
+    def decoder(self, run, n: int, sampler: ar_infer.Sampler | None = None, use_cache: bool = True):
+        return ar_infer.decoder(self, run, n, sampler or ar_infer.sampler_options(self, run), use_cache)
+
+    def window_logprobs(self, run, tokens, key, num_draws, sampler: ar_infer.Sampler | None = None) -> dict:
+        return ar_infer.window_logprobs(self, run, tokens, key, num_draws,
+                                        sampler or ar_infer.sampler_options(self, run))
+
+    def generate(self, run, prompts, max_tokens, seed=0, use_cache=True, **options):
+        return ar_infer.generate(self, run, prompts, max_tokens, seed, ar_infer.sampler_options(self, run, **options),
+                                 use_cache)
+
+    def write_samples(self, run, out_path, **options) -> dict:
+        return ar_infer.write_samples(self, run, out_path, **options)
+
+    def evaluate(self, run, **options) -> dict:
+        return ar_eval.evaluate(self, run, **options)
