@@ -8,7 +8,7 @@ import json
 from absl import app, flags
 
 from dblocks import export, logs
-from experiments.common import user_errors
+from experiments.common import run_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir")
 _OUT = flags.DEFINE_string("out", None, "the .npz to write")
@@ -21,11 +21,10 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
     del argv
     logs.setup()
-    with user_errors():
-        summary = export.export_workdir(_WORKDIR.value, _OUT.value, method=_METHOD.value, use_ema=not _NO_EMA.value,
-                                        allow_incomplete=_ALLOW_INCOMPLETE.value)
-        print(json.dumps(summary, indent=1))
+    summary = export.export_workdir(_WORKDIR.value, _OUT.value, method=_METHOD.value, use_ema=not _NO_EMA.value,
+                                    allow_incomplete=_ALLOW_INCOMPLETE.value)
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

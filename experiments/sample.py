@@ -1,6 +1,6 @@
 r"""Samples from a trained run (DiffusionBlocks or end-to-end; detected from the workdir) or an exported model.
 
-  python -m experiments.sample --workdir runs/fmnist_dit --out grid.png [--steps 50] [--solver heun] [--guidance 2]
+  python -m experiments.sample --workdir runs/fmnist_dit --out grid.png [--grid_points 50] [--solver heun] [--guidance 2]
   python -m experiments.sample --model fmnist_dit.npz --out grid.png          # an experiments.export file
   python -m experiments.sample --workdir runs/cifar10_dit --npz samples.npz --num 50000   # for FID tools
 
@@ -13,7 +13,7 @@ import json
 from absl import app, flags
 
 from dblocks import assemble, export, logs
-from experiments.common import user_errors
+from experiments.common import run_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir")
 _MODEL = flags.DEFINE_string("model", None, "an exported model (.npz from experiments.export) instead of a workdir")
@@ -22,8 +22,9 @@ _NPZ = flags.DEFINE_string("npz", None, "image generation: write --num samples a
 _NUM = flags.DEFINE_integer("num", 10_000, "with --npz: number of samples (class-balanced)")
 _BATCH = flags.DEFINE_integer("batch_size", 250, "with --npz: samples per sampler call")
 _METHOD = flags.DEFINE_enum("method", None, ["dblocks", "e2e"], "which run of the workdir (default: detected)")
-_STEPS = flags.DEFINE_integer("steps", None, "grid points (default: the config's; paper 50)")
-_GRID_POINTS = flags.DEFINE_integer("grid_points", None, "noise levels the chain visits (the newer name of --steps)")
+_GRID_POINTS = flags.DEFINE_integer("grid_points", None, "EDM tasks: noise levels the chain visits (default: the "
+                                    "config's sample.grid_points; paper 50)")
+_STEPS = flags.DEFINE_integer("steps", None, "MDM: unmasking steps (for the other tasks, as --grid_points)")
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (paper: euler)")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "classifier-free guidance scale (paper: 2.0)")
 _PER_CLASS = flags.DEFINE_integer("per_class", None, "samples per class (one grid row per class)")
@@ -53,23 +54,20 @@ def write_npz(run: assemble.Run, path: str, num: int, seed: int, batch_size: int
 def main(argv):
     del argv
     logs.setup()
-    with user_errors():
-        run = load(_WORKDIR.value, _MODEL.value, _METHOD.value, not _NO_EMA.value)
-        steps = _GRID_POINTS.value or _STEPS.value
-        sampler = {"steps": steps, "grid_points": steps, "solver": _SOLVER.value, "guidance": _GUIDANCE.value,
-                   "grid_kind": _GRID.value}
-        if _NPZ.value:
-            summary = write_npz(run, _NPZ.value, _NUM.value, _SEED.value, _BATCH.value, **sampler)
-        else:
-            base = _WORKDIR.value or _MODEL.value.removesuffix(".npz")
-            out = _OUT.value or (f"{base}/samples{'_e2e' if run.method == 'e2e' else ''}.png" if _WORKDIR.value
-                                 else f"{base}_samples.png")
-            if not _GRID_POINTS.value:
-                sampler.pop("grid_points")
-            summary = run.task.write_samples(run, out, per_class=_PER_CLASS.value, seed=_SEED.value,
-                                             prompt=_PROMPT.value, max_tokens=_MAX_TOKENS.value, **sampler)
-        print(json.dumps(summary, indent=1))
+    run = load(_WORKDIR.value, _MODEL.value, _METHOD.value, not _NO_EMA.value)
+    steps = _GRID_POINTS.value or _STEPS.value
+    sampler = {"steps": steps, "grid_points": steps, "solver": _SOLVER.value, "guidance": _GUIDANCE.value,
+               "grid_kind": _GRID.value}
+    if _NPZ.value:
+        summary = write_npz(run, _NPZ.value, _NUM.value, _SEED.value, _BATCH.value, **sampler)
+    else:
+        base = _WORKDIR.value or _MODEL.value.removesuffix(".npz")
+        out = _OUT.value or (f"{base}/samples{'_e2e' if run.method == 'e2e' else ''}.png" if _WORKDIR.value
+                             else f"{base}_samples.png")
+        summary = run.task.write_samples(run, out, per_class=_PER_CLASS.value, seed=_SEED.value,
+                                         prompt=_PROMPT.value, max_tokens=_MAX_TOKENS.value, **sampler)
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)
