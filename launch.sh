@@ -204,8 +204,7 @@ case "$cmd" in
     setup
     WORKDIR=${1:-runs/demo}
     if ! "$(python_bin)" -c "from dblocks import data; data.load_fashion_mnist('test')" >/dev/null 2>&1; then
-      fashion_mnist_help
-      log "then run ./launch.sh demo again"
+      log "the demo trains on Fashion-MNIST, which is not there (how to get it: above); then run ./launch.sh demo again"
       exit 1
     fi
     "$(python_bin)" -m experiments.train --config experiments/configs/fashion_mnist_dit.py --workdir "$WORKDIR"

@@ -199,3 +199,19 @@ def test_setup_installs_the_package_with_the_accelerator_extra(tmp_path):
     assert again.returncode == 0 and len(log.read_text().splitlines()) == len(calls)
     assert sourced("accel_extra", {**env, "DBLOCKS_ACCEL": "tpu"}).stdout == "tpu"
     assert sourced("accel_extra --bogus", env).returncode == 2
+
+
+def test_demo_as_a_user_without_the_data_prints_how_to_get_it(tmp_path):
+    """`./launch.sh demo` as non-root, without the Debian package: instructions and exit 1, never a password prompt."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    py = venv / "bin" / "python"
+    py.write_text('#!/bin/sh\ncase "$*" in *version_info*) exit 0;; *) exit 1;; esac\n')   # no Fashion-MNIST
+    py.chmod(0o755)
+    env = fmnist_env(tmp_path, 1000, DBLOCKS_VENV=str(venv))
+    stamp = sourced("hash12 pyproject.toml requirements.txt", env).stdout.strip()
+    (venv / f".dblocks-setup-{stamp}").write_text("")          # the packages count as installed
+    p = subprocess.run(["./launch.sh", "demo", str(tmp_path / "w")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and not (tmp_path / "calls").exists()
+    assert "t10k-labels-idx1-ubyte.gz" in p.stderr and "run ./launch.sh demo again" in p.stderr
