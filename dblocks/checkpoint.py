@@ -249,7 +249,19 @@ class UnitCheckpoint:
                 raise self._write_error(e, "write meta.json") from None
 
     def latest_step(self) -> int | None:
+        """The newest step on disk, unchecked (see verified_latest_step)."""
         return self.manager.latest_step()
+
+    def verified_latest_step(self, abstract_state: Any) -> int | None:
+        """The newest step that restores and passes the integrity check (bad newer ones are moved aside, as in
+        `restore`); None when there is no step at all. For a trainer that must know each unit's start before it
+        restores (the mesh groups units by start step); the state read is dropped."""
+        if self.manager.latest_step() is None:
+            return None
+        state = self.restore(abstract_state)
+        step = int(state["step"]) if isinstance(state, dict) and "step" in state else self.manager.latest_step()
+        del state
+        return step
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """The newest good step at or before `step` (default: the latest). A step that cannot be read or fails the
@@ -297,6 +309,15 @@ class UnitCheckpoint:
         except Exception as e:
             if is_write_error(e):
                 raise self._write_error(e, f"save step {step}") from None
+            raise
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the pending (async) save is on disk; a refused write is a CheckpointWriteError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if is_write_error(e):
+                raise self._write_error(e, "finish saving") from None
             raise
 
     def close(self) -> None:
