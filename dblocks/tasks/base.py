@@ -59,9 +59,10 @@ class Task:
         self.edm = edm_lib.EDM.from_config(config.edm)
         self._jitted: dict[tuple, Callable] = {}
 
-    def jit(self, name: str, model: nn.Module, build: Callable[[], Callable]) -> Callable:
+    def jit(self, name: str, model: nn.Module | None, build: Callable[[], Callable]) -> Callable:
         """A jitted function of a model, cached: `build()` (which returns the jitted function) runs once per
-        (name, model class, model config), so blocks of the same shape share one compiled function."""
+        (name, model class, model config), so blocks of the same shape share one compiled function. With model
+        None the function depends on `name` alone (put any static setting into the name)."""
         key = (name, type(model).__name__, repr(model))
         if key not in self._jitted:
             self._jitted[key] = build()
