@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+from dblocks import data as data_lib
 from dblocks import engine
+from dblocks.checkpoint import CheckpointMismatchError
 from dblocks import train as train_lib
 from dblocks.tasks import get_task
 from experiments.configs import tiny_dit
@@ -127,3 +129,28 @@ def test_metrics_are_interval_means_in_both_modes(tmp_path):
         assert [r["step"] for r in got] == [3, 6]
         np.testing.assert_allclose([r["loss"] for r in got], expected, rtol=1e-4)
         assert abs(got[0]["loss"] - every[2]["loss"]) > 1e-6   # not the logging step's own loss
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000, 4097])
+def test_batch_order_is_a_permutation_per_epoch(n):
+    bs = max(1, n // 7)
+    epoch = np.concatenate([data_lib.batch_indices(n, bs, 0, 1, s) for s in range(n // bs)])
+    assert len(np.unique(epoch)) == len(epoch) == (n // bs) * bs and epoch.min() >= 0 and epoch.max() < n
+    again = np.concatenate([data_lib.batch_indices(n, bs, 0, 1, s) for s in range(n // bs, 2 * (n // bs))])
+    assert n < 8 or not np.array_equal(np.sort(epoch[:bs]), np.sort(again[:bs]))   # a new order each epoch
+
+
+def test_batch_order_costs_o_batch_not_o_dataset():
+    """A billion examples: a whole-dataset permutation (8 GB) per step would not even fit; O(batch) work does."""
+    idx = data_lib.batch_indices(10 ** 9, 16, seed=3, unit=2, step=12345)
+    assert len(np.unique(idx)) == 16 and idx.min() >= 0 and idx.max() < 10 ** 9
+
+
+def test_checkpoints_of_another_batch_order_are_refused(tmp_path, monkeypatch):
+    """A run begun under an older batch order is refused, not silently resumed on a different order."""
+    c = _cfg(**{"train.steps": 2, "optim.warmup_steps": 1, "blocks.train": "0"})
+    monkeypatch.setattr(data_lib, "BATCH_ORDER", "permutation-v0")
+    train_lib.train(c, str(tmp_path))
+    monkeypatch.undo()
+    with pytest.raises(CheckpointMismatchError, match="batch_order"):
+        train_lib.train(c, str(tmp_path))
