@@ -13,7 +13,7 @@ import jax
 import ml_collections
 
 from dblocks import checkpoint as ckpt_lib
-from dblocks import steps
+from dblocks import steps, user_data
 from dblocks import partition as partition_lib
 from dblocks.tasks import Task, Unit, get_task
 
@@ -83,7 +83,7 @@ def load_run(workdir: str, method: str | None = None, use_ema: bool = True, allo
              config_overrides: dict | None = None) -> Run:
     """Loads every unit of a workdir's run (all B blocks, or the e2e network) with its latest checkpoint."""
     config = load_config(workdir)
-    method = method or detect_method(workdir)
+    user_data.resolve_fields(config, workdir, read_data=False)   # a saved text vocabulary is registered    method = method or detect_method(workdir)
     config.method = method
     if config_overrides:
         config.update_from_flattened_dict(config_overrides)

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dblocks import checkpoint as ckpt_lib
-from dblocks import data as data_lib
-from dblocks import logs, loop, steps
+from dblocks import logs, loop, order, steps
 from dblocks.tasks import Task, Unit
 
 State = steps.State
@@ -57,7 +56,7 @@ class Trainer:
     def batch(self, unit: Unit, step: int) -> dict:
         """The unit's host batch at `step` (a pure function of seed, unit and step)."""
         c = self.config
-        idx = data_lib.batch_indices(len(self.source), int(c.data.batch_size), int(c.seed), unit.index, step)
+        idx = order.batch_indices(len(self.source), int(c.data.batch_size), int(c.seed), unit.index, step)
         return self.task.make_batch(self.source.get(idx), train=True)
 
     def initial_state(self, unit: Unit, model: nn.Module, batch: dict | None = None) -> State:

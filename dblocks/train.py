@@ -13,7 +13,7 @@ import jax
 
 from dblocks import checkpoint as ckpt_lib
 from dblocks import config as config_lib
-from dblocks import engine, logs, parallel
+from dblocks import engine, logs, parallel, user_data
 from dblocks.tasks import Task, Unit, get_task
 
 
@@ -44,6 +44,7 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
           return_params: bool = False) -> dict[str, Any]:
     """Validates the config and the data, then trains this process's units (sequentially, or side by side on a
     mesh when config.parallel.mode == 'mesh'). With return_params, returns {unit name: final params} as host trees."""
+    user_data.resolve_fields(config, workdir)   # fields left to the data (classes, image size, vocabulary)
     config_lib.validate(config)
     task = get_task(config)
     for unit in task.units(config.method):  # refuse a workdir of another config before writing anything into it

@@ -11,6 +11,11 @@ time, compiled step memory, inference block calls), WORKDIR/compare.json, WORKDI
 block and for the baseline) and, when the evaluation has 'per_step', WORKDIR/compare_per_step.png. Running it again
 resumes unfinished training and re-evaluates; finished runs keep their measured training time. Task-agnostic: the
 metric comes from `run.task.evaluate` (dblocks/tasks/base.py), options as in experiments.evaluate.
+
+Language tasks (ar, recurrent) also train capacity-matched references (experiments/lm_compare.py; --opt
+references=False skips them, --opt reference_seeds=N sets how many L/B-layer LMs), judge both methods' samples
+with the e2e run, and write compare.json's 'lm' block with stable keys (elbo_bits, first_call_bits, sampler_bits,
+final_entropy_bits, ref_e2e_bits, ref_shallow_bits, ref_ensemble_bits, and per protocol mauve, gen_ppl_ngram, ...).
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ from dblocks import logs, memory
 from dblocks import train as train_lib
 from dblocks.tasks import get_task
 from experiments.common import user_errors
-from experiments.evaluate import define_option_flags, evaluate_workdir
+from experiments import lm_compare
+from dblocks.evaluation import evaluate_workdir
+from experiments.options import define_option_flags
 
 METHODS = ("dblocks", "e2e")
 LABELS = {"dblocks": "DiffusionBlocks", "e2e": "end-to-end"}
@@ -84,13 +91,22 @@ def compare(config, workdir: str, options: dict | None = None, command: str = ""
         wd = os.path.join(workdir, method)
         logs.log.info("=== %s: training into %s", LABELS[method], wd)
         runs[method] = {"workdir": wd, "train": train_timed(cfg, wd), "steps_per_s": steps_per_second(wd)}
+    lm = config.task in lm_compare.LM_TASKS
+    if lm and options.get("references", True):   # capacity-matched plain LMs (experiments/lm_compare.py)
+        lm_compare.train_references(config, workdir, train_timed, options.get("reference_seeds"))
+    eval_options = {k: v for k, v in options.items() if k not in ("references", "reference_seeds")}
+    if lm:   # the e2e run of the comparison judges the generated text of both
+        eval_options.setdefault("e2e_workdir", runs["e2e"]["workdir"])
     for method in METHODS:
         logs.log.info("=== %s: evaluating", LABELS[method])
-        runs[method]["eval"] = evaluate_workdir(runs[method]["workdir"], method=method, **options)
+        runs[method]["eval"] = evaluate_workdir(runs[method]["workdir"], method=method, **eval_options)
     mem = memory.memory_report(get_task(config))
     result = {"config": config.to_dict(), "task": config.task, "command": command, "options": options,
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "memory": mem, "runs": runs}
+    if lm:
+        refs = lm_compare.reference_bits(config, workdir, eval_options) if options.get("references", True) else {}
+        result["lm"] = lm_compare.summary(runs, refs)
     result["plots"] = {"loss": plot_losses(workdir), "per_step": plot_per_step(workdir, runs)}
     ckpt_lib.write_json_atomic(os.path.join(workdir, "compare.json"), result)
     with open(os.path.join(workdir, "compare.md"), "w") as f:
@@ -148,6 +164,8 @@ def markdown(result: dict) -> str:
              f"batch {c['data']['batch_size']}; {result['machine']}; {result['date']}.", "",
              f"| | DiffusionBlocks (B={B}) | end-to-end |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {cc} |" for a, b, cc in rows]
+    if "lm" in result:
+        lines += lm_compare.markdown(result["lm"], B)
     lines += ["", f"Compiled step memory: XLA's memory analysis of one training step (arguments + outputs + "
                   f"temporaries), batch {mem['batch_size']}; block / end-to-end = {mem['ratio']:.3f} "
                   f"(ideal 1/B = {1 / B:.3f}). Wall time includes compilation and checkpoint writes."]

@@ -17,7 +17,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from dblocks import assemble, logs, parallel
+from dblocks import assemble, logs, parallel, runtime
 from dblocks import train as train_lib
 from dblocks import config as config_lib
 from experiments.common import run_main, user_errors
@@ -55,9 +55,9 @@ def main(argv):
     del argv
     parallel.init_distributed(_MULTIHOST.value)  # before anything touches a device
     logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
+    runtime.setup()   # compilation cache; backend, devices and jax version in the log
     config = _CONFIG.value
     with user_errors():
-        config_lib.validate(config)
         if jax.process_count() > 1 and config.parallel.mode != "mesh":
             raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
                                          f"sequential engine trains on one device of one process)")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dblocks import data as data_lib
+from dblocks import order
 from dblocks import engine
 from dblocks.checkpoint import CheckpointMismatchError
 from dblocks import train as train_lib
@@ -149,7 +150,7 @@ def test_batch_order_costs_o_batch_not_o_dataset():
 def test_checkpoints_of_another_batch_order_are_refused(tmp_path, monkeypatch):
     """A run begun under an older batch order is refused, not silently resumed on a different order."""
     c = _cfg(**{"train.steps": 2, "optim.warmup_steps": 1, "blocks.train": "0"})
-    monkeypatch.setattr(data_lib, "BATCH_ORDER", "permutation-v0")
+    monkeypatch.setattr(order, "BATCH_ORDER", "permutation-v0")
     train_lib.train(c, str(tmp_path))
     monkeypatch.undo()
     with pytest.raises(CheckpointMismatchError, match="batch_order"):

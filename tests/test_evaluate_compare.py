@@ -13,7 +13,7 @@ from dblocks import train as train_lib
 from dblocks.tasks import get_task
 from experiments import compare as compare_lib
 from experiments.configs import tiny_dit, tiny_vit
-from experiments.evaluate import evaluate_workdir
+from dblocks.evaluation import evaluate_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

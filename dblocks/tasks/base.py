@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dblocks import data as data_lib
+from dblocks import order
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
 
@@ -80,7 +80,7 @@ class Task:
         return {"task": self.name, "model": c.model.to_dict(), "edm": c.edm.to_dict(),
                 "blocks": {k: c.blocks[k] for k in ("num_blocks", "gamma", "partition", "layers")},
                 "data": {k: c.data[k] for k in self.data_signature_fields() if k in c.data},
-                "batch_order": data_lib.BATCH_ORDER}
+                "batch_order": order.BATCH_ORDER}
 
     def data_signature_fields(self) -> tuple[str, ...]:
         return ("name",)
