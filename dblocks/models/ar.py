@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dblocks.models.layers import NoiseEmbedder, rope
+from dblocks.models.layers import NoiseEmbedder, attend, dense, layer_norm, rope
+from dblocks.models.stack import apply_layers
 
 Array = jax.Array
 KV = tuple[Array, Array]
@@ -62,75 +63,88 @@ def prefix_mask(pos: Array, t_max: int, rows: int = 1) -> Array:
 
 # -- layers ---------------------------------------------------------------------------------------------------------
 
-def _rows(conds: Sequence[Cond], lin: nn.Module, n: int) -> Array:
+def _rows(conds: Sequence[Array], sizes: Sequence[int], lin: nn.Module, n: int) -> Array:
     """Applies `lin(silu(c))` to each conditioning segment once and broadcasts it over its rows: [N, S, out]."""
-    outs = [lin(nn.silu(c)) for c, _ in conds]
-    return jnp.concatenate([jnp.broadcast_to(o, (n, s, o.shape[-1])) for o, (_, s) in zip(outs, conds)], axis=1)
+    outs = [lin(nn.silu(c)) for c in conds]
+    return jnp.concatenate([jnp.broadcast_to(o, (n, s, o.shape[-1])) for o, s in zip(outs, sizes)], axis=1)
 
 
-def _layer_norm() -> nn.LayerNorm:
-    return nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6)
+def _layer_norm(dtype=jnp.float32) -> nn.LayerNorm:
+    return layer_norm(dtype)
 
 
 class CausalLayer(nn.Module):
     """AdaLN-Zero transformer layer (DiT's Linear(SiLU(c)) modulation, zero-initialised) with per-row conditioning,
-    rotary positions and an optional K/V prefix (the cache). Returns (x, (k, v) of these rows)."""
+    rotary positions and an optional K/V prefix (the cache). `sizes`: rows covered by each conditioning array, in
+    row order (static). Returns (x, (k, v) of these rows)."""
     hidden: int
     heads: int
     mlp_ratio: float = 4.0
+    sizes: tuple = ()
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x: Array, conds: Sequence[Cond], mask: Array, positions: Array,
+    def __call__(self, x: Array, conds: Sequence[Array], mask: Array, positions: Array,
                  prefix: KV | None = None) -> tuple[Array, KV]:
         N, S, H = x.shape
         hd = H // self.heads
-        mod = _rows(conds, nn.Dense(6 * H, kernel_init=nn.initializers.zeros, name="adaln"), N)
+        mod = _rows(conds, self.sizes, dense(6 * H, self.dtype, nn.initializers.zeros, name="adaln"), N)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-        h = _layer_norm()(x) * (1 + scale_a) + shift_a
-        qkv = nn.Dense(3 * H, kernel_init=nn.initializers.xavier_uniform(), name="qkv")(h)
+        h = _layer_norm(self.dtype)(x) * (1 + scale_a) + shift_a
+        qkv = dense(3 * H, self.dtype, name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(N, S, 3 * self.heads, hd), 3, axis=2)
         q, k = rope(q, positions), rope(k, positions)
-        keys, values = (k, v) if prefix is None else (jnp.concatenate([prefix[0], k], 1),
-                                                     jnp.concatenate([prefix[1], v], 1))
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, keys) / math.sqrt(hd)
-        mask = mask if mask.ndim == 4 else mask[None, None]
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        out = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), values).reshape(N, S, H)
-        x = x + gate_a * nn.Dense(H, kernel_init=nn.initializers.xavier_uniform(), name="proj")(out)
-        h = _layer_norm()(x) * (1 + scale_m) + shift_m
-        h = nn.Dense(int(H * self.mlp_ratio), kernel_init=nn.initializers.xavier_uniform(), name="fc1")(h)
-        h = nn.Dense(H, kernel_init=nn.initializers.xavier_uniform(), name="fc2")(nn.gelu(h, approximate=True))
+        keys, values = (k, v) if prefix is None else (jnp.concatenate([prefix[0].astype(k.dtype), k], 1),
+                                                     jnp.concatenate([prefix[1].astype(v.dtype), v], 1))
+        out = attend(q, keys, values, mask, self.attention).reshape(N, S, H)
+        x = x + gate_a * dense(H, self.dtype, name="proj")(out)
+        h = _layer_norm(self.dtype)(x) * (1 + scale_m) + shift_m
+        h = dense(int(H * self.mlp_ratio), self.dtype, name="fc1")(h)
+        h = dense(H, self.dtype, name="fc2")(nn.gelu(h, approximate=True))
         return x + gate_m * h, (k, v)
 
 
 class LayerStack(nn.Module):
-    """`num_layers` CausalLayers in sequence; with `prefixes` (one (k, v) per layer) every layer reads the cache."""
+    """`num_layers` CausalLayers in sequence; with `prefixes` (one (k, v) per layer) every layer reads the cache.
+    Unrolled (children layer_i) or scanned (child `layers`, stacked parameters), with an optional remat policy
+    (dblocks.models.stack)."""
     num_layers: int
     hidden: int
     heads: int
     mlp_ratio: float = 4.0
+    scan_layers: bool = False
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, conds: Sequence[Cond], mask: Array, positions: Array,
                  prefixes: Sequence[KV] | None = None) -> tuple[Array, list[KV]]:
-        kvs = []
-        for i in range(self.num_layers):
-            x, kv = CausalLayer(self.hidden, self.heads, self.mlp_ratio, name=f"layer_{i}")(
-                x, conds, mask, positions, None if prefixes is None else prefixes[i])
-            kvs.append(kv)
-        return x, kvs
+        kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio,
+                  sizes=tuple(int(s) for _, s in conds), dtype=self.dtype, attention=self.attention)
+        per_layer = None if prefixes is None else [(kv,) for kv in prefixes]
+        x, kvs = apply_layers(CausalLayer, self.num_layers, kw, x, (tuple(c for c, _ in conds), mask, positions),
+                              per_layer, scan=self.scan_layers, remat=self.remat)
+        return x, list(kvs or [])
 
 
 class RowHead(nn.Module):
-    """Final AdaLN (per-row shift, scale; zero-initialised) and a zero-initialised Linear to logits."""
+    """Final AdaLN (per-row shift, scale; zero-initialised) and a zero-initialised Linear to logits (float32).
+    features=True returns the normalised, modulated rows [N, S, H] before the Linear (the input of
+    dblocks.losses.chunked_cross_entropy with the Linear's kernel and bias, params['head']['Dense_1'])."""
     hidden: int
     out_dim: int
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, conds: Sequence[Cond]) -> Array:
-        shift, scale = jnp.split(_rows(conds, nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros),
-                                       x.shape[0]), 2, axis=-1)
-        return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros)(_layer_norm()(x) * (1 + scale) + shift)
+    def __call__(self, x: Array, conds: Sequence[Cond], features: bool = False) -> Array:
+        shift, scale = jnp.split(_rows([c for c, _ in conds], [s for _, s in conds],
+                                       dense(2 * self.hidden, self.dtype, nn.initializers.zeros), x.shape[0]),
+                                 2, axis=-1)
+        h = _layer_norm(self.dtype)(x) * (1 + scale) + shift
+        out = dense(self.out_dim, self.dtype, nn.initializers.zeros)
+        return h if features else out(h).astype(jnp.float32)
 
 
 # -- the model --------------------------------------------------------------------------------------------------------
@@ -146,14 +160,19 @@ class ARModel(nn.Module):
     mlp_ratio: float = 4.0
     diffusion: bool = True
     sigma_min: float = 0.002   # the clean rows' sentinel noise level
+    scan_layers: bool = False  # performance options: dblocks.models.options
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     def setup(self):
-        self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02))
-        self.noise = NoiseEmbedder(self.hidden)
-        self.stack = LayerStack(self.num_layers, self.hidden, self.heads, self.mlp_ratio)
-        self.head = RowHead(self.hidden, self.vocab)
+        self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
+        self.noise = NoiseEmbedder(self.hidden, dtype=self.dtype)
+        self.stack = LayerStack(self.num_layers, self.hidden, self.heads, self.mlp_ratio, self.scan_layers,
+                                self.remat, self.dtype, self.attention)
+        self.head = RowHead(self.hidden, self.vocab, self.dtype)
         if self.diffusion:
-            self.z_in = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform())
+            self.z_in = dense(self.hidden, self.dtype)
 
     def sentinel(self) -> Array:
         """[1, 1, H]: the clean rows' conditioning, c_noise(sigma_min) through the noise embedder."""
@@ -163,15 +182,17 @@ class ARModel(nn.Module):
         """c_noise [N, S] -> [N, S, H]."""
         return self.noise(c_noise.reshape(-1)).reshape(*c_noise.shape, self.hidden)
 
-    def __call__(self, tokens: Array, z: Array | None = None, c_noise: Array | None = None) -> Array:
+    def __call__(self, tokens: Array, z: Array | None = None, c_noise: Array | None = None,
+                 features: bool = False) -> Array:
+        """Logits [N, T, V] float32; features=True: the head's input rows [N, T, H] instead (chunked loss)."""
         T = tokens.shape[1]
         if not self.diffusion:
             x, _ = self.stack(self.embed(tokens), ((self.sentinel(), T),), causal_mask(T), jnp.arange(T)[None])
-            return self.head(x, ((self.sentinel(), T),))
+            return self.head(x, ((self.sentinel(), T),), features)
         c = self.noisy_cond(c_noise)
         x = jnp.concatenate([self.embed(tokens), self.z_in(z)], axis=1)
         x, _ = self.stack(x, ((self.sentinel(), T), (c, T)), ar_mask(T), ar_positions(T)[None])
-        return self.head(x[:, T:], ((c, T),))
+        return self.head(x[:, T:], ((c, T),), features)
 
     # -- cached generation: clean rows write the cache, noisy rows only read it --------------------------------------
     def clean_rows(self, tokens: Array, positions: Array, mask: Array,

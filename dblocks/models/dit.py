@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dblocks.models.layers import AdaLNZeroLayer, FinalLayer, NoiseEmbedder, sincos_2d
+from dblocks.models.stack import apply_layers
 
 Array = jax.Array
 
@@ -29,18 +30,25 @@ class DiT(nn.Module):
     num_classes: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    scan_layers: bool = False      # performance options: dblocks.models.options
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, c_noise: Array, label: Array, train: bool = False) -> Array:
         N, S, _, C = x.shape
         p, g = self.patch, S // self.patch
-        h = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(x)  # [N, g, g, H]
-        h = h.reshape(N, g * g, self.hidden) + sincos_2d(g, self.hidden)[None]
-        c = NoiseEmbedder(self.hidden)(c_noise)
-        c = c + nn.Embed(self.num_classes + 1, self.hidden, embedding_init=nn.initializers.normal(0.02))(label)
-        for i in range(self.num_layers):
-            h = AdaLNZeroLayer(self.hidden, self.heads, self.mlp_ratio, self.dropout, name=f"layer_{i}")(
-                h, c, train=train)
-        out = FinalLayer(self.hidden, p * p * C)(h, c)  # [N, g*g, p*p*C]
+        h = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    name="patch_embed")(x)  # [N, g, g, H]
+        h = h.reshape(N, g * g, self.hidden) + sincos_2d(g, self.hidden)[None].astype(self.dtype)
+        c = NoiseEmbedder(self.hidden, dtype=self.dtype)(c_noise)
+        c = c + nn.Embed(self.num_classes + 1, self.hidden, embedding_init=nn.initializers.normal(0.02),
+                         dtype=self.dtype)(label)
+        kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
+                  dtype=self.dtype, attention=self.attention)
+        h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, None), scan=self.scan_layers,
+                            remat=self.remat, static={"train": train}, static_argnum=5)
+        out = FinalLayer(self.hidden, p * p * C, self.dtype)(h, c)  # [N, g*g, p*p*C] float32
         out = out.reshape(N, g, g, p, p, C).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(N, S, S, C)

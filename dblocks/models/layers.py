@@ -35,24 +35,56 @@ def sincos_2d(grid_size: int, dim: int) -> Array:
 
 
 def rope(x: Array, positions: Array, base: float = 10_000.0) -> Array:
-    """Rotary position embedding on [N, T, heads, d] with integer positions [N or 1, T]."""
+    """Rotary position embedding on [N, T, heads, d] with integer positions [N or 1, T] (angles in float32, the
+    result in x's dtype)."""
     d = x.shape[-1] // 2
     freqs = base ** (-jnp.arange(d, dtype=jnp.float32) / d)
     ang = positions[..., None, None].astype(jnp.float32) * freqs  # [N, T, 1, d]
-    x1, x2 = x[..., :d], x[..., d:]
-    return jnp.concatenate([x1 * jnp.cos(ang) - x2 * jnp.sin(ang), x1 * jnp.sin(ang) + x2 * jnp.cos(ang)], -1)
+    x1, x2 = x[..., :d].astype(jnp.float32), x[..., d:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * jnp.cos(ang) - x2 * jnp.sin(ang), x1 * jnp.sin(ang) + x2 * jnp.cos(ang)], -1)
+    return out.astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None, implementation: str = "xla",
+           dropout: nn.Module | None = None) -> Array:
+    """softmax(q k^T / sqrt(d) + mask) v on [N, T, heads, d] (keys [N, S, heads, d]); mask bool, broadcastable to
+    [N, heads, T, S]. 'xla' / 'cudnn' go through jax.nn.dot_product_attention (logits and softmax in float32);
+    'einsum', or a `dropout` on the probabilities, takes the explicit path (also float32 softmax)."""
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        mask = mask if mask.ndim == 4 else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if implementation != "einsum" and dropout is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+
+
+def dense(features: int, dtype, init=nn.initializers.xavier_uniform(), **kw) -> nn.Dense:
+    """A Dense computing in `dtype` with float32 parameters."""
+    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, **kw)
+
+
+def layer_norm(dtype, **kw) -> nn.LayerNorm:
+    """Parameter-free LayerNorm (AdaLN supplies scale and shift); statistics in float32."""
+    return nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=dtype, **kw)
 
 
 class NoiseEmbedder(nn.Module):
     """c_noise [N] -> [N, hidden]: sinusoidal features, then Linear-SiLU-Linear (DiT's TimestepEmbedder)."""
     hidden: int
     freq_dim: int = 256
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, c_noise: Array) -> Array:
-        h = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02))(sinusoidal_embedding(c_noise,
-                                                                                                  self.freq_dim))
-        return nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02))(nn.silu(h))
+        init = nn.initializers.normal(0.02)
+        h = nn.Dense(self.hidden, kernel_init=init, dtype=self.dtype)(sinusoidal_embedding(c_noise, self.freq_dim))
+        return nn.Dense(self.hidden, kernel_init=init, dtype=self.dtype)(nn.silu(h))
 
 
 class Attention(nn.Module):
@@ -60,23 +92,21 @@ class Attention(nn.Module):
     hidden: int
     heads: int
     dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None, positions: Array | None = None,
                  train: bool = False) -> Array:
         N, T, _ = x.shape
         hd = self.hidden // self.heads
-        qkv = nn.Dense(3 * self.hidden, kernel_init=nn.initializers.xavier_uniform())(x)
+        qkv = dense(3 * self.hidden, self.dtype)(x)
         q, k, v = jnp.split(qkv.reshape(N, T, 3 * self.heads, hd), 3, axis=2)
         if positions is not None:
             q, k = rope(q, positions), rope(k, positions)
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(hd)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
-        out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(N, T, self.hidden)
-        return nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform())(out)
+        drop = nn.Dropout(self.dropout, deterministic=False) if (train and self.dropout > 0) else None
+        out = attend(q, k, v, mask, self.attention, drop).reshape(N, T, self.hidden)
+        return dense(self.hidden, self.dtype)(out)
 
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -86,36 +116,39 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
 class AdaLNZeroLayer(nn.Module):
     """One transformer layer with AdaLN-Zero conditioning (DiT): the modulation is Linear(SiLU(c)), zero-initialised,
     so every layer starts as the identity. `official_order=True` reproduces the authors' ViT code, which applies
-    the SiLU after the Linear (docs/method.md §5), for parity experiments only."""
+    the SiLU after the Linear (docs/method.md section 5), for parity experiments only."""
     hidden: int
     heads: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     official_order: bool = False
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, c: Array, mask: Array | None = None, positions: Array | None = None,
                  train: bool = False) -> Array:
-        lin = nn.Dense(6 * self.hidden, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+        lin = dense(6 * self.hidden, self.dtype, nn.initializers.zeros, bias_init=nn.initializers.zeros)
         mod = nn.silu(lin(c)) if self.official_order else lin(nn.silu(c))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-        ln = lambda: nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6)  # noqa: E731
-        h = Attention(self.hidden, self.heads, self.dropout)(modulate(ln()(x), shift_a, scale_a), mask, positions,
-                                                            train)
+        ln = lambda: layer_norm(self.dtype)  # noqa: E731
+        h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(
+            modulate(ln()(x), shift_a, scale_a), mask, positions, train)
         x = x + gate_a[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = nn.Dense(int(self.hidden * self.mlp_ratio), kernel_init=nn.initializers.xavier_uniform())(
-            modulate(ln()(x), shift_m, scale_m))
-        h = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform())(nn.gelu(h, approximate=True))
+        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(modulate(ln()(x), shift_m, scale_m))
+        h = dense(self.hidden, self.dtype)(nn.gelu(h, approximate=True))
         return x + gate_m[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
 
 
 class FinalLayer(nn.Module):
-    """AdaLN (shift, scale; zero-initialised) then a zero-initialised Linear: the model starts at output 0."""
+    """AdaLN (shift, scale; zero-initialised) then a zero-initialised Linear: the model starts at output 0.
+    The output is float32 whatever the compute dtype (losses are computed in float32)."""
     hidden: int
     out_dim: int
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
-        shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros)(nn.silu(c)), 2, -1)
-        x = modulate(nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6)(x), shift, scale)
-        return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros)(x)
+        shift, scale = jnp.split(dense(2 * self.hidden, self.dtype, nn.initializers.zeros)(nn.silu(c)), 2, -1)
+        x = modulate(layer_norm(self.dtype)(x), shift, scale)
+        return dense(self.out_dim, self.dtype, nn.initializers.zeros)(x).astype(jnp.float32)

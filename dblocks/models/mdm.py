@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dblocks.models.layers import AdaLNZeroLayer, FinalLayer, NoiseEmbedder
+from dblocks.models.stack import apply_layers
 
 Array = jax.Array
 
@@ -29,6 +30,10 @@ class MDMTransformer(nn.Module):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     t_scale: float = 1000.0
+    scan_layers: bool = False      # performance options: dblocks.models.options
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @property
     def mask_id(self) -> int:
@@ -38,10 +43,11 @@ class MDMTransformer(nn.Module):
     def __call__(self, tokens: Array, t: Array, train: bool = False) -> Array:
         _, length = tokens.shape
         h = nn.Embed(self.vocab_size + 1, self.hidden, embedding_init=nn.initializers.normal(0.02),
-                     name="token_embed")(tokens)                                     # [N, L, H]
-        c = NoiseEmbedder(self.hidden)(t * self.t_scale)                              # [N, H]
+                     dtype=self.dtype, name="token_embed")(tokens)                   # [N, L, H]
+        c = NoiseEmbedder(self.hidden, dtype=self.dtype)(t * self.t_scale)            # [N, H]
         positions = jnp.arange(length)[None]                                          # [1, L]
-        for i in range(self.num_layers):
-            h = AdaLNZeroLayer(self.hidden, self.heads, self.mlp_ratio, self.dropout, name=f"layer_{i}")(
-                h, c, positions=positions, train=train)
-        return FinalLayer(self.hidden, self.vocab_size)(h, c)                         # [N, L, V]
+        kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
+                  dtype=self.dtype, attention=self.attention)
+        h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, positions), scan=self.scan_layers,
+                            remat=self.remat, static={"train": train}, static_argnum=5)
+        return FinalLayer(self.hidden, self.vocab_size, self.dtype)(h, c)             # [N, L, V] float32

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dblocks.models.ar import KV, LayerStack, RowHead, ar_mask, ar_positions, causal_mask
-from dblocks.models.layers import NoiseEmbedder
+from dblocks.models.layers import NoiseEmbedder, dense
 
 Array = jax.Array
 
@@ -41,19 +41,24 @@ class RecurrentModel(nn.Module):
     iterations: int = 1            # baseline: core applications at generation (one cache slot each)
     init_std: float = 1.0          # baseline: std of the random initial state s_0
     sigma_min: float = 0.002
+    scan_layers: bool = False      # performance options: dblocks.models.options (scan: within each stack)
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     def setup(self):
-        self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02))
-        self.noise = NoiseEmbedder(self.hidden)
-        self.prelude_stack = LayerStack(self.prelude, self.hidden, self.heads, self.mlp_ratio)
-        self.core_stack = LayerStack(self.core, self.hidden, self.heads, self.mlp_ratio)
-        self.coda_stack = LayerStack(self.coda, self.hidden, self.heads, self.mlp_ratio)
-        self.head = RowHead(self.hidden, self.vocab)
+        self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
+        self.noise = NoiseEmbedder(self.hidden, dtype=self.dtype)
+        opts = (self.scan_layers, self.remat, self.dtype, self.attention)
+        self.prelude_stack = LayerStack(self.prelude, self.hidden, self.heads, self.mlp_ratio, *opts)
+        self.core_stack = LayerStack(self.core, self.hidden, self.heads, self.mlp_ratio, *opts)
+        self.coda_stack = LayerStack(self.coda, self.hidden, self.heads, self.mlp_ratio, *opts)
+        self.head = RowHead(self.hidden, self.vocab, self.dtype)
         if self.diffusion:
-            self.z_in = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform())
+            self.z_in = dense(self.hidden, self.dtype)
         else:
-            self.adapter = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform())
-            self.core_norm = nn.LayerNorm(epsilon=1e-6)
+            self.adapter = dense(self.hidden, self.dtype)
+            self.core_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
 
     @property
     def num_layers(self) -> int:
@@ -71,7 +76,7 @@ class RecurrentModel(nn.Module):
         return self.prelude_stack(self.embed(tokens), self._clean(tokens.shape[1]), mask, positions, prefixes)
 
     def core_rows(self, s, e, positions, mask, prefixes=None) -> tuple[Array, list[KV]]:
-        x, kvs = self.core_stack(self.adapter(jnp.concatenate([s, e], -1)), self._clean(s.shape[1]), mask,
+        x, kvs = self.core_stack(self.adapter(jnp.concatenate([s.astype(e.dtype), e], -1)), self._clean(s.shape[1]), mask,
                                  positions, prefixes)
         return self.core_norm(x), kvs
 

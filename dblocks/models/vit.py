@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder
+from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder, dense
+from dblocks.models.stack import apply_layers
 
 Array = jax.Array
 
@@ -23,14 +24,16 @@ class PatchEmbed(nn.Module):
     """images [N, S, S, C] -> tokens [N, (S/p)^2, H] plus a learned position embedding."""
     hidden: int
     patch: int
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         N, p = x.shape[0], self.patch
-        h = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", name="proj")(x)  # [N, g, g, H]
+        h = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    name="proj")(x)  # [N, g, g, H]
         h = h.reshape(N, -1, self.hidden)
         pos = self.param("pos", nn.initializers.normal(0.02), (1, h.shape[1], self.hidden))
-        return h + pos
+        return h + pos.astype(self.dtype)
 
 
 class ViTDenoiser(nn.Module):
@@ -46,19 +49,24 @@ class ViTDenoiser(nn.Module):
     num_classes: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    scan_layers: bool = False      # performance options: dblocks.models.options
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, image: Array, z_in: Array, c_noise: Array, train: bool = False) -> Array:
-        h = PatchEmbed(self.hidden, self.patch, name="patch_embed")(image)            # [N, T, H]
-        tok = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform(), name="label_in")(z_in)
-        tok_pos = self.param("label_pos", nn.initializers.normal(0.02), (1, 1, self.hidden))
+        h = PatchEmbed(self.hidden, self.patch, self.dtype, name="patch_embed")(image)  # [N, T, H]
+        tok = dense(self.hidden, self.dtype, name="label_in")(z_in)
+        tok_pos = self.param("label_pos", nn.initializers.normal(0.02), (1, 1, self.hidden)).astype(self.dtype)
         h = jnp.concatenate([tok[:, None] + tok_pos, h], axis=1)                      # [N, 1+T, H]
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        c = NoiseEmbedder(self.hidden)(c_noise)                                         # [N, H]
-        for i in range(self.num_layers):
-            h = AdaLNZeroLayer(self.hidden, self.heads, self.mlp_ratio, self.dropout, name=f"layer_{i}")(
-                h, c, train=train)
-        return FinalLayer(self.hidden, self.num_classes, name="head")(h[:, :1], c)[:, 0]  # [N, K]
+        c = NoiseEmbedder(self.hidden, dtype=self.dtype)(c_noise)                      # [N, H]
+        kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
+                  dtype=self.dtype, attention=self.attention)
+        h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, None), scan=self.scan_layers,
+                            remat=self.remat, static={"train": train}, static_argnum=5)
+        return FinalLayer(self.hidden, self.num_classes, self.dtype, name="head")(h[:, :1], c)[:, 0]  # [N, K]
 
 
 class ViTLayer(nn.Module):
@@ -67,16 +75,19 @@ class ViTLayer(nn.Module):
     heads: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         def drop(a):
             return nn.Dropout(self.dropout)(a, deterministic=not train)
 
-        x = x + drop(Attention(self.hidden, self.heads, self.dropout)(nn.LayerNorm(epsilon=1e-6)(x), train=train))
-        h = nn.Dense(int(self.hidden * self.mlp_ratio), kernel_init=nn.initializers.xavier_uniform())(
-            nn.LayerNorm(epsilon=1e-6)(x))
-        h = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_uniform())(nn.gelu(h, approximate=True))
+        ln = lambda: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)  # noqa: E731
+        x = x + drop(Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(ln()(x),
+                                                                                              train=train))
+        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(ln()(x))
+        h = dense(self.hidden, self.dtype)(nn.gelu(h, approximate=True))
         return x + drop(h)
 
 
@@ -89,14 +100,20 @@ class ViTClassifier(nn.Module):
     num_classes: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    scan_layers: bool = False      # performance options: dblocks.models.options
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, image: Array, train: bool = False) -> Array:
-        h = PatchEmbed(self.hidden, self.patch, name="patch_embed")(image)            # [N, T, H]
-        cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.hidden))
+        h = PatchEmbed(self.hidden, self.patch, self.dtype, name="patch_embed")(image)  # [N, T, H]
+        cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.hidden)).astype(self.dtype)
         h = jnp.concatenate([jnp.broadcast_to(cls, (h.shape[0], 1, self.hidden)), h], axis=1)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        for i in range(self.num_layers):
-            h = ViTLayer(self.hidden, self.heads, self.mlp_ratio, self.dropout, name=f"layer_{i}")(h, train)
-        h = nn.LayerNorm(epsilon=1e-6, name="norm")(h[:, 0])
-        return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(h)
+        kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
+                  dtype=self.dtype, attention=self.attention)
+        h, _ = apply_layers(ViTLayer, self.num_layers, kw, h, (), scan=self.scan_layers, remat=self.remat,
+                            static={"train": train}, static_argnum=2)
+        h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(h[:, 0])
+        return dense(self.num_classes, self.dtype, nn.initializers.zeros, name="head")(h).astype(jnp.float32)

@@ -1,0 +1,90 @@
+"""Process set-up for every entry point: the persistent compilation cache and a log line of what JAX runs on.
+
+  runtime.setup()        enable the cache (once per process) and log backend, devices, jax version; warns when
+                         a GPU is visible but JAX runs on the CPU (a CPU-only jax install)
+
+The cache directory is $DBLOCKS_CACHE (or $JAX_COMPILATION_CACHE_DIR), else ~/.cache/dblocks/jax; DBLOCKS_CACHE=off
+turns it off. Compiled programs are reused across processes: a resumed run, each job of a one-job-per-block run,
+evaluate / sample / compare re-runs. The cache holds executable code: keep it per user, never on a shared bucket.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+
+import jax
+
+log = logging.getLogger("dblocks")
+_done: dict = {}
+
+
+def cache_dir() -> str | None:
+    """The compilation cache directory to use, or None when turned off."""
+    d = os.environ.get("DBLOCKS_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dblocks", "jax")
+    return None if d.lower() in ("off", "0", "none", "") else d
+
+
+def enable_compilation_cache(path: str | None = None, min_compile_seconds: float = 1.0) -> str | None:
+    """Turns on JAX's persistent compilation cache at `path` (default: cache_dir()). Programs that compile in under
+    `min_compile_seconds` are not stored. Returns the directory, or None when off or not writable."""
+    path = cache_dir() if path is None else path
+    if not path:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache off: cannot create %s (%s)", path, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU (device node or a working nvidia-smi), whatever JAX uses."""
+    if os.path.exists("/dev/nvidia0"):
+        return True
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def device_info() -> dict:
+    """Backend, device kinds and counts, jax / jaxlib versions."""
+    import jaxlib
+    devs = jax.devices()
+    return {"backend": jax.default_backend(), "device_kind": devs[0].device_kind if devs else "",
+            "devices": len(devs), "local_devices": jax.local_device_count(), "processes": jax.process_count(),
+            "jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?")}
+
+
+def log_devices() -> dict:
+    """Logs device_info() and warns when a GPU is visible but the backend is CPU. Returns the info."""
+    info = device_info()
+    log.info("jax %s on %s: %d device(s) (%s), %d process(es)", info["jax"], info["backend"], info["devices"],
+             info["device_kind"], info["processes"])
+    if info["backend"] == "cpu" and gpu_visible():
+        log.warning("a GPU is visible but JAX runs on the CPU: install the CUDA build of jax "
+                    "(pip install 'jax[cuda12]==%s') to use it", info["jax"])
+    return info
+
+
+def setup(cache: bool = True) -> dict:
+    """Once per process: the compilation cache (logged) and the device log line. Returns device_info() plus
+    'compilation_cache' (the directory or None)."""
+    if "info" in _done:
+        return _done["info"]
+    path = enable_compilation_cache() if cache else None
+    log.info("compilation cache: %s", path or "off")
+    info = {**log_devices(), "compilation_cache": path}
+    _done["info"] = info
+    return info
