@@ -5,6 +5,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
+def to_model_range(images):
+    """Images as the model reads them: uint8 [0, 255] -> float32 [-1, 1] (per-pixel std about 0.5, matching
+    sigma_data); float images pass unchanged. Works on numpy and on jax arrays: training batches travel to the device
+    as uint8 (a quarter of the bytes) and are converted there, inside the compiled step."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 127.5 - 1.0
+    return images
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> uint8."""
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -155,3 +155,21 @@ def test_checkpoints_of_another_batch_order_are_refused(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(CheckpointMismatchError, match="batch_order"):
         train_lib.train(c, str(tmp_path))
+
+
+def test_image_batches_travel_as_uint8_and_give_the_float_loss():
+    """Training batches hold uint8 pixels (a quarter of float32's bytes to the device); the loss converts them on
+    the device and equals the loss of the float batch."""
+    cfg = _cfg()
+    task = get_task(cfg)
+    trainer = engine.Trainer(task, cfg, "", task.source("train"))
+    unit = task.units("dblocks")[1]
+    batch = trainer.batch(unit, 0)
+    assert batch["image"].dtype == np.uint8
+    model = trainer.model(unit)
+    params = trainer.initial_state(unit, model)["params"]
+    as_float = {**batch, "image": data_lib.to_model_range(batch["image"])}
+    rng, rr = jax.random.PRNGKey(0), jax.numpy.asarray(unit.train_range)
+    a = task.loss(model, params, batch, rng, rr)[0]
+    b = task.loss(model, params, as_float, rng, rr)[0]
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)

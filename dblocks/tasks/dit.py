@@ -12,6 +12,7 @@ import numpy as np
 
 from dblocks import data as data_lib
 from dblocks import edm as edm_lib
+from dblocks import images as images_lib
 from dblocks import sampling
 from dblocks.models.dit import DiT
 from dblocks.models.options import model_options
@@ -54,7 +55,7 @@ class DiTTask(LabelledImages, Task):
 
     def init_params(self, model, rng, batch):
         n = batch["image"].shape[0]
-        return model.init({"params": rng}, jnp.asarray(batch["image"]), jnp.zeros((n,)),
+        return model.init({"params": rng}, images_lib.to_model_range(jnp.asarray(batch["image"])), jnp.zeros((n,)),
                           jnp.asarray(batch["label"]))["params"]
 
     def denoise(self, model, params, z, sigma, label, train=False, rng=None):
@@ -68,7 +69,7 @@ class DiTTask(LabelledImages, Task):
     def loss(self, model, params, batch, rng, train_range, train=True):
         c = self.config
         k_sigma, k_eps, k_drop, k_flip, k_dropout = jax.random.split(rng, 5)
-        y, label = batch["image"], batch["label"]
+        y, label = images_lib.to_model_range(batch["image"]), batch["label"]
         n = y.shape[0]
         if train and c.data.get("flip", False):
             y = jnp.where(jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1)), y[:, :, ::-1], y)

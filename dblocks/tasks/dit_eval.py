@@ -58,9 +58,12 @@ def generate(task, run, labels: np.ndarray, grid_points: int, solver: str, guida
 
 
 def class_names(config) -> list[str]:
+    """Row labels for image grids: Fashion-MNIST's names, the data's own class names (folder:, hf:), or numbers."""
     k = int(config.data.num_classes)
-    return list(data_lib.FASHION_MNIST_CLASSES) if config.data.name == "fashion_mnist" else [
-        f"class {c}" for c in range(k)]
+    if config.data.name == "fashion_mnist":
+        return list(data_lib.FASHION_MNIST_CLASSES)
+    names = [n for n in str(config.data.get("class_names", "") or "").split(",") if n]
+    return names if len(names) == k else [f"class {c}" for c in range(k)]
 
 
 def write_samples(task, run, out_path: str, grid_points=None, solver=None, guidance=None, per_class=None, seed=0,

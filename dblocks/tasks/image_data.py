@@ -20,7 +20,10 @@ class LabelledImages:
                                     test_fraction=float(d.get("test_fraction", data_lib.TEST_FRACTION)))
 
     def make_batch(self, examples, train):
-        return {"image": data_lib.to_model_range(examples["image"]), "label": examples["label"].astype(np.int32)}
+        """Training batches keep uint8 pixels (converted on the device by the task's loss: images.to_model_range);
+        evaluation batches are float32 in [-1, 1]."""
+        image = examples["image"] if train else data_lib.to_model_range(examples["image"])
+        return {"image": image, "label": examples["label"].astype(np.int32)}
 
     def dummy_batch(self, n: int = 2) -> dict:
         d = self.config.data

@@ -17,6 +17,7 @@ import optax
 from dblocks import augment
 from dblocks import data as data_lib
 from dblocks import edm as edm_lib
+from dblocks import images as images_lib
 from dblocks import sampling
 from dblocks import targets
 from dblocks.models.vit import ViTClassifier, ViTDenoiser
@@ -74,7 +75,7 @@ class ViTTask(LabelledImages, Task):
                    num_classes=d.num_classes, mlp_ratio=m.mlp_ratio, dropout=m.dropout, **model_options(m))
 
     def init_params(self, model, rng, batch):
-        image = jnp.asarray(batch["image"])
+        image = images_lib.to_model_range(jnp.asarray(batch["image"]))
         if isinstance(model, ViTClassifier):
             return model.init({"params": rng}, image)["params"]
         n = image.shape[0]
@@ -96,7 +97,7 @@ class ViTTask(LabelledImages, Task):
 
     def loss(self, model, params, batch, rng, train_range, train=True):
         k_aug, k_sigma, k_eps, k_drop = jax.random.split(rng, 4)
-        image, label = batch["image"], batch["label"]
+        image, label = images_lib.to_model_range(batch["image"]), batch["label"]
         if train:
             image = self.augment(k_aug, image)
         if isinstance(model, ViTClassifier):
