@@ -91,3 +91,15 @@ def test_modules_stay_small():
     big = {str(p.relative_to(ROOT)): n for p in _modules().values()
            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_requirements_and_pyproject_agree():
+    """requirements.txt (pip install -r) and pyproject.toml (pip install -e .) name the same packages."""
+    import re
+    import tomllib
+    name = lambda spec: re.split(r"[<>=!\[ ;]", spec.strip(), 1)[0].lower()  # noqa: E731
+    req = {name(ln) for ln in (ROOT / "requirements.txt").read_text().splitlines()
+           if ln.strip() and not ln.startswith("#")}
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = {name(d) for d in proj["dependencies"]} | {name(d) for d in proj["optional-dependencies"]["dev"]}
+    assert req == deps, (req ^ deps)
