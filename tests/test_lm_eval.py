@@ -184,3 +184,11 @@ def test_ensemble_of_one_run_twice_is_that_run():
 def test_char_entropy():
     assert text_metrics.char_entropy_bits(["abab"]) == pytest.approx(1.0)
     assert text_metrics.char_entropy_bits(["aaaa"]) == pytest.approx(0.0)
+
+
+def test_mauve_separates_shifted_features():
+    pytest.importorskip("mauve")
+    rng = np.random.default_rng(0)
+    p, q = rng.standard_normal((300, 8)), rng.standard_normal((300, 8))
+    assert text_metrics.mauve_score(p, q) > 0.9
+    assert text_metrics.mauve_score(p, q + 3.0) < 0.2
