@@ -67,7 +67,9 @@ class StopSignal:
         logs.log.warning("received %s: finishing the current step, then saving", signal.Signals(signum).name)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # Several processes: JAX's preemption notifier (installed by jax.distributed.initialize) owns SIGTERM and
+        # makes every process stop at the same step; a local handler would hide the signal from it.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handler)
         return self
@@ -80,9 +82,9 @@ class StopSignal:
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:  # all processes stop at the same step (jax's preemption notifier sees SIGTERM)
             try:
-                return bool(multihost_utils.reached_preemption_sync_point(step)) or self.signum is not None
-            except RuntimeError:  # no preemption sync manager (a cluster without it): local signal only
-                pass
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # no preemption sync manager: SIGTERM ends the processes as usual
+                return False
         return self.signum is not None
 
 
