@@ -22,6 +22,15 @@ def test_memory_report_block_smaller_than_e2e():
     assert 0 <= b["opt_state_bytes"] - 2 * b["params_bytes"] < 64  # Adam: two moments per parameter (+ counts)
     assert b["temp_bytes"] < e["temp_bytes"] and b["params_bytes"] < e["params_bytes"]
     assert r["ratio"] == r["block_step_bytes"] / r["e2e_step_bytes"]
+    for row in memory.ROWS:                       # state + temporaries, and the FLOPs of the compiled step
+        x = r[row]
+        assert x["total_bytes"] == x["state_bytes"] + x["temp_bytes"] == r[f"{row}_step_bytes"]
+        assert x["state_bytes"] >= x["params_bytes"] + x["opt_state_bytes"] and x["flops"] > 0
+    # remat (scanned layers, policy 'full') keeps the state and cuts the temporaries; it recomputes the forward
+    assert r["e2e_remat"]["params_bytes"] == e["params_bytes"]
+    assert r["e2e_remat"]["temp_bytes"] < e["temp_bytes"] and r["block_remat"]["temp_bytes"] < b["temp_bytes"]
+    assert r["e2e_remat"]["flops"] > e["flops"]
+    assert r["block"]["flops"] < e["flops"]
 
 
 def test_memory_cli_json():
@@ -30,3 +39,4 @@ def test_memory_cli_json():
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["block_step_bytes"] < report["e2e_step_bytes"]
+    assert report["block_remat_step_bytes"] < report["e2e_remat_step_bytes"]

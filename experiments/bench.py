@@ -1,0 +1,252 @@
+r"""One benchmark command: training-step speed, memory and sampling throughput of a config on this machine.
+
+  python -m experiments.bench --config experiments/configs/cifar100_vit.py [--steps 20] [--json]
+  python -m experiments.bench --device [--small]      # the one-chip suite (cifar10_dit, cifar100_vit), <= 5 min
+
+For the end-to-end step and the largest block's step: compile time, step time (median of --steps after --warmup),
+achieved GFLOP/s (XLA's cost analysis of the compiled step / step time), that rate as a fraction of this machine's
+own fp32 matmul rate (measured by the same command), peak RSS, and on an accelerator the device's peak bytes in use
+(`memory_stats()`); then sampling throughput at batch --sample_batch through the task's own entry points
+(images/s for image configs, tokens/s for language configs) with freshly initialised parameters.
+Each measurement runs in its own child process, so peak RSS belongs to that step alone. Steps run on zero data
+(the config's shapes), so the data pipeline is not measured. Model options (scan, remat, dtype, attention) come
+from the config: e.g. --config.model.dtype=bfloat16 --config.model.scan_layers=True.
+--device: cifar10_dit and cifar100_vit at their paper batch sizes (with --small: tiny shapes, for a CPU check),
+and the block-parallel mesh against data-parallel e2e when several devices are present.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from dblocks import config as config_lib
+from dblocks import logs, memory, runtime, steps
+from dblocks.tasks import get_task
+from experiments.common import user_errors
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "timed training steps per row (median)")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps before timing")
+_BATCH = flags.DEFINE_integer("batch_size", None, "training batch size (default: the config's)")
+_SAMPLE = flags.DEFINE_integer("sample_batch", 64, "sampling batch (0: skip sampling)")
+_TOKENS = flags.DEFINE_integer("sample_tokens", 32, "tokens generated per sequence for language configs")
+_ROWS = flags.DEFINE_list("rows", ["e2e", "block", "sample_e2e", "sample_dblocks"], "what to measure")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
+_DEVICE = flags.DEFINE_bool("device", False, "run the one-chip suite (cifar10_dit, cifar100_vit)")
+_SMALL = flags.DEFINE_bool("small", False, "with --device: tiny shapes, to check the suite on a CPU")
+_CHILD = flags.DEFINE_string("child", "", "internal: measure one row in this process and print JSON")
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+# -- the machine's own matmul rate ---------------------------------------------------------------------------------
+
+def matmul_rate(n: int | None = None, dtype=jnp.float32, repeats: int = 5) -> dict:
+    """GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in XLA on the default device: the best of `repeats`."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - t0)
+    return {"n": n, "dtype": jnp.dtype(dtype).name, "gflops": 2 * n ** 3 / best / 1e9}
+
+
+# -- one row, in a child process ------------------------------------------------------------------------------------
+
+def _peaks() -> dict:
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:   # noqa: BLE001 - backends without memory stats
+        stats = {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    return out
+
+
+def train_row(task, method: str, batch_size: int, n_steps: int, warmup: int) -> dict:
+    """Compile + time one unit's training step (the e2e network, or the largest block)."""
+    units = task.units(method)
+    unit = max(units, key=lambda u: u.num_layers)
+    t0 = time.perf_counter()
+    compiled, _, _ = memory.compile_step(task, unit, batch_size)
+    compile_s = time.perf_counter() - t0
+    flops = memory.flops_of(compiled)
+    mem = compiled.memory_analysis()
+    seconds = memory.time_step(task, unit, batch_size, compiled, n_steps + warmup - 1) if n_steps else float("nan")
+    return {"unit": unit.name, "layers": unit.num_layers, "batch_size": batch_size, "compile_seconds": compile_s,
+            "step_seconds": seconds, "flops": flops, "gflops_per_s": flops / seconds / 1e9,
+            "compiled_temp_bytes": int(mem.temp_size_in_bytes), **_peaks()}
+
+
+def _fresh_run(task, method: str):
+    """An assembled run (dblocks.assemble.Run) with freshly initialised parameters: throughput only."""
+    from dblocks import assemble, partition as partition_lib
+    units = task.units(method)
+    models = [task.make_model(u) for u in units]
+    params = [jax.jit(lambda m=m, u=u: task.init_params(m, steps.init_key(0, u.index), task.dummy_batch(2)))()
+              for m, u in zip(models, units)]
+    part = task.partition() if method == "dblocks" else partition_lib.Partition(
+        boundaries=task.full_range(), ranges=(task.full_range(),))
+    return assemble.Run("", task.config, task, method, part, units, models, params, [])
+
+
+def sample_row(task, method: str, n: int, max_tokens: int) -> dict:
+    """Throughput of the task's own sampling entry point at batch n (second call timed; the first compiles)."""
+    run = _fresh_run(task, method)
+    c = task.config
+    if task.name in ("dit",):
+        labels = np.arange(n) % int(c.data.num_classes)
+        fn, unit = (lambda: task.generate(run, labels)), "images"
+    elif task.name in ("vit",):
+        image = np.zeros((n, c.data.image_size, c.data.image_size, c.data.channels), np.float32)
+        fn, unit = (lambda: task.classify(run, image)), "images"
+    elif task.name == "mdm":
+        fn, unit = (lambda: task.generate(run, n, int(c.sample.steps))), "tokens"
+        max_tokens = int(c.data.seq_len)
+    else:   # ar, recurrent
+        prompts = np.zeros((n, 8), np.int32)
+        fn, unit = (lambda: task.generate(run, prompts, max_tokens)), "tokens"
+    t0 = time.perf_counter()
+    jax.block_until_ready(jax.tree.leaves(fn()))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(jax.tree.leaves(fn()))
+    seconds = time.perf_counter() - t0
+    count = n if unit == "images" else n * max_tokens
+    return {"method": method, "batch": n, "unit": unit, "first_call_seconds": first, "seconds": seconds,
+            f"{unit}_per_s": count / seconds, **_peaks()}
+
+
+def child_main(config, row: str) -> dict:
+    task = get_task(config)
+    batch = int(_BATCH.value or config.data.batch_size)
+    if row in ("e2e", "block"):
+        return train_row(task, "e2e" if row == "e2e" else "dblocks", batch, _STEPS.value, _WARMUP.value)
+    return sample_row(task, row.split("_", 1)[1], int(_SAMPLE.value), int(_TOKENS.value))
+
+
+# -- the parent: one child per row ------------------------------------------------------------------------------------
+
+def _run_child(config_path: str, overrides: list[str], row: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "experiments.bench", "--config", config_path, f"--child={row}", *overrides, *extra]
+    env = {**os.environ, "DBLOCKS_CACHE": "off"}   # compile time is a real compile, not a cache hit
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+    return json.loads(lines[-1])
+
+
+def bench(config_path: str, overrides: list[str], rows: list[str], extra: list[str]) -> dict:
+    info = runtime.device_info()
+    out = {"config": config_path, "overrides": overrides, "device": info, "matmul": matmul_rate()}
+    for row in rows:
+        r = _run_child(config_path, overrides, row, extra)
+        if "gflops_per_s" in r:
+            r["fraction_of_matmul"] = r["gflops_per_s"] / out["matmul"]["gflops"]
+        out[row] = r
+    return out
+
+
+def table(report: dict) -> str:
+    m, d = report["matmul"], report["device"]
+    lines = [f"{report['config']} {' '.join(report['overrides'])}",
+             f"{d['backend']} x{d['devices']} ({d['device_kind']}), jax {d['jax']}; fp32 matmul {m['n']}^3: "
+             f"{m['gflops']:.0f} GFLOP/s",
+             f"{'':8s}{'layers':>7s}{'batch':>7s}{'compile s':>10s}{'step s':>9s}{'GFLOP/step':>11s}{'GFLOP/s':>9s}"
+             f"{'of matmul':>10s}{'peak RSS MiB':>13s}{'dev peak MiB':>13s}"]
+    for row in ("e2e", "block"):
+        r = report.get(row)
+        if not r:
+            continue
+        if "error" in r:
+            lines.append(f"{row:8s} error: {r['error']}")
+            continue
+        dev = f"{r['device_peak_bytes'] / 2**20:13.0f}" if "device_peak_bytes" in r else f"{'-':>13s}"
+        lines.append(f"{row:8s}{r['layers']:7d}{r['batch_size']:7d}{r['compile_seconds']:10.1f}"
+                     f"{r['step_seconds']:9.3f}{r['flops'] / 1e9:11.1f}{r['gflops_per_s']:9.1f}"
+                     f"{r['fraction_of_matmul']:10.1%}{r['peak_rss_bytes'] / 2**20:13.0f}{dev}")
+    for row in ("sample_e2e", "sample_dblocks"):
+        r = report.get(row)
+        if not r:
+            continue
+        if "error" in r:
+            lines.append(f"{row:15s} error: {r['error']}")
+            continue
+        key = f"{r['unit']}_per_s"
+        lines.append(f"{row:15s} batch {r['batch']}: {r[key]:10.1f} {r['unit']}/s ({r['seconds']:.2f} s; first "
+                     f"call {r['first_call_seconds']:.1f} s; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    return "\n".join(lines)
+
+
+def _config_overrides(argv: list[str]) -> list[str]:
+    return [a for a in sys.argv[1:] if a.startswith("--config.")]
+
+
+def device_suite(small: bool) -> dict:
+    """cifar10_dit and cifar100_vit at their paper batch sizes (tiny with small=True), e2e and block steps, and
+    sampling; with several devices also the mesh scaling of experiments.bench_parallel."""
+    tiny = ["--config.model.num_layers=3", "--config.model.hidden=32", "--config.model.heads=2",
+            "--config.model.mlp_ratio=2.0", "--config.data.batch_size=8", "--config.data.name=synthetic"]
+    suite = {}
+    extra = ["--steps=5", "--warmup=1", "--sample_batch=8"] if small else ["--steps=10", "--warmup=2"]
+    for name in ("cifar10_dit", "cifar100_vit"):
+        path = os.path.join(CONFIGS, f"{name}.py")
+        overrides = (tiny if small else ["--config.data.name=synthetic"])
+        suite[name] = bench(path, overrides, ["e2e", "block", "sample_dblocks"], extra)
+    if jax.device_count() > 1:
+        cmd = [sys.executable, "-m", "experiments.bench_parallel", "--config",
+               os.path.join(CONFIGS, "scale_dit.py"), "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        suite["mesh"] = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip().splitlines()[-1:]}
+    return suite
+
+
+def main(argv):
+    del argv
+    logs.setup()
+    runtime.setup()
+    if _CHILD.value:
+        with user_errors():
+            print(json.dumps(child_main(_CONFIG.value, _CHILD.value)))
+        return
+    if _DEVICE.value:
+        suite = device_suite(_SMALL.value)
+        if _JSON.value:
+            print(json.dumps(suite))
+        else:
+            print("\n\n".join(table(r) for k, r in suite.items() if k != "mesh"))
+            if "mesh" in suite:
+                print("\nmesh scaling (experiments.bench_parallel):", json.dumps(suite["mesh"]))
+        return
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required (or --device)")
+    with user_errors():
+        config_lib.validate(_CONFIG.value)
+    path = next(a.split("=", 1)[1] if "=" in a else sys.argv[sys.argv.index(a) + 1]
+                for a in sys.argv[1:] if a.split("=")[0] == "--config")
+    extra = [f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}", f"--sample_batch={_SAMPLE.value}",
+             f"--sample_tokens={_TOKENS.value}"] + ([f"--batch_size={_BATCH.value}"] if _BATCH.value else [])
+    rows = [r for r in _ROWS.value if _SAMPLE.value or not r.startswith("sample")]
+    report = bench(path, _config_overrides(sys.argv), rows, extra)
+    print(json.dumps(report) if _JSON.value else table(report))
+
+
+if __name__ == "__main__":
+    app.run(main)
