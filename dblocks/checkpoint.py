@@ -18,10 +18,12 @@ What can still go wrong on disk, and what happens (docs/reliability.md):
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -55,7 +57,7 @@ class CheckpointWriteError(OSError):
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
-WRITE_ERROR_WORDS = ("No space left", "Read-only file system", "Permission denied", "Disk quota")
+WRITE_ERROR_WORDS = ("No space left", "Read-only file system", "Permission denied", "Disk quota", "RESOURCE_EXHAUSTED")
 
 
 def is_write_error(e: BaseException) -> bool:
@@ -173,6 +175,21 @@ def state_problems(state: Any, abstract: Any, step: int) -> list[str]:
     return p
 
 
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Orbax and asyncio log a screen of traceback for a step that cannot be read; the caller reports it in one
+    line, so their loggers are muted meanwhile."""
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _short(e: BaseException) -> str:
     """The first line of the innermost cause (tensorstore's wrapper messages are screens of JSON)."""
     seen = [e]
@@ -271,7 +288,8 @@ class UnitCheckpoint:
         failures: list[tuple[int, str]] = []
         for s in steps:
             try:
-                state = self.manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
+                with _quiet_libraries():
+                    state = self.manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
                 problems = state_problems(state, abstract_state, s)
             except Exception as e:  # noqa: BLE001 - whatever stops a step from being read makes it unusable
                 problems = [_short(e)]

@@ -54,11 +54,13 @@ def user_errors():
         _fail(str(e), EXIT_USER_ERROR)
     except CheckpointWriteError as e:
         _fail(e.strerror or str(e), EXIT_CANNOT_WRITE)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a refused write, however a library reports it; anything else re-raised
         if not is_write_error(e):
             raise
-        _fail(f"cannot write {e.filename or 'the workdir'}: {e.strerror or e}. Free some space or fix the "
-              f"permissions, then rerun the same command (what is on disk is intact).", EXIT_CANNOT_WRITE)
+        what = getattr(e, "filename", None) or "the workdir"
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:400]
+        _fail(f"cannot write {what}: {reason}. Free some space or fix the permissions, then rerun the same command "
+              f"(the checkpoints already on disk are intact).", EXIT_CANNOT_WRITE)
 
 
 # -- flags ----------------------------------------------------------------------------------------------------------

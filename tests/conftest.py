@@ -9,12 +9,14 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: heavier checks, run on demand with `-m slow`")
+    config.addinivalue_line("markers", "faults: fault injection (kill -9, SIGTERM, corrupt or full workdirs), run on "
+                                       "demand with `./launch.sh test -m faults`")
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("-m"):
         return
-    skip = pytest.mark.skip(reason="slow: run with `./launch.sh test -m slow`")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for mark in ("slow", "faults"):
+            if mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"{mark}: run with `./launch.sh test -m {mark}`"))
