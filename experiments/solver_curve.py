@@ -20,7 +20,8 @@ from dblocks import assemble, logs, sampling
 
 
 def points(workdir: str, calls: list[int], solvers: list[str], num_samples: int, grid_kind: str, cache_dir: str,
-           same_points: bool, seed: int = 0) -> list[dict]:
+           same_points: bool, seed: int = 0, out_path: str | None = None) -> list[dict]:
+    """One FID per (solver, grid size); rows are appended to out_path (JSON) as they come."""
     run = assemble.load_run(workdir)
     jobs = [(s, sampling.points_for_calls(c, s)) for s in solvers for c in calls]
     if same_points and "heun" in solvers:
@@ -37,6 +38,9 @@ def points(workdir: str, calls: list[int], solvers: list[str], num_samples: int,
                "fid": res["headline"]["value"], "seconds": round(time.time() - t0, 1)}
         logs.log.info("%s", row)
         out.append(row)
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(out, f, indent=1)
     return out
 
 
@@ -74,11 +78,9 @@ def main() -> None:
     parser.add_argument("--same_points", action="store_true", help="also Heun on Euler's grids")
     args = parser.parse_args()
     logs.setup()
-    rows = points(args.workdir, [int(c) for c in args.calls.split(",")], args.solvers.split(","), args.num_samples,
-                  args.grid_kind, args.cache_dir, args.same_points)
     out = args.out or os.path.join(args.workdir, "solver_curve.json")
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
+    rows = points(args.workdir, [int(c) for c in args.calls.split(",")], args.solvers.split(","), args.num_samples,
+                  args.grid_kind, args.cache_dir, args.same_points, out_path=out)
     print("| solver | grid points | block calls | FID |\n|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["solver"], r["block_calls"])):
         print(f"| {r['solver']} | {r['grid_points']} | {r['block_calls']} | {r['fid']:.2f} |")
