@@ -1,6 +1,7 @@
 r"""Solvers against an exact denoiser: a known 2-D Gaussian mixture through `dblocks.sampling.sample`.
 
   python -m experiments.solver_toy            # the table of docs/solvers.md (sliced Wasserstein, B=3, gamma 0.05)
+  python -m experiments.solver_toy --order    # relative error against grid size, Gaussian data (exact flow)
 
 For y ~ sum_k w_k N(mu_k, s_k^2 I), the noisy marginal at sigma is the mixture with variances s_k^2 + sigma^2, and
 the exact denoiser is the posterior mean
@@ -86,10 +87,42 @@ def table(num: int = 20_000, rows=(("cdf", 4), ("cdf", 10), ("cdf", 50), ("karra
     return out
 
 
+def gaussian_error(sd: float, n: int, kind: str, solver: str, edm: edm_lib.EDM = edm_lib.EDM(),
+                   num_blocks: int = 3, gamma: float = 0.05) -> float:
+    """Relative error of the sample for y ~ N(0, sd^2), D = z sd^2 / (sd^2 + sigma^2). The flow is linear,
+    z(sigma) = z(sigma_max) sqrt(sd^2 + sigma^2) / sqrt(sd^2 + sigma_max^2), so the exact output is known."""
+    part = partition_lib.make_partition(num_blocks, edm, gamma)
+
+    def denoise(b, z, s):
+        return z * (sd ** 2 / (sd ** 2 + s ** 2))[:, None], None
+    z0 = jnp.full((1, 1), edm.sigma_max)
+    out = float(sampling.sample(denoise, z0, sampling.grid_for(n, edm, kind), part, solver).denoised[0, 0])
+    s_min = edm.sigma_min
+    exact = edm.sigma_max * np.sqrt(sd ** 2 + s_min ** 2) / np.sqrt(sd ** 2 + edm.sigma_max ** 2) \
+        * sd ** 2 / (sd ** 2 + s_min ** 2)
+    return abs(out / exact - 1.0)
+
+
+def order_table(sd: float, kind: str, ns) -> list[str]:
+    lines = [f"| sd {sd}, {kind} | " + " | ".join(f"{n} pts" for n in ns) + " | rate (last 3) |",
+             "|---|" + "---|" * (len(ns) + 1)]
+    for solver in sampling.SOLVERS:
+        err = [gaussian_error(sd, n, kind, solver) for n in ns]
+        rate = -np.polyfit(np.log(ns[-3:]), np.log(err[-3:]), 1)[0]
+        lines.append(f"| {solver} | " + " | ".join(f"{e:.1e}" for e in err) + f" | {rate:.2f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num", type=int, default=20_000)
+    parser.add_argument("--order", action="store_true", help="error against grid size for Gaussian data")
     args = parser.parse_args()
+    if args.order:
+        for sd in (0.5, 0.05):
+            for kind, ns in (("cdf", (4, 6, 10, 20, 40, 80, 160)), ("karras", (10, 20, 40, 80, 160))):
+                print("\n".join(order_table(sd, kind, ns)) + "\n")
+        return
     rows = table(args.num)
     solvers = [s for s in ("euler", "heun", "dpmpp_2m") if s in sampling.SOLVERS]
     print("| grid | " + " | ".join(f"{s} (calls)" for s in solvers) + " |")
