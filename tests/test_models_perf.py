@@ -216,3 +216,39 @@ def test_chunked_cross_entropy_never_holds_all_logits():
     chunk_bytes = 256 * 8192 * 4                                          # one chunk's logits
     assert full >= logits_bytes
     assert chunked <= 3 * chunk_bytes < logits_bytes / 2, (chunked, full)
+
+
+def test_runtime_cache_and_gpu_warning(tmp_path, monkeypatch, caplog):
+    from dblocks import runtime
+    monkeypatch.setenv("DBLOCKS_CACHE", str(tmp_path / "cache"))
+    assert runtime.cache_dir() == str(tmp_path / "cache")
+    monkeypatch.setenv("DBLOCKS_CACHE", "off")
+    assert runtime.cache_dir() is None and runtime.enable_compilation_cache() is None
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: True)
+    with caplog.at_level("INFO", logger="dblocks"):
+        info = runtime.log_devices()
+    assert info["backend"] == "cpu" and info["jax"] == jax.__version__
+    assert any("GPU is visible" in r.message for r in caplog.records)
+
+
+def test_bench_matmul_rate():
+    from experiments import bench
+    r = bench.matmul_rate(256, repeats=2)
+    assert r["n"] == 256 and r["gflops"] > 0
+
+
+@pytest.mark.slow
+def test_bench_device_suite_small():
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--device", "--small", "--json"], cwd=root,
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    suite = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    for name in ("cifar10_dit", "cifar100_vit"):
+        for row in ("e2e", "block"):
+            assert suite[name][row]["gflops_per_s"] > 0 and suite[name][row]["peak_rss_bytes"] > 0
+        assert suite[name]["sample_dblocks"]["images_per_s"] > 0
