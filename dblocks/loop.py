@@ -157,12 +157,13 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
                     timed = bool(multihost_utils.broadcast_one_to_all(np.int32(timed)))
                 interrupted = stop.requested(done)
                 save = (done % ckpt_every == 0 or timed or interrupted) and done != total
-                if at_log or save:
+                if at_log or save:   # the only place the host reads the device between steps
                     with _allow_transfers():
                         host = driver.to_host(sums)
-                    _check_finite(driver, host, count, done)
+                        _check_finite(driver, host, count, done)
+                        if at_log:
+                            _log(driver, progress, writer, host, count, done, t0, batch_size, lr_at)
                     if at_log:
-                        _log(driver, progress, writer, host, count, done, t0, batch_size, lr_at)
                         sums, count = None, 0
                 if save:
                     _save(driver, done, force=True)

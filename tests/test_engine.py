@@ -1,6 +1,8 @@
 """The block-training engine: independence of blocks, resume, e2e baseline, only the active block resident."""
+import contextlib
 import json
 import os
+import threading
 
 import jax
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 from dblocks import data as data_lib
 from dblocks import order
-from dblocks import engine
+from dblocks import engine, loop
 from dblocks.checkpoint import CheckpointMismatchError
 from dblocks import train as train_lib
 from dblocks.tasks import get_task
@@ -173,3 +175,40 @@ def test_image_batches_travel_as_uint8_and_give_the_float_loss():
     a = task.loss(model, params, batch, rng, rr)[0]
     b = task.loss(model, params, as_float, rng, rr)[0]
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+def test_no_host_read_of_device_arrays_between_log_points(tmp_path, monkeypatch):
+    """The step loop never reads a device array on the host except where it means to (log and checkpoint points,
+    inside loop._allow_transfers): every host read of an array (float(), np.asarray, .item() all go through
+    ArrayImpl._value) made by the loop's thread elsewhere is counted, and there must be none."""
+    from jax._src import array as array_lib
+    seen = {"in_loop": False, "allowed": False, "reads": 0, "allowed_reads": 0}
+    value = array_lib.ArrayImpl._value
+
+    def counted(self):
+        if seen["in_loop"] and threading.current_thread() is threading.main_thread():
+            seen["allowed_reads" if seen["allowed"] else "reads"] += 1
+        return value.fget(self)
+
+    @contextlib.contextmanager
+    def allow():
+        seen["allowed"] = True
+        try:
+            yield
+        finally:
+            seen["allowed"] = False
+
+    def run(*args, **kwargs):
+        seen["in_loop"] = True
+        try:
+            return real_run(*args, **kwargs)
+        finally:
+            seen["in_loop"] = False
+
+    real_run = loop.run
+    monkeypatch.setattr(array_lib.ArrayImpl, "_value", property(counted))
+    monkeypatch.setattr(loop, "_allow_transfers", allow)
+    monkeypatch.setattr(loop, "run", run)
+    c = _cfg(**{"train.steps": 6, "train.log_every": 3, "train.ckpt_every": 6, "blocks.train": "0"})
+    train_lib.train(c, str(tmp_path))
+    assert seen["reads"] == 0 and seen["allowed_reads"] > 0, seen
