@@ -52,7 +52,8 @@ def train_references(config, workdir: str, train_timed, seeds: int | None = None
 
 def reference_bits(config, workdir: str, options: dict) -> dict:
     """ref_shallow_bits (seed 0) and ref_ensemble_bits (mixture of all seeds) on the comparison's held-out windows."""
-    wds = sorted(d for d in os.listdir(workdir) if d.startswith("ref_shallow_s"))
+    wds = sorted(d for d in os.listdir(workdir)
+                 if d.startswith("ref_shallow_s") and os.path.isdir(os.path.join(workdir, d)))
     if not wds:
         return {}
     runs = [assemble.load_run(os.path.join(workdir, d), method="e2e") for d in wds]
