@@ -10,7 +10,7 @@ own fp32 matmul rate (measured by the same command), peak RSS, and on an acceler
 (images/s for image configs, tokens/s for language configs) with freshly initialised parameters.
 Each measurement runs in its own child process, so peak RSS belongs to that step alone. Steps run on zero data
 (the config's shapes), so the data pipeline is not measured. Model options (scan, remat, dtype, attention) come
-from the config: e.g. --config.model.dtype=bfloat16 --config.model.scan_layers=True.
+from the config, or from --model dtype=bfloat16,scan_layers=true,remat=full (configs need not have the keys).
 --device: cifar10_dit and cifar100_vit at their paper batch sizes (with --small: tiny shapes, for a CPU check),
 and the block-parallel mesh against data-parallel e2e when several devices are present.
 """
@@ -44,6 +44,8 @@ _ROWS = flags.DEFINE_list("rows", ["e2e", "block", "sample_e2e", "sample_dblocks
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
 _DEVICE = flags.DEFINE_bool("device", False, "run the one-chip suite (cifar10_dit, cifar100_vit)")
 _SMALL = flags.DEFINE_bool("small", False, "with --device: tiny shapes, to check the suite on a CPU")
+_MODEL = flags.DEFINE_list("model", [], "model options key=value (dblocks.models.options), e.g. "
+                           "dtype=bfloat16,scan_layers=true,remat=full: set even when the config has no such key")
 _CHILD = flags.DEFINE_string("child", "", "internal: measure one row in this process and print JSON")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -132,8 +134,21 @@ def sample_row(task, method: str, n: int, max_tokens: int) -> dict:
             f"{unit}_per_s": count / seconds, **_peaks()}
 
 
+def _with_model_options(config, pairs: list[str]):
+    """A copy of config with model options set from 'key=value' strings."""
+    if not pairs:
+        return config
+    import copy
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for pair in pairs:
+            k, v = pair.split("=", 1)
+            config.model[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return config
+
+
 def child_main(config, row: str) -> dict:
-    task = get_task(config)
+    task = get_task(_with_model_options(config, _MODEL.value))
     batch = int(_BATCH.value or config.data.batch_size)
     if row in ("e2e", "block"):
         return train_row(task, "e2e" if row == "e2e" else "dblocks", batch, _STEPS.value, _WARMUP.value)
@@ -244,7 +259,8 @@ def main(argv):
     extra = [f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}", f"--sample_batch={_SAMPLE.value}",
              f"--sample_tokens={_TOKENS.value}"] + ([f"--batch_size={_BATCH.value}"] if _BATCH.value else [])
     rows = [r for r in _ROWS.value if _SAMPLE.value or not r.startswith("sample")]
-    report = bench(path, _config_overrides(sys.argv), rows, extra)
+    report = bench(path, _config_overrides(sys.argv) + [f"--model={','.join(_MODEL.value)}"] * bool(_MODEL.value),
+                   rows, extra)
     print(json.dumps(report) if _JSON.value else table(report))
 
 
