@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from dblocks.models import ar as ar_model
+from dblocks.models.options import model_options
 from dblocks.models.recurrent import RecurrentModel
 from dblocks.tasks import recurrent_infer
 from dblocks.tasks.base import Unit, register
@@ -55,7 +56,8 @@ class RecurrentTask(LMTask):
         return RecurrentModel(vocab=self.vocab.size, hidden=m.hidden, heads=m.heads, prelude=m.prelude, core=m.core,
                               coda=m.coda, mlp_ratio=m.mlp_ratio, diffusion=unit.is_block,
                               iterations=int(self.config.recurrent.mean_iterations),
-                              init_std=float(self.config.recurrent.init_std), sigma_min=self.edm.sigma_min)
+                              init_std=float(self.config.recurrent.init_std), sigma_min=self.edm.sigma_min,
+                              **model_options(m))
 
     def init_params(self, model, rng, batch):
         tokens = jnp.asarray(batch["tokens"])
