@@ -87,11 +87,11 @@ def train_row(task, method: str, batch_size: int, n_steps: int, warmup: int) -> 
     t0 = time.perf_counter()
     compiled, _, _ = memory.compile_step(task, unit, batch_size)
     compile_s = time.perf_counter() - t0
-    flops = memory.flops_of(compiled)
+    flops, flops_source = memory.step_flops(task, unit, batch_size, compiled)   # scanned: an unrolled count
     mem = compiled.memory_analysis()
     seconds = memory.time_step(task, unit, batch_size, compiled, n_steps + warmup - 1) if n_steps else float("nan")
     return {"unit": unit.name, "layers": unit.num_layers, "batch_size": batch_size, "compile_seconds": compile_s,
-            "step_seconds": seconds, "flops": flops, "gflops_per_s": flops / seconds / 1e9,
+            "step_seconds": seconds, "flops": flops, "flops_source": flops_source, "gflops_per_s": flops / seconds / 1e9,
             "compiled_temp_bytes": int(mem.temp_size_in_bytes), **_peaks()}
 
 

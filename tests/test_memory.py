@@ -28,7 +28,7 @@ def test_memory_report_block_smaller_than_e2e():
         assert x["state_bytes"] >= x["params_bytes"] + x["opt_state_bytes"] and x["flops"] > 0
     # remat (scanned layers, policy 'full') keeps the state and cuts the temporaries; it recomputes the forward
     assert r["e2e_remat"]["params_bytes"] == e["params_bytes"]
-    assert r["e2e_remat"]["temp_bytes"] < e["temp_bytes"] and r["block_remat"]["temp_bytes"] < b["temp_bytes"]
+    assert r["e2e_remat"]["temp_bytes"] < 0.8 * e["temp_bytes"]       # 6 layers (a 2-layer block gains ~nothing)
     assert r["e2e_remat"]["flops"] > e["flops"]
     assert r["block"]["flops"] < e["flops"]
 
