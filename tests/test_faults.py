@@ -135,7 +135,9 @@ def listing(workdir: str) -> dict[str, tuple]:
 
 
 def ckpt_listing(workdir: str) -> dict[str, tuple]:
-    return {k: v for k, v in listing(workdir).items() if k.startswith("blocks")}
+    """The checkpoint steps' files (not meta.json, rewritten by every resume, nor the .lock files)."""
+    return {k: v for k, v in listing(workdir).items()
+            if k.startswith("blocks") and os.path.basename(k) not in ("meta.json", ".lock")}
 
 
 def corrupt_step(step_dir: str) -> int:
