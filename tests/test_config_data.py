@@ -36,7 +36,7 @@ def _problems(**overrides):
     ({"task": "gan"}, "task='gan' is unknown"),
     ({"edm.loss_weighting": "snr"}, "edm.loss_weighting='snr'"),
     ({"data.image_size": 10}, "not divisible by model.patch"),
-    ({"sample.steps": 2}, "cannot visit all 3 blocks"),
+    ({"sample.grid_points": 2}, "cannot visit all 3 blocks"),
     ({"optim.warmup_steps": 100}, "optim.warmup_steps=100 must be in [0, train.steps=6]"),
     ({"optim.warmup_steps": 6}, "must be < train.steps=6 with optim.schedule='cosine'"),   # was optax's ValueError
     ({"model.heads": 0}, "model.heads=0 must be > 0"),          # was a ZeroDivisionError in the task's checks
