@@ -252,3 +252,21 @@ def test_bench_device_suite_small():
         for row in ("e2e", "block"):
             assert suite[name][row]["gflops_per_s"] > 0 and suite[name][row]["peak_rss_bytes"] > 0
         assert suite[name]["sample_dblocks"]["images_per_s"] > 0
+
+
+def test_ar_task_chunked_loss_matches():
+    """model.loss_chunk > 0: the end-to-end LM loss through dblocks.losses equals the full-logits loss."""
+    from dblocks.tasks import get_task
+    from experiments.configs import tiny_ar
+    c = tiny_ar.get_config()
+    task = get_task(c)
+    unit = task.units("e2e")[0]
+    model = task.make_model(unit)
+    batch = {"tokens": jax.random.randint(jax.random.PRNGKey(0), (4, int(c.data.seq_len)), 0, task.vocab.size)}
+    params = _perturb(jax.jit(lambda: task.init_params(model, jax.random.PRNGKey(1), batch))())
+    full = jax.jit(lambda p: task.loss(model, p, batch, jax.random.PRNGKey(2), jnp.zeros(2))[0])(params)
+    with c.unlocked():
+        c.model.loss_chunk = 7
+    chunked_task = get_task(c)
+    chunked = jax.jit(lambda p: chunked_task.loss(model, p, batch, jax.random.PRNGKey(2), jnp.zeros(2))[0])(params)
+    np.testing.assert_allclose(chunked, full, rtol=1e-5)

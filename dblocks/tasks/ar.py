@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from dblocks import losses
 from dblocks.models import ar as ar_model
 from dblocks.models.options import model_options
 from dblocks.tasks.base import Unit, register
@@ -38,8 +39,13 @@ class ARTask(LMTask):
     def loss(self, model, params, batch, rng, train_range, train=True):
         tokens = batch["tokens"]
         if not model.diffusion:
-            logits = model.apply({"params": params}, tokens)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+            chunk = int(self.config.model.get("loss_chunk", 0) or 0)
+            if chunk:   # dblocks.losses: the [N, T, V] logits are never held whole
+                h, head = model.apply({"params": params}, tokens, features=True), params["head"]["Dense_1"]
+                ce = losses.chunked_cross_entropy(h[:, :-1], head["kernel"], head["bias"], tokens[:, 1:], chunk)
+            else:
+                logits = model.apply({"params": params}, tokens)
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
             return ce.mean(), {"ce": ce.mean()}
         return self.denoising_loss(lambda z, s: self.noisy_logits(model, params, tokens, z, s), tokens, rng,
                                    train_range)
