@@ -83,7 +83,8 @@ def load_run(workdir: str, method: str | None = None, use_ema: bool = True, allo
              config_overrides: dict | None = None) -> Run:
     """Loads every unit of a workdir's run (all B blocks, or the e2e network) with its latest checkpoint."""
     config = load_config(workdir)
-    user_data.resolve_fields(config, workdir, read_data=False)   # a saved text vocabulary is registered    method = method or detect_method(workdir)
+    user_data.resolve_fields(config, workdir, read_data=False)   # a saved text vocabulary is registered
+    method = method or detect_method(workdir)
     config.method = method
     if config_overrides:
         config.update_from_flattened_dict(config_overrides)
