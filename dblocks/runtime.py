@@ -4,7 +4,8 @@
                          a GPU is visible but JAX runs on the CPU (a CPU-only jax install)
 
 The cache directory is $DBLOCKS_CACHE (or $JAX_COMPILATION_CACHE_DIR), else ~/.cache/dblocks/jax; DBLOCKS_CACHE=off
-turns it off. Compiled programs are reused across processes: a resumed run, each job of a one-job-per-block run,
+turns it off. It is on by default on GPU and TPU; on the CPU backend only when DBLOCKS_CACHE names a directory (a
+cached CPU executable's results differ from a fresh compile's by ~1e-8, which would break bit-identical resumes). Compiled programs are reused across processes: a resumed run, each job of a one-job-per-block run,
 evaluate / sample / compare re-runs. The cache holds executable code: keep it per user, never on a shared bucket.
 """
 from __future__ import annotations
@@ -83,8 +84,16 @@ def setup(cache: bool = True) -> dict:
     'compilation_cache' (the directory or None)."""
     if "info" in _done:
         return _done["info"]
+    explicit = bool(os.environ.get("DBLOCKS_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+    if cache and jax.default_backend() == "cpu" and not explicit:
+        # On the CPU backend an executable loaded from the cache gives results that differ from a fresh compile
+        # by ~1e-8, which breaks the bit-identical resume (and block-alone == all-blocks) of CLI runs, and CPU
+        # compiles are short: the cache is off there unless DBLOCKS_CACHE names a directory.
+        cache = False
+        log.info("compilation cache: off on the CPU backend (DBLOCKS_CACHE=DIR turns it on)")
     path = enable_compilation_cache() if cache else None
-    log.info("compilation cache: %s", path or "off")
+    if cache:
+        log.info("compilation cache: %s", path or "off")
     info = {**log_devices(), "compilation_cache": path}
     _done["info"] = info
     return info
