@@ -20,10 +20,13 @@ from dblocks import assemble, logs, sampling
 
 
 def points(workdir: str, calls: list[int], solvers: list[str], num_samples: int, grid_kind: str, cache_dir: str,
-           same_points: bool, seed: int = 0, out_path: str | None = None) -> list[dict]:
-    """One FID per (solver, grid size); rows are appended to out_path (JSON) as they come."""
+           same_points: bool, seed: int = 0, out_path: str | None = None, order: list[tuple[str, int]] = ()
+           ) -> list[dict]:
+    """One FID per (solver, grid size); rows are appended to out_path (JSON) as they come. `order` lists
+    (solver, calls) pairs to run first."""
     run = assemble.load_run(workdir)
-    jobs = [(s, sampling.points_for_calls(c, s)) for s in solvers for c in calls]
+    jobs = [(s, sampling.points_for_calls(c, s)) for s, c in order]
+    jobs += [(s, sampling.points_for_calls(c, s)) for s in solvers for c in calls]
     if same_points and "heun" in solvers:
         jobs += [("heun", sampling.points_for_calls(c, "euler")) for c in calls]
     out, done = [], set()
@@ -76,11 +79,13 @@ def main() -> None:
     parser.add_argument("--grid_kind", default="cdf", choices=["cdf", "karras"])
     parser.add_argument("--cache_dir", default=None, help="FID feature network cache")
     parser.add_argument("--same_points", action="store_true", help="also Heun on Euler's grids")
+    parser.add_argument("--first", default="", help="solver:calls pairs to evaluate first, e.g. euler:50,dpmpp_2m:20")
     args = parser.parse_args()
     logs.setup()
     out = args.out or os.path.join(args.workdir, "solver_curve.json")
     rows = points(args.workdir, [int(c) for c in args.calls.split(",")], args.solvers.split(","), args.num_samples,
-                  args.grid_kind, args.cache_dir, args.same_points, out_path=out)
+                  args.grid_kind, args.cache_dir, args.same_points, out_path=out,
+                  order=[(p.split(":")[0], int(p.split(":")[1])) for p in args.first.split(",") if p])
     print("| solver | grid points | block calls | FID |\n|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["solver"], r["block_calls"])):
         print(f"| {r['solver']} | {r['grid_points']} | {r['block_calls']} | {r['fid']:.2f} |")
