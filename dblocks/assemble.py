@@ -96,7 +96,8 @@ def load_run(workdir: str, method: str | None = None, use_ema: bool = True, allo
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     for u in units:
         model = task.make_model(u)
-        ckpt = ckpt_lib.UnitCheckpoint(os.path.join(workdir, u.subdir()), ckpt_lib.unit_meta(task, u, config))
+        ckpt = ckpt_lib.UnitCheckpoint(os.path.join(workdir, u.subdir()), ckpt_lib.unit_meta(task, u, config),
+                                       read_only=True)   # no lock: a run may be sampled while it trains
         dummy = task.dummy_batch()
         abstract = jax.eval_shape(lambda: steps.init_state(task.init_params(model, jax.random.PRNGKey(0), dummy),
                                                             tx, float(config.optim.ema_decay)))

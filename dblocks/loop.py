@@ -56,9 +56,17 @@ class StopSignal:
     """Records SIGTERM / SIGINT instead of dying, while installed (main thread only; elsewhere a no-op).
     A second SIGINT restores the default handler's behaviour (KeyboardInterrupt) for an impatient user."""
 
+    _active: list["StopSignal"] = []   # the installed one, shared by nested users (train() around every loop)
+
     def __init__(self):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._depth = 0
+
+    @classmethod
+    def shared(cls) -> "StopSignal":
+        """The installed StopSignal when there is one (a signal that arrived between units is not lost), else new."""
+        return cls._active[-1] if cls._active else cls()
 
     def _handler(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
@@ -67,6 +75,10 @@ class StopSignal:
         logs.log.warning("received %s: finishing the current step, then saving", signal.Signals(signum).name)
 
     def __enter__(self):
+        self._depth += 1
+        if self._depth > 1:   # already installed by an enclosing user
+            return self
+        self._active.append(self)
         # Several processes: JAX's preemption notifier (installed by jax.distributed.initialize) owns SIGTERM and
         # makes every process stop at the same step; a local handler would hide the signal from it.
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -75,8 +87,13 @@ class StopSignal:
         return self
 
     def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth:
+            return False
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
+        self._active.remove(self)
         return False
 
     def requested(self, step: int) -> bool:
@@ -139,7 +156,7 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
     sums, count, t0, last_save = None, 0, time.time(), time.monotonic()
     prefetch = Prefetch(driver.batch, range(start, total))
     try:
-        with StopSignal() as stop:
+        with StopSignal.shared() as stop:
             for step in range(start, total):
                 if on_step is not None:
                     for u in driver.units:

@@ -205,6 +205,14 @@ def _group(trainer: engine.Trainer, units: list[Unit], starts: dict[str, int]) -
     return list(groups.values())
 
 
+def _start_step(trainer: engine.Trainer, unit: Unit, ckpt) -> int:
+    """The step a unit resumes from: its newest good checkpoint (an unreadable newer one is moved aside first, so
+    the wave restores exactly this step). Several processes read the latest step (each must agree without I/O)."""
+    if jax.process_count() > 1:
+        return int(ckpt.latest_step() or 0)
+    return int(ckpt.verified_latest_step(trainer.abstract_state(unit, trainer.model(unit))) or 0)
+
+
 def train_units(trainer: engine.Trainer, units: list[Unit], return_params: bool = False) -> dict[str, Any]:
     """Trains `units` on a ('block', 'data') mesh, up to K same-shape blocks at once (a wave). Returns, with
     return_params, {unit name: final params} as numpy trees, like dblocks.train.train."""
@@ -214,7 +222,7 @@ def train_units(trainer: engine.Trainer, units: list[Unit], return_params: bool 
     ckpts = {u.name: trainer.checkpoint(u) for u in units}
     finals: dict[str, Any] = {}
     try:
-        starts = {u.name: int(ckpts[u.name].latest_step() or 0) for u in units}
+        starts = {u.name: _start_step(trainer, u, ckpts[u.name]) for u in units}
         for u in [u for u in units if starts[u.name] >= total]:
             done = ckpts.pop(u.name)
             done.close()

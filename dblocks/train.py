@@ -13,7 +13,7 @@ import jax
 
 from dblocks import checkpoint as ckpt_lib
 from dblocks import config as config_lib
-from dblocks import engine, logs, parallel, user_data
+from dblocks import engine, logs, loop, parallel, user_data
 from dblocks.tasks import Task, Unit, get_task
 
 
@@ -59,12 +59,13 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     trainer = engine.Trainer(task, config, workdir, source, on_step=on_step)
     logs.log.info("training %s: %s", config.method, ", ".join(
         f"{u.name} ({u.num_layers} layers, range [{u.train_range[0]:.4g}, {u.train_range[1]:.4g}])" for u in units))
-    if mode == "mesh":
-        return parallel.train_units(trainer, units, return_params=return_params)
-    finals = {}
-    for unit in units:
-        state = trainer.train_unit(unit)
-        if return_params:
-            finals[unit.name] = jax.device_get(state["params"])
-        del state  # the unit's device buffers are released before the next unit starts
-    return finals
+    with loop.StopSignal.shared():   # a SIGTERM while a unit restores or compiles stops at its first step
+        if mode == "mesh":
+            return parallel.train_units(trainer, units, return_params=return_params)
+        finals = {}
+        for unit in units:
+            state = trainer.train_unit(unit)
+            if return_params:
+                finals[unit.name] = jax.device_get(state["params"])
+            del state  # the unit's device buffers are released before the next unit starts
+        return finals
