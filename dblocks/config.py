@@ -7,6 +7,7 @@ import ml_collections
 
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
+from dblocks.models import options as model_options
 from dblocks.tasks import TASK_NAMES, get_task
 from dblocks.tasks.base import METHODS
 
@@ -45,6 +46,14 @@ def base_config() -> ml_collections.ConfigDict:
     # many blocks as the devices allow).
     c.parallel = ml_collections.ConfigDict(dict(mode="sequential", data=1, blocks=0))
     return c
+
+
+def model_defaults() -> dict:
+    """How every model computes (dblocks.models.options), the same defaults in every config file so each can be
+    overridden from the command line: scan_layers (one compiled layer under nn.scan), remat (none / full / dots /
+    a jax.checkpoint_policies name), dtype (float32 / bfloat16 compute; parameters and loss stay float32),
+    attention (xla / cudnn / einsum)."""
+    return dict(scan_layers=False, remat="none", dtype="float32", attention="xla")
 
 
 def parse_blocks(spec: str, num_blocks: int) -> list[int]:
@@ -151,7 +160,7 @@ def _generic_problems(c) -> list[str]:
         p.append(f"data.batch_size={c.data.batch_size} must be >= 1")
     if t.ckpt_every < 1 or t.log_every < 1:
         p.append("train.ckpt_every and train.log_every must be >= 1")
-    return p + _parallel_problems(c)
+    return p + model_options.validate_options(c.model) + _parallel_problems(c)
 
 
 PARALLEL_MODES = ("sequential", "mesh")

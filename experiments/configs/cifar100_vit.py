@@ -11,7 +11,7 @@ CIFAR-100 comes from `tfds.data_source('cifar100')`; prepare it once with
 Epochs count baseline epochs: each block trains as many steps as the end-to-end run (matched compute; the authors
 multiply max_epochs and warm-up by B because their one schedule covers all blocks, ours is per block).
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 STEPS_PER_EPOCH = 50_000 // 128   # 390 full batches
 
@@ -33,7 +33,7 @@ def get_config(arg=None):
     # target_norm 1.0: label rows of norm 1, as the paper's L2-normalised label embeddings. On Fashion-MNIST a
     # smaller norm measured better (0.1: 85.0 % vs 1.0: 79.7 %; the scale contract's 4.9: 17 %,
     # docs/classification.md); not measured at this scale.
-    c.model = dict(num_layers=12, hidden=128, heads=4, patch=4, mlp_ratio=24.0, dropout=0.1,
+    c.model = dict(**model_defaults(), num_layers=12, hidden=128, heads=4, patch=4, mlp_ratio=24.0, dropout=0.1,
                    target_dim=0, target_norm=1.0, target_seed=0)
 
     c.blocks.num_blocks = 3

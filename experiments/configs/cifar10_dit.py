@@ -8,7 +8,7 @@ AdamW lr 1e-4, batch 512, 100 epochs, 50 Euler steps, guidance 2.0. An accelerat
 CIFAR-10 comes from `tfds.data_source('cifar10')`; prepare it once with
 `tfds build cifar10 --file_format=array_record` (needs TensorFlow on that machine only).
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.data.flip = True
     c.data.batch_size = 512
 
-    c.model = dict(num_layers=12, hidden=384, heads=6, patch=2, mlp_ratio=4.0, dropout=0.0, class_dropout=0.1)
+    c.model = dict(**model_defaults(), num_layers=12, hidden=384, heads=6, patch=2, mlp_ratio=4.0, dropout=0.0, class_dropout=0.1)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05

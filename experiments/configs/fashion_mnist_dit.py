@@ -7,7 +7,7 @@ r"""The CPU demo: a small DiT as B=3 DiffusionBlocks on Fashion-MNIST (about 10 
 
 Each block trains `train.steps` steps, as many as the end-to-end baseline (the paper's matched compute).
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -20,7 +20,7 @@ def get_config(arg=None):
     c.data.flip = False
     c.data.batch_size = 64
 
-    c.model = dict(num_layers=6, hidden=128, heads=4, patch=4, mlp_ratio=2.0, dropout=0.0, class_dropout=0.1)
+    c.model = dict(**model_defaults(), num_layers=6, hidden=128, heads=4, patch=4, mlp_ratio=2.0, dropout=0.0, class_dropout=0.1)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05

@@ -9,7 +9,7 @@ trained end to end (each method about 10 minutes on 2 CPU cores).
 
 Each block trains `train.steps` steps, as many as the end-to-end baseline (the paper's matched compute).
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -31,7 +31,7 @@ def get_config(arg=None):
     # range, each block must classify the image, and the chain improves with every call. Measured (1,200 steps per
     # block, docs/classification.md): norm 4.9 / 1.0 / 0.25 / 0.1 -> 17.2 / 79.7 / 83.6 / 85.0 % (loss weighting
     # none); end-to-end 86.6 % at the same steps.
-    c.model = dict(num_layers=6, hidden=96, heads=4, patch=7, mlp_ratio=4.0, dropout=0.0,
+    c.model = dict(**model_defaults(), num_layers=6, hidden=96, heads=4, patch=7, mlp_ratio=4.0, dropout=0.0,
                    target_dim=0, target_norm=0.1, target_seed=0)
 
     c.blocks.num_blocks = 3

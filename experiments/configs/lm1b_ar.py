@@ -16,7 +16,7 @@ Steps: the paper trains 10 epochs; LM1B is about 0.8-1B tokens with a 32K Senten
 of 256 x 256 tokens per epoch: 130K steps (per block, and for the baseline). Generation as in the paper: greedy for
 DiffusionBlocks is --config.sample.greedy=True; the default draws both with top-p 0.95.
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -33,7 +33,7 @@ def get_config(arg=None):
     # r = 13.9 every block below sigma ~ 4 would train where z gives the token away. With r = 1 the band is about
     # sigma in [0.28, 1.25]. likelihood and match_sigma_data stay off: on Shakespeare they gave a finite ELBO but a
     # worse sampler (docs/language_models.md); not run at LM1B scale here.
-    c.model = dict(num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, target_dim=0, target_norm=1.0, target_seed=0,
+    c.model = dict(**model_defaults(), num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, target_dim=0, target_norm=1.0, target_seed=0,
                    likelihood=False, match_sigma_data=False)
     c.blocks.sigma_floor = 0.0
 

@@ -6,7 +6,7 @@ r"""A small DiT for the scale-out benchmark: 8 layers as B blocks on a ('block',
 
 The argument is 'B,data' (default '8,1'): B blocks side by side, each block's batch split over `data` devices.
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -20,7 +20,7 @@ def get_config(arg=None):
     c.data.flip = False
     c.data.batch_size = 64
 
-    c.model = dict(num_layers=8, hidden=128, heads=4, patch=4, mlp_ratio=4.0, dropout=0.0, class_dropout=0.1)
+    c.model = dict(**model_defaults(), num_layers=8, hidden=128, heads=4, patch=4, mlp_ratio=4.0, dropout=0.0, class_dropout=0.1)
 
     c.blocks.num_blocks = blocks
     c.blocks.gamma = 0.05

@@ -10,7 +10,7 @@ trained as an ordinary causal LM (the end-to-end baseline). CPU-sized (about 10 
 Each block trains `train.steps` steps, as many as the baseline (matched steps; a block runs L/B layers over 2T rows).
 Paper settings kept: B=4, gamma=0.1 (text), one Euler step per block per token. Scaled down: 8 layers, hidden 128.
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -25,7 +25,7 @@ def get_config(arg=None):
     # sigma_data*sqrt(128) = 5.7. With 5.7 the token is readable from z for any sigma below ~3, i.e. in most of
     # the log-normal's mass, and the low-noise blocks learn to copy z; at 0.25 each block's range still hides part
     # of it. The measured results (README, docs/language_models.md) use this value; it was not swept here.
-    c.model = dict(num_layers=8, hidden=128, heads=4, mlp_ratio=4.0, target_dim=0, target_norm=0.25, target_seed=0,
+    c.model = dict(**model_defaults(), num_layers=8, hidden=128, heads=4, mlp_ratio=4.0, target_dim=0, target_norm=0.25, target_seed=0,
                    likelihood=False, match_sigma_data=False)
 
     c.blocks.num_blocks = 4

@@ -11,7 +11,7 @@ about equally in 300-step trial runs of the baseline (masked-token CE 2.99 and 2
 Matched compute: each block trains `train.steps` steps on L/B layers, as many as the baseline does on all L layers.
 Test split: whole works (Hamlet, the Sonnets, The Tempest, Henry V), never seen in training.
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.data.seq_len = 64
     c.data.batch_size = 32
 
-    c.model = dict(num_layers=6, hidden=128, heads=4, mlp_ratio=4.0, dropout=0.0)
+    c.model = dict(**model_defaults(), num_layers=6, hidden=128, heads=4, mlp_ratio=4.0, dropout=0.0)
     c.mdm = dict(schedule="linear", t_min=1e-3)
 
     c.blocks.num_blocks = 3

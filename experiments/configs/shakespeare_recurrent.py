@@ -12,13 +12,14 @@ in a single pass; K=8 Euler steps of core+coda per generated token). CPU-sized (
 Paper (Huginn on LM1B): 2 prelude, 4 core, 2 coda layers, mean 32 iterations, 8-step truncated backprop; here the
 same shape scaled down by 2 in layers and 4 in iterations: 1 / 2 / 1 layers, mean 8 iterations, backprop through 2.
 """
+from dblocks.config import model_defaults
 from experiments.configs import shakespeare_ar
 
 
 def get_config(arg=None):
     c = shakespeare_ar.get_config()
     c.task = "recurrent"
-    c.model = dict(num_layers=4, prelude=1, core=2, coda=1, hidden=128, heads=4, mlp_ratio=4.0,
+    c.model = dict(**model_defaults(), num_layers=4, prelude=1, core=2, coda=1, hidden=128, heads=4, mlp_ratio=4.0,
                    target_dim=0, target_norm=0.25, target_seed=0,    # as shakespeare_ar (see there)
                    likelihood=False, match_sigma_data=False)
     c.blocks.num_blocks = 1

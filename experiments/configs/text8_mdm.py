@@ -12,7 +12,7 @@ Steps: the paper trains 100 epochs of the 90M-character train split: 351,562 win
 baseline (matched compute). Not stated in the paper, chosen here: cosine decay after the warm-up, EMA 0.9999,
 gradient clipping 1.0, t_min 1e-3.
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -23,7 +23,7 @@ def get_config(arg=None):
     c.data.seq_len = 256
     c.data.batch_size = 256
 
-    c.model = dict(num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, dropout=0.0)
+    c.model = dict(**model_defaults(), num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, dropout=0.0)
     c.mdm = dict(schedule="linear", t_min=1e-3)
 
     c.blocks.num_blocks = 3

@@ -2,7 +2,7 @@ r"""A tiny autoregressive DiffusionBlocks model on synthetic words, for tests: c
 
   python -m experiments.train --config experiments/configs/tiny_ar.py --workdir /tmp/tiny_ar
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -13,7 +13,7 @@ def get_config(arg=None):
     c.data.batch_size = 8
     c.data.tokenizer = ""
 
-    c.model = dict(num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, target_dim=0, target_norm=0.0, target_seed=0,
+    c.model = dict(**model_defaults(), num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, target_dim=0, target_norm=0.0, target_seed=0,
                    likelihood=False, match_sigma_data=False)
 
     c.blocks.num_blocks = 2

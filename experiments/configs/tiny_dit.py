@@ -2,7 +2,7 @@ r"""A tiny DiT on synthetic 16x16 images, for tests: compiles and trains in seco
 
   python -m experiments.train --config experiments/configs/tiny_dit.py --workdir /tmp/tiny
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -15,7 +15,7 @@ def get_config(arg=None):
     c.data.flip = False
     c.data.batch_size = 8
 
-    c.model = dict(num_layers=3, hidden=16, heads=2, patch=4, mlp_ratio=2.0, dropout=0.0, class_dropout=0.1)
+    c.model = dict(**model_defaults(), num_layers=3, hidden=16, heads=2, patch=4, mlp_ratio=2.0, dropout=0.0, class_dropout=0.1)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05

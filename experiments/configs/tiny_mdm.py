@@ -2,7 +2,7 @@ r"""A tiny masked-diffusion LM on synthetic words, for tests: compiles and train
 
   python -m experiments.train --config experiments/configs/tiny_mdm.py --workdir /tmp/tiny_mdm
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -12,7 +12,7 @@ def get_config(arg=None):
     c.data.seq_len = 16
     c.data.batch_size = 8
 
-    c.model = dict(num_layers=3, hidden=16, heads=2, mlp_ratio=2.0, dropout=0.0)
+    c.model = dict(**model_defaults(), num_layers=3, hidden=16, heads=2, mlp_ratio=2.0, dropout=0.0)
     c.mdm = dict(schedule="linear", t_min=1e-3)
 
     c.blocks.num_blocks = 3

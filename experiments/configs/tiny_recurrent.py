@@ -2,13 +2,14 @@ r"""A tiny recurrent-depth model on synthetic words, for tests.
 
   python -m experiments.train --config experiments/configs/tiny_recurrent.py --workdir /tmp/tiny_rec
 """
+from dblocks.config import model_defaults
 from experiments.configs import tiny_ar
 
 
 def get_config(arg=None):
     c = tiny_ar.get_config()
     c.task = "recurrent"
-    c.model = dict(num_layers=3, prelude=1, core=1, coda=1, hidden=16, heads=2, mlp_ratio=2.0,
+    c.model = dict(**model_defaults(), num_layers=3, prelude=1, core=1, coda=1, hidden=16, heads=2, mlp_ratio=2.0,
                    target_dim=0, target_norm=0.0, target_seed=0, likelihood=False, match_sigma_data=False)
     c.blocks.num_blocks = 1
     c.recurrent = dict(mean_iterations=4, backprop_iterations=2, init_std=1.0)

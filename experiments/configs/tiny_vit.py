@@ -2,7 +2,7 @@ r"""A tiny ViT classifier on synthetic 8x8 images, for tests: compiles and train
 
   python -m experiments.compare --config experiments/configs/tiny_vit.py --workdir /tmp/tiny_vit_cmp
 """
-from dblocks.config import base_config
+from dblocks.config import base_config, model_defaults
 
 
 def get_config(arg=None):
@@ -17,7 +17,7 @@ def get_config(arg=None):
     c.data.randaugment_magnitude = 9
     c.data.batch_size = 16
 
-    c.model = dict(num_layers=3, hidden=16, heads=2, patch=4, mlp_ratio=2.0, dropout=0.0,
+    c.model = dict(**model_defaults(), num_layers=3, hidden=16, heads=2, patch=4, mlp_ratio=2.0, dropout=0.0,
                    target_dim=0, target_norm=0.0, target_seed=0)
 
     c.blocks.num_blocks = 3
