@@ -184,31 +184,10 @@ def _plt():
 
 
 def plot_losses(workdir: str) -> str | None:
-    """Training loss per block (DiffusionBlocks) and for the baseline, on one log-scale axis."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    drawn = False
-    for method, style in (("dblocks", "-"), ("e2e", "--")):
-        curves: dict[str, dict[int, float]] = {}
-        for r in logs.read_metrics(os.path.join(workdir, method)):
-            if "loss" in r:
-                curves.setdefault(r["unit"], {})[int(r["step"])] = r["loss"]
-        for unit, curve in sorted(curves.items()):
-            s = sorted(curve)
-            ax.plot(s, [curve[k] for k in s], style, label=f"{LABELS[method]}: {unit}" if method == "dblocks"
-                    else LABELS[method])
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set(xlabel="step (per unit)", ylabel="training loss (each unit's own objective)", yscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = os.path.join(workdir, "compare_loss.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    """Training loss per block (DiffusionBlocks) and for the baseline, on one axis (dblocks.logs.plot_losses)."""
+    records = [{**r, "label": f"{LABELS[m]}: {r['unit']}" if m == "dblocks" else LABELS[m]}
+               for m in ("dblocks", "e2e") for r in logs.read_metrics(os.path.join(workdir, m))]
+    return logs.plot_losses(workdir, out=os.path.join(workdir, "compare_loss.png"), records=records)
 
 
 def plot_per_step(workdir: str, runs: dict) -> str | None:
