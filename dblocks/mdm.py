@@ -220,7 +220,7 @@ def unmask_step(key: Array, x: Array, logits: Array, t, s, mask_id: int, schedul
 
 
 @dataclasses.dataclass
-class SampleResult:
+class MaskedSample:
     tokens: np.ndarray        # [N, L] int32, no mask left
     blocks: np.ndarray        # [steps] block run at each step (block order: 0 first)
     block_calls: int          # network evaluations per sample (one per step)
@@ -241,7 +241,7 @@ def _default_step(mask_id: int, schedule: str, temperature: float) -> Callable:
 def sample(logits_fn: LogitsFn, key: Array, num: int, length: int, steps: int,
            partition: partition_lib.Partition, mask_id: int, schedule: str = "linear", t_min: float = 1e-3,
            temperature: float = 1.0,
-           step_fn: Callable | None = None) -> SampleResult:
+           step_fn: Callable | None = None) -> MaskedSample:
     """Ancestral MD4 sampling from all-[MASK] down a grid equally spaced in alpha; step i (t_i -> t_{i+1}) is run by
     the block that owns the interval it covers (`step_blocks`; the model sees max(t_i, t_min)). step_fn(key, x,
     logits, t, s) may replace the default `unmask_step` (jitted, cached). The schedule is computed on the host and
@@ -258,4 +258,4 @@ def sample(logits_fn: LogitsFn, key: Array, num: int, length: int, steps: int,
         t_model = jax.device_put(np.full((num,), max(grid[i], t_min), np.float32))
         logits = logits_fn(int(blocks[i]), x, t_model)
         x = step_fn(jax.random.fold_in(key, i), x, logits, np.float32(grid[i]), np.float32(grid[i + 1]))
-    return SampleResult(np.asarray(x, np.int32), blocks, steps)
+    return MaskedSample(np.asarray(x, np.int32), blocks, steps)

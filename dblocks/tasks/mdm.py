@@ -137,7 +137,7 @@ class MDMTask(Task):
         return loss, {"ce_masked": jnp.sum(ce_sum) / jnp.maximum(n_masked, 1), "mask_rate": jnp.mean(masked)}
 
     # -- after training (dblocks.tasks.mdm_eval) -------------------------------------------------------------------
-    def generate(self, run, num: int, steps: int, seed: int = 0, temperature: float = 1.0) -> mdm_lib.SampleResult:
+    def generate(self, run, num: int, steps: int, seed: int = 0, temperature: float = 1.0) -> mdm_lib.MaskedSample:
         return mdm_eval.generate(self, run, num, steps, seed, temperature)
 
     def write_samples(self, run, out_path, **options) -> dict:

@@ -26,7 +26,7 @@ def _step_fn(task, temperature: float):
         lambda k, x, lg, t, s: mdm_lib.unmask_step(k, x, lg, t, s, task.mask_id, task.schedule, temperature)))
 
 
-def generate(task, run, num: int, steps: int, seed: int = 0, temperature: float = 1.0) -> mdm_lib.SampleResult:
+def generate(task, run, num: int, steps: int, seed: int = 0, temperature: float = 1.0) -> mdm_lib.MaskedSample:
     """num sequences of data.seq_len characters from all-[MASK], `steps` ancestral steps."""
     return mdm_lib.sample(_logits_fn(task, run), jax.random.PRNGKey(seed), num, int(task.config.data.seq_len),
                           steps, run.partition, task.mask_id, task.schedule, task.t_min, temperature,
