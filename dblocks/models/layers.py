@@ -115,13 +115,12 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
 
 class AdaLNZeroLayer(nn.Module):
     """One transformer layer with AdaLN-Zero conditioning (DiT): the modulation is Linear(SiLU(c)), zero-initialised,
-    so every layer starts as the identity. `official_order=True` reproduces the authors' ViT code, which applies
-    the SiLU after the Linear (docs/method.md section 5), for parity experiments only."""
+    so every layer starts as the identity. (The authors' ViT code applies the SiLU after the Linear; dblocks uses
+    DiT's order only, docs/method.md section 5.)"""
     hidden: int
     heads: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    official_order: bool = False
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
 
@@ -129,7 +128,7 @@ class AdaLNZeroLayer(nn.Module):
     def __call__(self, x: Array, c: Array, mask: Array | None = None, positions: Array | None = None,
                  train: bool = False) -> Array:
         lin = dense(6 * self.hidden, self.dtype, nn.initializers.zeros, bias_init=nn.initializers.zeros)
-        mod = nn.silu(lin(c)) if self.official_order else lin(nn.silu(c))
+        mod = lin(nn.silu(c))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
         ln = lambda: layer_norm(self.dtype)  # noqa: E731
         h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(
