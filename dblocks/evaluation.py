@@ -23,8 +23,9 @@ def evaluate_workdir(workdir: str, method: str | None = None, use_ema: bool = Tr
     result = run.task.evaluate(run, **options, **extra)
     result = {**result, "task": run.config.task, "method": run.method, "workdir": os.path.abspath(workdir),
               "options": options, "eval_wall_seconds": round(time.perf_counter() - t0, 2)}
-    for key in ("headline", "block_calls_per_sample"):
-        if key not in result:
-            raise RuntimeError(f"task {run.config.task!r}: evaluate() returned no {key!r} (see dblocks/tasks/base.py)")
+    for keys in (("headline",), ("block_calls_per_sample", "block_calls_per_token")):
+        if not any(k in result for k in keys):
+            raise RuntimeError(f"task {run.config.task!r}: evaluate() returned none of {keys} (see "
+                               f"dblocks/tasks/base.py)")
     write_json_atomic(out or os.path.join(workdir, "eval.json"), result)
     return result

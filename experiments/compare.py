@@ -116,6 +116,14 @@ def compare(config, workdir: str, options: dict | None = None, command: str = ""
 
 # -- the table -----------------------------------------------------------------------------------------------------
 
+def _calls_unit(ev: dict) -> str:
+    return "token" if "block_calls_per_token" in ev else "sample"
+
+
+def _calls(ev: dict) -> int:
+    return ev.get("block_calls_per_token", ev.get("block_calls_per_sample"))
+
+
 def _mib(b) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -143,8 +151,7 @@ def markdown(result: dict) -> str:
         ("compiled step memory (MiB)", f"{_mib(mem['block_step_bytes'])} (largest block)",
          _mib(mem["e2e_step_bytes"])),
         ("parameters per unit (MiB)", _mib(mem["block"]["params_bytes"]), _mib(mem["e2e"]["params_bytes"])),
-        ("inference block calls per sample", str(d["eval"]["block_calls_per_sample"]),
-         str(e["eval"]["block_calls_per_sample"])),
+        (f"inference block calls per {_calls_unit(d['eval'])}", str(_calls(d["eval"])), str(_calls(e["eval"]))),
     ]
     if "layer_evals_per_sample" in d["eval"]:
         rows.append(("layer evaluations per sample", str(d["eval"]["layer_evals_per_sample"]),

@@ -232,7 +232,7 @@ def test_train_evaluate_and_write_samples(trained, tmp_path):
     res = run.task.evaluate(run, max_windows=4, num_samples=2, max_tokens=6)
     json.dumps(res)
     assert res["headline"]["name"] == "bits_per_char" and np.isfinite(res["headline"]["value"])
-    assert res["num_draws"] == 2 and res["block_calls_per_sample"] == 2
+    assert res["num_draws"] == 2 and res["block_calls_per_token"] == 2 and "block_calls_per_sample" not in res
     assert len(res["per_step"]["values"]) == 2
     assert 0 <= res["next_token_accuracy"] <= 1
     g = res["generation"]

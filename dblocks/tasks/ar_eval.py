@@ -160,7 +160,7 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
            "method": run.method, "split": split, "final_entropy_bits": sc["entropy"],
            "final_softmax_entropy_bits": sc["entropy"], "mixture_entropy_bits": sc["mixture_entropy"],
            "bridge": sampler.bridge, "sampler": sampler.to_dict(), "grid_points": len(sampler.grid) or None,
-           "block_calls_per_token": sampler.calls_per_token, "block_calls_per_sample": sampler.calls_per_token,
+           "block_calls_per_token": sampler.calls_per_token,
            "layer_evals_per_sample": task.training_compute(run.method, len(sampler.grid) or None)[
                "inference_layer_rows_per_token"],
            "training_compute": task.training_compute(run.method, len(sampler.grid) or None)}

@@ -130,7 +130,8 @@ class Task:
         """Evaluates an assembled run (`dblocks.assemble.Run`, either method) on the test split. Returns a
         JSON-able dict that holds at least:
           'headline': {'name': str, 'value': float, 'higher_is_better': bool}   e.g. accuracy, FID, bits/char
-          'block_calls_per_sample': int          network (block) evaluations per generated/classified sample
+          'block_calls_per_sample': int          network (block) evaluations per generated/classified sample, or
+          'block_calls_per_token': int           for language models: evaluations per generated token
         and any diagnostics (lists are fine: e.g. 'per_step': {'name': ..., 'values': [...]} for a plot)."""
         raise NotImplementedError
 
