@@ -36,9 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.blocks.train = "all"                # which blocks this process trains: 'all', '1', '0,2'
 
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=100,
-                                             schedule="cosine", min_lr_ratio=0.0, grad_clip=1.0, ema_decay=0.0))
+                                             schedule="cosine", min_lr_ratio=0.0, grad_clip=1.0, ema_decay=0.0,
+                                             ema_warmup=True))   # EMA decay min(ema_decay, (1+t)/(10+t))
 
     c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=100, ckpt_every=500, keep_checkpoints=2,
+                                             ckpt_every_secs=0.0,   # also a checkpoint every N seconds (0 = off)
                                              sample_at_end=True, plot_at_end=True))
 
     # How the units are trained (docs/scale_out.md): 'sequential' (one after another, one device) or 'mesh' (up to
@@ -158,6 +160,8 @@ def _generic_problems(c) -> list[str]:
                  f"(no steps would be left to decay over)")
     if c.data.batch_size < 1:
         p.append(f"data.batch_size={c.data.batch_size} must be >= 1")
+    if float(t.get("ckpt_every_secs", 0) or 0) < 0:
+        p.append(f"train.ckpt_every_secs={t.ckpt_every_secs} must be >= 0 (0 = off)")
     if t.ckpt_every < 1 or t.log_every < 1:
         p.append("train.ckpt_every and train.log_every must be >= 1")
     return p + model_options.validate_options(c.model) + _parallel_problems(c)

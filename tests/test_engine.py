@@ -212,3 +212,22 @@ def test_no_host_read_of_device_arrays_between_log_points(tmp_path, monkeypatch)
     c = _cfg(**{"train.steps": 6, "train.log_every": 3, "train.ckpt_every": 6, "blocks.train": "0"})
     train_lib.train(c, str(tmp_path))
     assert seen["reads"] == 0 and seen["allowed_reads"] > 0, seen
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_time_based_checkpoints(tmp_path):
+    """train.ckpt_every_secs saves on the clock even when the step interval is never reached: a run killed at step
+    4 (ckpt_every=100) resumes from step 3, not from scratch."""
+    c = _cfg(**{"train.ckpt_every": 100, "train.ckpt_every_secs": 1e-9, "blocks.train": "0"})
+
+    def kill(unit, step):
+        if step == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_lib.train(c, str(tmp_path), on_step=kill)
+    steps_on_disk = sorted(int(n) for n in os.listdir(tmp_path / "blocks" / "block_00") if n.isdigit())
+    assert steps_on_disk and steps_on_disk[-1] == 4, steps_on_disk   # steps 0-3 done, saved by the clock
