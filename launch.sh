@@ -212,7 +212,7 @@ case "$cmd" in
   test)
     setup
     "$(python_bin)" -m pytest -q tests "$@" ;;
-  train|sample|evaluate|compare|memory|bench_parallel|export)
+  train|sample|evaluate|compare|memory|bench|bench_parallel|export|convert)
     setup
     "$(python_bin)" -m "experiments.$cmd" "$@" ;;
   tpu)
