@@ -14,8 +14,10 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 
 import jax
+import jax.numpy as jnp
 
 log = logging.getLogger("dblocks")
 _done: dict = {}
@@ -97,3 +99,17 @@ def setup(cache: bool = True) -> dict:
     info = {**log_devices(), "compilation_cache": path}
     _done["info"] = info
     return info
+
+
+def matmul_rate(n: int | None = None, dtype=jnp.float32, repeats: int = 5) -> dict:
+    """GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in XLA on the default device: the best of `repeats`."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - t0)
+    return {"n": n, "dtype": jnp.dtype(dtype).name, "gflops": 2 * n ** 3 / best / 1e9}

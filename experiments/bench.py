@@ -53,20 +53,6 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 # -- the machine's own matmul rate ---------------------------------------------------------------------------------
 
-def matmul_rate(n: int | None = None, dtype=jnp.float32, repeats: int = 5) -> dict:
-    """GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in XLA on the default device: the best of `repeats`."""
-    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a))
-        best = min(best, time.perf_counter() - t0)
-    return {"n": n, "dtype": jnp.dtype(dtype).name, "gflops": 2 * n ** 3 / best / 1e9}
-
-
 # -- one row, in a child process ------------------------------------------------------------------------------------
 
 def _peaks() -> dict:
@@ -169,7 +155,7 @@ def _run_child(config_path: str, overrides: list[str], row: str, extra: list[str
 
 def bench(config_path: str, overrides: list[str], rows: list[str], extra: list[str]) -> dict:
     info = runtime.device_info()
-    out = {"config": config_path, "overrides": overrides, "device": info, "matmul": matmul_rate()}
+    out = {"config": config_path, "overrides": overrides, "device": info, "matmul": runtime.matmul_rate()}
     for row in rows:
         r = _run_child(config_path, overrides, row, extra)
         if "gflops_per_s" in r:

@@ -232,8 +232,8 @@ def test_runtime_cache_and_gpu_warning(tmp_path, monkeypatch, caplog):
 
 
 def test_bench_matmul_rate():
-    from experiments import bench
-    r = bench.matmul_rate(256, repeats=2)
+    from dblocks import runtime
+    r = runtime.matmul_rate(256, repeats=2)
     assert r["n"] == 256 and r["gflops"] > 0
 
 
