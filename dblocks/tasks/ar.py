@@ -9,7 +9,6 @@ partition, the loss) are in dblocks.tasks.lm_base; generation and evaluation in 
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import optax
 
 from dblocks import losses
@@ -28,13 +27,6 @@ class ARTask(LMTask):
         return ar_model.ARModel(vocab=self.vocab.size, num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads,
                                 mlp_ratio=m.mlp_ratio, diffusion=unit.is_block, sigma_min=self.edm.sigma_min,
                                 **model_options(m))
-
-    def init_params(self, model, rng, batch):
-        tokens = jnp.asarray(batch["tokens"])
-        if not model.diffusion:
-            return model.init(rng, tokens)["params"]
-        N, T = tokens.shape
-        return model.init(rng, tokens, jnp.zeros((N, T, self.target_dim)), jnp.zeros((N, T)))["params"]
 
     def loss(self, model, params, batch, rng, train_range, train=True):
         tokens = batch["tokens"]

@@ -116,6 +116,14 @@ class LMTask(Task):
     def make_batch(self, examples, train):
         return {"tokens": np.asarray(examples["tokens"], np.int32)}
 
+    def init_params(self, model, rng, batch):
+        """The plain LM reads tokens; a denoiser also reads noisy targets [N, T, D] and per-token c_noise."""
+        tokens = jnp.asarray(batch["tokens"])
+        if not model.diffusion:
+            return model.init(rng, tokens)["params"]
+        N, T = tokens.shape
+        return model.init(rng, tokens, jnp.zeros((N, T, self.target_dim)), jnp.zeros((N, T)))["params"]
+
     def dummy_batch(self, n: int = 2) -> dict:
         return {"tokens": np.zeros((n, int(self.config.data.seq_len)), np.int32)}
 

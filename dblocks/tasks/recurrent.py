@@ -59,13 +59,6 @@ class RecurrentTask(LMTask):
                               init_std=float(self.config.recurrent.init_std), sigma_min=self.edm.sigma_min,
                               **model_options(m))
 
-    def init_params(self, model, rng, batch):
-        tokens = jnp.asarray(batch["tokens"])
-        if not model.diffusion:
-            return model.init(rng, tokens)["params"]
-        N, T = tokens.shape
-        return model.init(rng, tokens, jnp.zeros((N, T, self.target_dim)), jnp.zeros((N, T)))["params"]
-
     # -- the baseline's training: random depth, truncated backprop ---------------------------------------------------
     def sample_depth(self, key) -> jax.Array:
         """Iterations without gradient, r' ~ Poisson(exp(tau)) with mean K - k (the k backprop ones come after)."""
