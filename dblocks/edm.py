@@ -191,6 +191,19 @@ def dpmpp_2m_step(z: Array, denoised: Array, denoised_prev: Array, sigma, sigma_
     return ratio * z + (1.0 - ratio) * ((1.0 + k) * denoised - k * denoised_prev)
 
 
+def ancestral_step(z: Array, denoised: Array, sigma, sigma_next, noise: Array) -> Array:
+    """One step of the VE diffusion's reverse bridge given a clean sample D (an ancestral step): with r = sigma'/sigma,
+
+        z' = D + r^2 (z - D) + sigma' sqrt(1 - r^2) noise,   noise ~ N(0, I).
+
+    If z = y + sigma * eps and D = y, then z' = y + sigma' * eps' exactly, eps' ~ N(0, I): the step lands on the
+    noisy marginal at sigma' whatever its length. For discrete targets D is the row of a token drawn from the block's
+    softmax (`targets.bridge(..., "sample")`), so with exact posteriors the chain samples exactly, at any number of
+    steps; with the mean D instead it is the usual DDPM-style ancestral step (first order)."""
+    r = expand_to(sigma_next / sigma, z)
+    return denoised + r * r * (z - denoised) + expand_to(sigma_next, z) * jnp.sqrt(1.0 - r * r) * noise
+
+
 def initial_noise(key: Array, shape, sigma_max: float, dtype=jnp.float32) -> Array:
     """z_0 ~ N(0, sigma_max^2 I), as the paper writes (the ViT code uses 1 + sigma_max^2; the difference is 0.008%)."""
     return sigma_max * jax.random.normal(key, shape, dtype)

@@ -31,11 +31,15 @@ import numpy as np
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
 
-SOLVERS = ("euler", "heun", "dpmpp_2m")
+SOLVERS = ("euler", "heun", "dpmpp_2m")          # deterministic (probability-flow ODE)
+STOCHASTIC_SOLVERS = ("ancestral",)               # need a key: `sample(..., key=...)`
+ALL_SOLVERS = SOLVERS + STOCHASTIC_SOLVERS
 
 _euler = jax.jit(edm_lib.euler_step)
 _heun_correct = jax.jit(edm_lib.heun_correct)
 _dpmpp_2m = jax.jit(edm_lib.dpmpp_2m_step)
+_ancestral = jax.jit(lambda z, d, s, s_next, key: edm_lib.ancestral_step(z, d, s, s_next,
+                                                                          jax.random.normal(key, z.shape, z.dtype)))
 
 
 @dataclasses.dataclass
@@ -57,28 +61,31 @@ def grid_for(num_points: int, edm: edm_lib.EDM, kind: str = "cdf") -> np.ndarray
 
 
 def block_calls(grid: np.ndarray, solver: str) -> int:
-    """Block calls per sample of a chain on an n-point grid (no network needed): n for euler and dpmpp_2m,
-    2n - 1 for heun."""
-    check_solver(solver)
+    """Block calls per sample of a chain on an n-point grid (no network needed): n for euler, dpmpp_2m and
+    ancestral, 2n - 1 for heun."""
+    check_solver(solver, stochastic=True)
     return 2 * len(grid) - 1 if solver == "heun" else len(grid)
 
 
 def points_for_calls(calls: int, solver: str) -> int:
     """The most grid points whose chain costs at most `calls` block calls with `solver`."""
-    check_solver(solver)
+    check_solver(solver, stochastic=True)
     return (calls + 1) // 2 if solver == "heun" else calls
 
 
-def check_solver(solver: str) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+def check_solver(solver: str, stochastic: bool = False) -> None:
+    """stochastic: whether the caller passes a key (the stochastic solvers need one)."""
+    allowed = ALL_SOLVERS if stochastic else SOLVERS
+    if solver not in allowed:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {allowed}")
 
 
 def sample(denoise: Callable[[int, jax.Array, jax.Array], tuple[jax.Array, Any]], z0: jax.Array,
            grid: np.ndarray, partition: partition_lib.Partition, solver: str = "euler",
-           keep_trace: bool = False) -> SampleResult:
-    """Runs the chain. `denoise(b, z, sigma)` takes sigma as a per-sample vector [N]."""
-    check_solver(solver)
+           keep_trace: bool = False, key: jax.Array | None = None) -> SampleResult:
+    """Runs the chain. `denoise(b, z, sigma)` takes sigma as a per-sample vector [N]; `key` only for the stochastic
+    solvers."""
+    check_solver(solver, stochastic=key is not None)
     grid = partition_lib.check_grid(grid, partition)
     blocks = partition_lib.grid_blocks(grid, partition)            # host numpy: no device round trip
     owners = partition.block_of(grid)                               # owner of each level (Heun's corrector)
@@ -93,6 +100,8 @@ def sample(denoise: Callable[[int, jax.Array, jax.Array], tuple[jax.Array, Any]]
             d_next, _ = denoise(int(owners[i + 1]), _euler(z, d, s, s_next), levels[i + 1])
             z = _heun_correct(z, d, d_next, s, s_next)
             calls += 1
+        elif solver == "ancestral":
+            z = _ancestral(z, d, s, s_next, jax.random.fold_in(key, i))
         elif solver == "dpmpp_2m" and d_prev is not None:
             z = _dpmpp_2m(z, d, d_prev, s, s_next, float(grid[i - 1]))
         else:

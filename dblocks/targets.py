@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BRIDGES = ("softmax", "renorm", "argmax")
+BRIDGES = ("softmax", "renorm", "argmax", "sample")
 
 
 def fixed_embedding(num: int, dim: int, sigma_data: float, seed: int = 0, norm: float = 0.0) -> np.ndarray:
@@ -30,12 +30,14 @@ def fixed_embedding(num: int, dim: int, sigma_data: float, seed: int = 0, norm: 
     return (rows * (norm if norm > 0 else sigma_data * np.sqrt(dim))).astype(np.float32)
 
 
-def bridge(logits: jax.Array, E: jax.Array, kind: str = "softmax") -> jax.Array:
+def bridge(logits: jax.Array, E: jax.Array, kind: str = "softmax", key: jax.Array | None = None) -> jax.Array:
     """Logits [..., num] -> a point of the target space [..., dim] for the next ODE step.
 
     softmax: E-expectation under softmax(logits) (the paper's); shrinks toward 0 when the model is unsure.
     renorm:  the same, rescaled to the row norm of E (keeps train/inference scales equal).
     argmax:  the row of the most likely class.
+    sample:  the row of a class drawn from softmax(logits) with `key` (for the ancestral sampler: a clean sample,
+             not the posterior mean, so each step lands on the noisy marginal; `edm.ancestral_step`).
     """
     if kind == "softmax":
         return jax.nn.softmax(logits, axis=-1) @ E
@@ -45,4 +47,8 @@ def bridge(logits: jax.Array, E: jax.Array, kind: str = "softmax") -> jax.Array:
         return d * (target / jnp.maximum(jnp.linalg.norm(d, axis=-1, keepdims=True), 1e-6))
     if kind == "argmax":
         return E[jnp.argmax(logits, axis=-1)]
+    if kind == "sample":
+        if key is None:
+            raise ValueError("bridge 'sample' needs a key")
+        return E[jax.random.categorical(key, logits, axis=-1)]
     raise ValueError(f"unknown bridge {kind!r}; choose one of {BRIDGES}")

@@ -15,7 +15,7 @@ def define_option_flags() -> Callable[[], dict]:
         flags.DEFINE_integer("grid_points", None, "noise levels the chain visits = block calls with Euler "
                                                   "(dit, vit, ar, recurrent; default: the config's sample.grid_points)"),
         flags.DEFINE_integer("steps", None, "masked diffusion: unmasking steps (default: the config's sample.steps)"),
-        flags.DEFINE_enum("solver", None, list(sampling.SOLVERS), "ODE solver"),
+        flags.DEFINE_enum("solver", None, list(sampling.ALL_SOLVERS), "solver (ancestral: language models only)"),
         flags.DEFINE_integer("limit", None, "evaluate on the first N test examples only"),
         flags.DEFINE_integer("num_samples", None, "generated samples per FID evaluation (paper: 10,000)"),
         flags.DEFINE_integer("repeats", None, "independent FID evaluations; the minimum is reported (paper: 3)"),

@@ -25,7 +25,8 @@ _METHOD = flags.DEFINE_enum("method", None, ["dblocks", "e2e"], "which run of th
 _GRID_POINTS = flags.DEFINE_integer("grid_points", None, "EDM tasks: noise levels the chain visits (default: the "
                                     "config's sample.grid_points; paper 50)")
 _STEPS = flags.DEFINE_integer("steps", None, "MDM: unmasking steps (for the other tasks, as --grid_points)")
-_SOLVER = flags.DEFINE_enum("solver", None, list(sampling.SOLVERS), "ODE solver (paper: euler)")
+_SOLVER = flags.DEFINE_enum("solver", None, list(sampling.ALL_SOLVERS),
+                             "solver (paper: euler; ancestral: language models only)")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "classifier-free guidance scale (paper: 2.0)")
 _PER_CLASS = flags.DEFINE_integer("per_class", None, "samples per class (one grid row per class)")
 _GRID = flags.DEFINE_enum("grid", "cdf", ["cdf", "karras"], "sigma grid: equal-CDF (paper) or Karras rho=7")

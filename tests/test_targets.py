@@ -22,7 +22,7 @@ def test_bridges_share_the_training_scale():
     E = jnp.asarray(targets.fixed_embedding(10, 64, 0.5))
     confident = jnp.eye(10)[3] * 50.0
     for kind in targets.BRIDGES:  # a confident prediction maps onto the training target itself
-        np.testing.assert_allclose(targets.bridge(confident, E, kind), E[3], atol=1e-4)
+        np.testing.assert_allclose(targets.bridge(confident, E, kind, key=jax.random.PRNGKey(0)), E[3], atol=1e-4)
     unsure = jnp.zeros(10)
     norm = float(jnp.linalg.norm(E[0]))
     assert float(jnp.linalg.norm(targets.bridge(unsure, E, "softmax"))) < 0.5 * norm  # softmax@E shrinks
@@ -30,3 +30,13 @@ def test_bridges_share_the_training_scale():
                                rtol=1e-4)
     with pytest.raises(ValueError):
         targets.bridge(unsure, E, "nearest")
+    with pytest.raises(ValueError, match="key"):
+        targets.bridge(unsure, E, "sample")
+
+
+def test_sample_bridge_draws_rows_with_the_softmax_probabilities():
+    E = jnp.asarray(targets.fixed_embedding(4, 8, 0.5))
+    logits = jnp.log(jnp.asarray([0.5, 0.3, 0.2, 1e-9]))
+    rows = jax.vmap(lambda k: targets.bridge(logits, E, "sample", key=k))(jax.random.split(jax.random.PRNGKey(1), 4000))
+    which = np.argmax(np.asarray(rows @ E.T), axis=-1)          # rows are orthogonal: recover the drawn class
+    np.testing.assert_allclose(np.bincount(which, minlength=4) / 4000, [0.5, 0.3, 0.2, 0.0], atol=0.03)

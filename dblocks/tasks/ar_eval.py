@@ -51,11 +51,12 @@ def score_windows(task, run, windows: np.ndarray, num_draws: int, batch_size: in
 def elbo(task, run, windows: np.ndarray, num_sigmas: int, batch_size: int, seed: int) -> dict:
     """The DiffusionBlocks ELBO in bits per token over positions 1..T-1 of the windows (dblocks.lm_elbo)."""
     fns = [ar_infer.block_fns(task, m, "softmax") for m in run.models]
-    E = task.E
+    E, no_key = task.E, jax.random.PRNGKey(0)     # the softmax bridge draws nothing
     totals, blocks, prior, dec = [], [], [], []
     for i in range(0, len(windows), batch_size):
         w = jnp.asarray(windows[i:i + batch_size])
-        r = lm_elbo.elbo_nats(lambda b, z, s: fns[b]["forward"](run.params[b], w, z, s)[0], E[w], E, run.partition,
+        r = lm_elbo.elbo_nats(lambda b, z, s: fns[b]["forward"](run.params[b], w, z, s, no_key)[0], E[w], E,
+                              run.partition,
                               task.edm.sigma_min, task.edm.sigma_max, jax.random.fold_in(jax.random.PRNGKey(seed), i),
                               num_sigmas)
         totals.append(r["total"][:, 1:])

@@ -42,7 +42,13 @@ class Sampler:
         """Network (block) evaluations per generated token."""
         if not self.grid:
             return 1
-        return len(self.grid) if self.solver == "euler" else 2 * (len(self.grid) - 1) + 1
+        return 2 * (len(self.grid) - 1) + 1 if self.solver == "heun" else len(self.grid)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the chain draws randomness beyond z_0 (the ancestral solver, the 'sample' bridge)."""
+        return self.solver in sampling.STOCHASTIC_SOLVERS or self.bridge == "sample"
+
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "grid": [float(g) for g in self.grid],
@@ -115,20 +121,46 @@ def block_fns(task, model, bridge: str) -> dict:
     """A denoiser block: one noisy row against the cache, and the teacher-forced pass (per-token sigma [N, T])."""
     t_max, E = int(task.config.data.seq_len), task.E
 
-    def noisy_row(params, cache, z, sigma, pos):   # z [N, 1, D], sigma [N]
+    def noisy_row(params, cache, z, sigma, pos, key):   # z [N, 1, D], sigma [N]; key: the 'sample' bridge's
         def apply(zz, cn):
             return model.apply({"params": params}, zz, cn, jnp.full((1, 1), pos), ar_model.prefix_mask(pos, t_max),
                                cache, method=model.noisy_rows)
         logits = task.precondition_logits(apply, z, sigma[:, None])
-        return targets.bridge(logits, E, bridge), logits[:, 0]
+        return targets.bridge(logits, E, bridge, key), logits[:, 0]
 
-    def forward(params, tokens, z, sigma):          # z [N, T, D], sigma [N, T]
+    def forward(params, tokens, z, sigma, key):          # z [N, T, D], sigma [N, T]
         logits = task.noisy_logits(model, params, tokens, z, sigma)
-        return targets.bridge(logits, E, bridge), logits
+        return targets.bridge(logits, E, bridge, key), logits
 
     return {**lm_fns(task, model),
             "noisy_row": task.jit(f"ar.noisy_row.{bridge}", model, lambda: jax.jit(noisy_row)),
             "forward": task.jit(f"ar.forward.{bridge}", model, lambda: jax.jit(forward))}
+
+
+# -- the chain ---------------------------------------------------------------------------------------------------------
+
+def chain_keys(sampler: Sampler, key: Array) -> tuple[Array, Array | None, Array | None]:
+    """(z_0's key, the solver's key, the bridge's key). A deterministic chain draws only z_0, from `key` itself (as
+    before the stochastic options existed); a stochastic one splits `key` in three. The bridge's key for the c-th
+    block call of the chain is fold_in(bridge key, c); the solver's for step i is fold_in(solver key, i)."""
+    if not sampler.stochastic:
+        return key, None, None
+    k_z0, k_steps, k_bridge = jax.random.split(key, 3)
+    return k_z0, k_steps, k_bridge
+
+
+def run_chain(sampler: Sampler, partition, denoise, key: Array, shape, sigma_max: float) -> sampling.SampleResult:
+    """One chain from z_0 ~ N(0, sigma_max^2 I) of `shape` down the sampler's grid. denoise(b, z, sigma, key)."""
+    k_z0, k_steps, k_bridge = chain_keys(sampler, key)
+    calls = iter(range(1 << 30))
+    dummy = jax.random.PRNGKey(0)
+
+    def with_key(b, z, s):
+        c = next(calls)
+        return denoise(b, z, s, dummy if k_bridge is None else jax.random.fold_in(k_bridge, c))
+    z0 = edm_lib.initial_noise(k_z0, shape, sigma_max)
+    return sampling.sample(with_key, z0, np.asarray(sampler.grid), partition, sampler.solver,
+                           key=k_steps if sampler.solver in sampling.STOCHASTIC_SOLVERS else None)
 
 
 # -- decoders ----------------------------------------------------------------------------------------------------------
@@ -164,18 +196,18 @@ def decoder(task, run, n: int, sampler: Sampler, use_cache: bool = True) -> text
     fns = [block_fns(task, m, sampler.bridge) for m in run.models]
     grid = np.asarray(sampler.grid)
 
-    def chain(denoise, key):
-        z0 = edm_lib.initial_noise(key, (n, 1, D), task.edm.sigma_max)
-        return sampling.sample(denoise, z0, grid, run.partition, sampler.solver).aux
+    def chain(denoise, key):   # denoise(b, z, s, key): key = the bridge's key for this call
+        return run_chain(sampler, run.partition, denoise, key, (n, 1, D), task.edm.sigma_max).aux
 
     if not use_cache:
         def next_uncached(ctx, key):
             pos = ctx.shape[1]
             padded = jnp.asarray(np.pad(ctx, ((0, 0), (0, t_max - pos))))
 
-            def denoise(b, z, s):   # z [N, 1, D] placed at row pos of an otherwise empty noisy sequence
+            def denoise(b, z, s, k):   # z [N, 1, D] placed at row pos of an otherwise empty noisy sequence
                 full = jnp.zeros((n, t_max, D)).at[:, pos].set(z[:, 0])
-                d, logits = fns[b]["forward"](run.params[b], padded, full, jnp.broadcast_to(s[:, None], (n, t_max)))
+                d, logits = fns[b]["forward"](run.params[b], padded, full, jnp.broadcast_to(s[:, None], (n, t_max)),
+                                              k)
                 return d[:, pos:pos + 1], logits[:, pos]
             return chain(denoise, key)
         return textgen.Decoder(lambda ctx: ctx, next_uncached, _append_ctx, t_max, sampler.calls_per_token)
@@ -185,8 +217,8 @@ def decoder(task, run, n: int, sampler: Sampler, use_cache: bool = True) -> text
                 "pos": ctx.shape[1]}
 
     def next_cached(state, key):
-        def denoise(b, z, s):
-            return fns[b]["noisy_row"](run.params[b], state["caches"][b], z, s, state["pos"])
+        def denoise(b, z, s, k):
+            return fns[b]["noisy_row"](run.params[b], state["caches"][b], z, s, state["pos"], k)
         return chain(denoise, key)
 
     def append(state, tok):
@@ -272,13 +304,13 @@ def window_logprobs(task, run, tokens: np.ndarray, key: Array, num_draws: int, s
     for d in range(num_draws):
         per_call = []
 
-        def denoise(b, z, s):
-            dd, logits = fns[b]["forward"](run.params[b], tokens, z, jnp.broadcast_to(s[:, None], (N, T)))
+        def denoise(b, z, s, k):
+            dd, logits = fns[b]["forward"](run.params[b], tokens, z, jnp.broadcast_to(s[:, None], (N, T)), k)
             lp = jax.nn.log_softmax(logits[:, 1:], -1)
             per_call.append(np.asarray(jnp.take_along_axis(lp, true, -1)[..., 0]))
             return dd, lp
-        z0 = edm_lib.initial_noise(jax.random.fold_in(key, d), (N, T, task.target_dim), task.edm.sigma_max)
-        res = sampling.sample(denoise, z0, np.asarray(sampler.grid), run.partition, sampler.solver)
+        res = run_chain(sampler, run.partition, denoise, jax.random.fold_in(key, d), (N, T, task.target_dim),
+                        task.edm.sigma_max)
         draws.append(per_call[-1])
         steps_logp.append(np.stack(per_call))
         prob_sum = prob_sum + jnp.exp(res.aux)

@@ -69,8 +69,8 @@ class LMTask(Task):
         if s.get("steps"):
             p.append(f"sample.steps={s.steps}: language tasks call it sample.grid_points (noise levels the chain "
                      f"visits; 0 = default)")
-        if s.solver not in sampling.SOLVERS:
-            p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
+        if s.solver not in sampling.ALL_SOLVERS:
+            p.append(f"sample.solver={s.solver!r}; choose one of {sampling.ALL_SOLVERS}")
         gp = int(s.get("grid_points", 0) or 0)
         if gp and gp < max(2, self.min_grid_points()):
             p.append(f"sample.grid_points={gp} cannot visit all {self.min_grid_points()} blocks (0 = one per block)")

@@ -60,8 +60,9 @@ class ViTTask(LabelledImages, Task):
             p.append("data.randaugment_ops must be >= 0 and data.randaugment_magnitude in [0, 30]")
         if s.solver not in sampling.SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
-        if s.bridge not in targets.BRIDGES:
-            p.append(f"sample.bridge={s.bridge!r}; choose one of {targets.BRIDGES}")
+        bridges = tuple(b for b in targets.BRIDGES if b != "sample")   # 'sample': the LMs' ancestral sampler
+        if s.bridge not in bridges:
+            p.append(f"sample.bridge={s.bridge!r}; choose one of {bridges}")
         if s.grid_points < max(2, int(c.blocks.num_blocks)):
             p.append(f"sample.grid_points={s.grid_points} cannot visit all {c.blocks.num_blocks} blocks (use >= "
                      f"{max(2, int(c.blocks.num_blocks))})")
