@@ -4,6 +4,11 @@ A model supplies a `Decoder`: `prefill` reads a context into a state (a K/V cach
 of the next position (for DiffusionBlocks this runs the whole chain of blocks; it may use randomness), `append`
 adds the drawn token to the state. `generate` runs the loop and draws each token with temperature / top-p / greedy.
 The context window is the trained sequence length: when it is full, the state is rebuilt from the last half.
+
+This Python loop (a dispatch per block call, a host sync per token) is the reference. A cached decoder also carries
+its pure form (`compiled`, a dblocks.tasks.lm_decode.Compiled), from which dblocks.tasks.lm_decode.generate decodes
+each window in one compiled loop and draws the same tokens for the same key; that is the default of the tasks'
+generation (dblocks.tasks.ar_infer.generate).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class Decoder:
     append: Callable[[Any, np.ndarray], Any]        # (state, tokens [N]) -> state with one more position
     t_max: int                                      # positions the model was trained on
     calls_per_token: int                            # network (block) evaluations per generated token
+    compiled: Any = None                            # lm_decode.Compiled: the traceable form (cached decoders only)
 
 
 def sample_token(logits: Array, key: Array, temperature: float = 1.0, top_p: float = 1.0,

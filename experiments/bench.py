@@ -2,6 +2,7 @@ r"""One benchmark command: training-step speed, memory and sampling throughput o
 
   python -m experiments.bench --config experiments/configs/cifar100_vit.py [--steps 20] [--json]
   python -m experiments.bench --device [--small]      # the one-chip suite (cifar10_dit, cifar100_vit), <= 5 min
+  python -m experiments.bench --config experiments/configs/shakespeare_ar.py --rows decode_dblocks,decode_e2e
 
 For the end-to-end step and the largest block's step: compile time, step time (median of --steps after --warmup),
 achieved GFLOP/s (XLA's cost analysis of the compiled step / step time), that rate as a fraction of this machine's
@@ -13,6 +14,10 @@ Each measurement runs in its own child process, so peak RSS belongs to that step
 from the config, or from --model dtype=bfloat16,scan_layers=true,remat=full (configs need not have the keys).
 --device: cifar10_dit and cifar100_vit at their paper batch sizes (with --small: tiny shapes, for a CPU check),
 and the block-parallel mesh against data-parallel e2e when several devices are present.
+Rows decode_dblocks / decode_e2e (language configs): token generation at batch --sample_batch, --sample_tokens new
+tokens after an 8-token prompt, through the Python loop (textgen.generate, a dispatch per block call and a host sync
+per token) and the compiled loop (dblocks.tasks.lm_decode) in one process: tokens/s of each, the speedup, and
+whether the two drew the same tokens.
 """
 from __future__ import annotations
 
@@ -120,6 +125,30 @@ def sample_row(task, method: str, n: int, max_tokens: int) -> dict:
             f"{unit}_per_s": count / seconds, **_peaks()}
 
 
+def decode_row(task, method: str, n: int, max_tokens: int, repeats: int = 3) -> dict:
+    """Tokens/s of the Python decoding loop and of the compiled one (ar_infer.generate, compiled False / True) at
+    batch n, same process, same prompts and seed; each path: one untimed call (compiles), then the best of
+    `repeats` timed calls."""
+    from dblocks.tasks import ar_infer
+    run = _fresh_run(task, method)
+    prompts = np.random.default_rng(0).integers(0, task.vocab.size, (n, 8)).astype(np.int32)
+    sampler = ar_infer.sampler_options(task, run)
+    out, toks = {"method": method, "batch": n, "new_tokens": max_tokens, "sampler": sampler.to_dict()}, {}
+    for path, compiled in (("python", False), ("compiled", True)):
+        gen = lambda: ar_infer.generate(task, run, prompts, max_tokens, 0, sampler, compiled=compiled)[0]  # noqa
+        t0 = time.perf_counter()
+        toks[path] = gen()
+        first, times = time.perf_counter() - t0, []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            gen()
+            times.append(time.perf_counter() - t0)
+        out[path] = {"first_call_seconds": first, "seconds": min(times), "tokens_per_s": n * max_tokens / min(times)}
+    out["speedup"] = out["compiled"]["tokens_per_s"] / out["python"]["tokens_per_s"]
+    out["same_tokens"] = bool(np.array_equal(toks["python"], toks["compiled"]))
+    return {**out, "load_average": os.getloadavg(), **_peaks()}
+
+
 def _with_model_options(config, pairs: list[str]):
     """A copy of config with model options set from 'key=value' strings."""
     if not pairs:
@@ -138,6 +167,8 @@ def child_main(config, row: str) -> dict:
     batch = int(_BATCH.value or config.data.batch_size)
     if row in ("e2e", "block"):
         return train_row(task, "e2e" if row == "e2e" else "dblocks", batch, _STEPS.value, _WARMUP.value)
+    if row.startswith("decode_"):
+        return decode_row(task, row.split("_", 1)[1], int(_SAMPLE.value), int(_TOKENS.value))
     return sample_row(task, row.split("_", 1)[1], int(_SAMPLE.value), int(_TOKENS.value))
 
 
@@ -192,6 +223,19 @@ def table(report: dict) -> str:
         key = f"{r['unit']}_per_s"
         lines.append(f"{row:15s} batch {r['batch']}: {r[key]:10.1f} {r['unit']}/s ({r['seconds']:.2f} s; first "
                      f"call {r['first_call_seconds']:.1f} s; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    for row in ("decode_dblocks", "decode_e2e"):
+        r = report.get(row)
+        if not r:
+            continue
+        if "error" in r:
+            lines.append(f"{row:15s} error: {r['error']}")
+            continue
+        py, co = r["python"], r["compiled"]
+        lines.append(f"{row:15s} batch {r['batch']}, {r['new_tokens']} tokens, {r['sampler']['block_calls_per_token']}"
+                     f" calls/token: python {py['tokens_per_s']:.1f} tokens/s, compiled {co['tokens_per_s']:.1f} "
+                     f"tokens/s, speedup {r['speedup']:.1f}x (same tokens: {r['same_tokens']}; first call "
+                     f"{py['first_call_seconds']:.1f} / {co['first_call_seconds']:.1f} s; load "
+                     f"{r['load_average'][0]:.1f})")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from dblocks import edm as edm_lib
 from dblocks import sampling, targets, text_metrics, textgen
 from dblocks.models import ar as ar_model
+from dblocks.tasks import lm_decode
 
 Array = jax.Array
 
@@ -181,10 +182,11 @@ def lm_decoder(task, run, n: int, use_cache: bool = True) -> textgen.Decoder:
         logits, cache = f["prefill"](p, jnp.asarray(ctx))
         return {"cache": cache, "logits": logits, "pos": ctx.shape[1]}
 
-    def append(state, tok):
-        logits, cache = f["clean_row"](p, state["cache"], jnp.asarray(tok), state["pos"])
+    def append(pp, state, tok):   # pure in (params, state): also traced by the compiled decoder (lm_decode)
+        logits, cache = f["clean_row"](pp, state["cache"], tok, state["pos"])
         return {"cache": cache, "logits": logits, "pos": state["pos"] + 1}
-    return textgen.Decoder(prefill, lambda s, key: s["logits"], append, t_max, 1)
+    return lm_decode.decoder(p, prefill, lambda pp, s, key: s["logits"], append, t_max, 1,
+                             lm_decode.jit_for(task, run.models), f"lm.{n}")
 
 
 def decoder(task, run, n: int, sampler: Sampler, use_cache: bool = True) -> textgen.Decoder:
@@ -216,23 +218,27 @@ def decoder(task, run, n: int, sampler: Sampler, use_cache: bool = True) -> text
         return {"caches": [fns[b]["prefill"](run.params[b], jnp.asarray(ctx))[1] for b in range(run.num_blocks)],
                 "pos": ctx.shape[1]}
 
-    def next_cached(state, key):
+    def next_cached(ps, state, key):   # pure in (params, state): also traced by the compiled decoder (lm_decode)
         def denoise(b, z, s, k):
-            return fns[b]["noisy_row"](run.params[b], state["caches"][b], z, s, state["pos"], k)
+            return fns[b]["noisy_row"](ps[b], state["caches"][b], z, s, state["pos"], k)
         return chain(denoise, key)
 
-    def append(state, tok):
-        return {"caches": [fns[b]["clean_row"](run.params[b], state["caches"][b], jnp.asarray(tok), state["pos"])[1]
+    def append(ps, state, tok):
+        return {"caches": [fns[b]["clean_row"](ps[b], state["caches"][b], tok, state["pos"])[1]
                            for b in range(run.num_blocks)], "pos": state["pos"] + 1}
-    return textgen.Decoder(prefill, next_cached, append, t_max, sampler.calls_per_token)
+    return lm_decode.decoder(tuple(run.params), prefill, next_cached, append, t_max, sampler.calls_per_token,
+                             lm_decode.jit_for(task, run.models), f"db.{n}.{sampler!r}.{run.partition!r}")
 
 
 def generate(task, run, prompts: np.ndarray, max_tokens: int, seed: int, sampler: Sampler,
-             use_cache: bool = True) -> tuple[np.ndarray, int]:
-    """prompts [N, P] -> (new tokens [N, max_tokens], block calls per token)."""
+             use_cache: bool = True, compiled: bool = True) -> tuple[np.ndarray, int]:
+    """prompts [N, P] -> (new tokens [N, max_tokens], block calls per token). compiled: each window decoded in one
+    compiled loop (dblocks.tasks.lm_decode; cached decoders); False: the Python loop of textgen.generate, the
+    reference (the same tokens for the same seed)."""
     dec = task.decoder(run, len(prompts), sampler, use_cache)
-    out = textgen.generate(dec, prompts, int(max_tokens), jax.random.PRNGKey(seed), sampler.temperature,
-                           sampler.top_p, sampler.greedy)
+    gen = lm_decode.generate if compiled and dec.compiled is not None else textgen.generate
+    out = gen(dec, prompts, int(max_tokens), jax.random.PRNGKey(seed), sampler.temperature, sampler.top_p,
+              sampler.greedy)
     return out, dec.calls_per_token
 
 

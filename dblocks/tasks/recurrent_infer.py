@@ -1,5 +1,7 @@
 """Inference for the recurrent-depth baseline (Huginn): a random initial state s_0, K core iterations, one K/V cache
 slot per iteration. Functions of (task, run, ...); the DiffusionBlocks version decodes through dblocks.tasks.ar_infer.
+The cached decoder is written as pure functions of (params, state), so it also decodes compiled
+(dblocks.tasks.lm_decode): row j's s_0 comes from fold_in(base, j) on both paths, so they draw the same tokens.
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dblocks import text_metrics, textgen
+from dblocks.tasks import lm_decode
 from dblocks.models import ar as ar_model
 
 
@@ -52,18 +55,24 @@ def huginn_decoder(task, run, n: int, use_cache: bool = True) -> textgen.Decoder
         return textgen.Decoder(lambda ctx: ctx, next_uncached, lambda ctx, tok: np.concatenate([ctx, tok[:, None]], 1),
                                t_max, calls)
 
-    def append(state, tok):
+    def append(pp, state, tok):
         pos = state["pos"]
-        logits, cache = f["clean_row"](p, state["cache"], jnp.asarray(tok), pos, jax.random.fold_in(base, pos))
+        logits, cache = f["clean_row"](pp, state["cache"], tok, pos, jax.random.fold_in(base, pos))
         return {"cache": cache, "logits": logits, "pos": pos + 1}
 
+    def first(pp, ctx):
+        logits, cache = f["prefill"](pp, jnp.asarray(ctx[:, :1]), jax.random.fold_in(base, 0))
+        return {"cache": cache, "logits": logits, "pos": 1}
+
     def prefill(ctx):   # row by row, so each row's s_0 matches the uncached path
-        logits, cache = f["prefill"](p, jnp.asarray(ctx[:, :1]), jax.random.fold_in(base, 0))
-        state = {"cache": cache, "logits": logits, "pos": 1}
+        state = first(p, ctx)
         for j in range(1, ctx.shape[1]):
-            state = append(state, ctx[:, j])
+            state = append(p, state, jnp.asarray(ctx[:, j]))
         return state
-    return textgen.Decoder(prefill, lambda s, key: s["logits"], append, t_max, calls)
+    jit = lambda name, build: task.jit(name, model, build)  # noqa: E731
+    name = f"huginn.{n}.{int(task.config.seed)}"
+    return lm_decode.decoder(p, prefill, lambda pp, s, key: s["logits"], append, t_max, calls, jit, name,
+                             lm_decode.row_by_row_prefill(jit, name, first, append, p))
 
 
 def huginn_window_logprobs(task, run, tokens, key, num_draws: int) -> dict:

@@ -1,0 +1,121 @@
+"""Compiled token decoding for the language models: a run of tokens in one jitted `lax.fori_loop`, the K/V caches in
+the loop's carry, one host sync per segment instead of one per token.
+
+A cached decoder of dblocks.tasks.ar_infer (plain LM, DiffusionBlocks, the recurrent DiffusionBlocks model) or
+dblocks.tasks.recurrent_infer (Huginn) is written once, as pure functions of (params, state, ...), and serves both
+paths: the reference Python loop of `dblocks.textgen.generate` calls them with the run's parameters bound, and
+`generate` here traces them into one program per sampler:
+
+    for each token t (global index, so keys do not depend on segment boundaries):
+        k_chain, k_draw = split(fold_in(key, t))            # the Python loop's order
+        logits = next_logits(params, state, k_chain)        # DiffusionBlocks: the whole chain over the static grid,
+                                                            # each call by its static block (sampling.sample traced)
+        token = textgen.sample_token(logits, k_draw, temperature, top_p, greedy)
+        state = append(params, state, token)                # every block's clean row written to its cache
+
+so the compiled path draws exactly the tokens the Python path draws for the same key (tests/test_decode.py). The
+window rule of textgen.generate is kept: a segment runs up to the end of the window (t_max positions), then the host
+re-prefills from the last half. Parameters are arguments of the program, never constants baked into it; the program
+is cached with `task.jit` under a name that holds everything else it depends on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dblocks import textgen
+
+Array = jax.Array
+
+
+@dataclasses.dataclass
+class Compiled:
+    """The pure form of a cached decoder (the `compiled` field of a textgen.Decoder)."""
+    params: Any                                      # the run's parameters, passed to the program as an argument
+    next_logits: Callable[[Any, Any, Array], Array]  # (params, state, key) -> logits [N, V]; traceable
+    append: Callable[[Any, Any, Array], Any]         # (params, state, tokens [N] int32) -> state; traceable
+    jit: Callable[[str, Callable[[], Callable]], Callable]   # the task's cache: (name, build) -> jitted function
+    name: str                                        # what the traced functions close over (sampler, grid, n, ...)
+    prefill: Callable[[np.ndarray], Any] | None = None   # a compiled prefill giving the same state (Huginn)
+
+    def segment(self, t_max: int, temperature: float, top_p: float, greedy: bool) -> Callable:
+        """The jitted loop (params, state, key, t0, count, out [N, t_max]) -> out with tokens t0 .. t0+count-1 of
+        the generation in columns 0 .. count-1."""
+        def build():
+            def run(params, state, key, t0, count, out):
+                def body(i, carry):
+                    st, buf = carry
+                    k_chain, k_draw = jax.random.split(jax.random.fold_in(key, t0 + i))
+                    logits = self.next_logits(params, st, k_chain)
+                    tok = textgen.sample_token(logits, k_draw, temperature, top_p, greedy).astype(jnp.int32)
+                    return self.append(params, st, tok), jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], i, 1)
+                return jax.lax.fori_loop(0, count, body, (state, out))[1]
+            return jax.jit(run)
+        return self.jit(f"decode.segment.{self.name}.t{t_max}.T{temperature}.p{top_p}.g{greedy}", build)
+
+
+def decoder(params, prefill: Callable[[np.ndarray], Any], next_logits: Callable, append: Callable, t_max: int,
+            calls_per_token: int, jit: Callable, name: str, compiled_prefill: Callable | None = None
+            ) -> textgen.Decoder:
+    """A textgen.Decoder whose Python path is next_logits / append with `params` bound, and whose compiled path
+    (`generate` below) traces the same functions."""
+    return textgen.Decoder(prefill, lambda state, key: next_logits(params, state, key),
+                           lambda state, tok: append(params, state, jnp.asarray(tok, jnp.int32)), t_max,
+                           calls_per_token,
+                           compiled=Compiled(params, next_logits, append, jit, name, compiled_prefill))
+
+
+def _carry(state):
+    """The prefilled state as loop carry: Python ints (positions) become int32 scalars."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.int32) if isinstance(x, (int, np.integer)) else x, state)
+
+
+def generate(dec: textgen.Decoder, prompt: np.ndarray, max_tokens: int, key: Array, temperature: float = 1.0,
+             top_p: float = 1.0, greedy: bool = False) -> np.ndarray:
+    """As textgen.generate (same tokens for the same key), with each window's tokens decoded in one compiled loop.
+    prompt [N, P] int -> the new tokens [N, max_tokens]."""
+    comp, t_max = dec.compiled, dec.t_max
+    segment = comp.segment(t_max, float(temperature), float(top_p), bool(greedy))
+    prefill = comp.prefill or dec.prefill
+    context = np.asarray(prompt, np.int32)[:, -t_max:]
+    N = context.shape[0]
+    state, n = prefill(context), context.shape[1]
+    out, t = [], 0
+    while t < max_tokens:
+        if n == t_max:   # window full: keep the last half (textgen.generate's rule)
+            context = context[:, -(t_max // 2):]
+            state, n = prefill(context), context.shape[1]
+        count = min(max_tokens - t, t_max - n)
+        toks = segment(comp.params, _carry(state), key, jnp.int32(t), jnp.int32(count),
+                       jnp.zeros((N, t_max), jnp.int32))
+        toks = np.asarray(toks)[:, :count]     # the one host sync of the segment
+        out.append(toks)
+        context = np.concatenate([context, toks], axis=1)
+        state, n, t = None, n + count, t + count
+    return np.concatenate(out, axis=1) if out else np.zeros((N, 0), np.int32)
+
+
+def row_by_row_prefill(jit: Callable, name: str, first: Callable, append: Callable, params) -> Callable:
+    """A compiled prefill that reads the context one row at a time (first(params, tokens [N, 1]) -> state, then
+    append(params, state, tokens [N]) for each further row) in one fori_loop: the state the Python loop of
+    appends builds, without a dispatch per row (for Huginn, whose rows each draw their own s_0)."""
+    def build():
+        def run(p, ctx):
+            state = _carry(first(p, ctx[:, :1]))
+            return jax.lax.fori_loop(1, ctx.shape[1], lambda j, st: append(p, st, ctx[:, j]), state)
+        return jax.jit(run)
+    fn = jit(f"decode.prefill.{name}", build)
+    return lambda ctx: fn(params, jnp.asarray(ctx, jnp.int32))
+
+
+def jit_for(task, models) -> Callable:
+    """The task's cache of jitted functions (`task.jit`) for a run's models: keyed by the model when all blocks have
+    one shape, else by every block's model config."""
+    reprs = {repr(m) for m in models}
+    if len(reprs) == 1:
+        return lambda name, build: task.jit(name, models[0], build)
+    return lambda name, build: task.jit(f"{name}|{'|'.join(repr(m) for m in models)}", None, build)
