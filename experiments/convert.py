@@ -30,9 +30,8 @@ def main(argv):
     config = _CONFIG.value
     summary = convert.convert(_FROM.value, _TO.value, config)
     for b in summary["blocks"]:
-        logs.log.info("%s <- e2e layers %s: %d copied, %d zero-initialised, %d kept at init (%s)", b["unit"],
-                      b["layers"], b["copied"], len(b["zeros"]),
-                      b["init"], ", ".join(b["zeros"][:6]) or "-")
+        logs.log.info("%s <- e2e layers %s: %d copied, %d zero-initialised (%s), %d kept at init", b["unit"],
+                      b["layers"], b["copied"], len(b["zeros"]), ", ".join(b["zeros"][:6]) or "-", b["init"])
     print(json.dumps({"from": summary["from"], "to": _TO.value, "blocks": len(summary["blocks"])}))
 
 

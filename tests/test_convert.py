@@ -11,6 +11,7 @@ from flax import traverse_util
 from dblocks import assemble, convert
 from dblocks import train as train_lib
 from dblocks.tasks import get_task
+from experiments import convert_curve
 from experiments.configs import tiny_ar, tiny_dit, tiny_mdm, tiny_vit
 
 
@@ -82,7 +83,7 @@ def test_vit_classifier_maps_onto_the_denoiser_with_conditioning_off(tmp_path):
 
 def test_convert_a_trained_e2e_workdir_then_train_the_blocks(tmp_path):
     c = tiny_dit.get_config()
-    c.method, c.train.steps = "e2e", 3
+    c.method, c.train.steps, c.train.ckpt_every, c.train.keep_checkpoints = "e2e", 3, 1, 6
     train_lib.train(c, str(tmp_path / "e2e"))
     summary = convert.convert(str(tmp_path / "e2e"), str(tmp_path / "blocks"))
     assert [b["layers"] for b in summary["blocks"]] == [[0, 1], [1, 2], [2, 3]]
@@ -100,3 +101,27 @@ def test_convert_a_trained_e2e_workdir_then_train_the_blocks(tmp_path):
         assert np.abs(moved).max() > 0                                         # it trained from the converted start
     with pytest.raises(convert.ConversionError, match="exists"):
         convert.convert(str(tmp_path / "e2e"), str(tmp_path / "blocks"))
+    # the conversion curve reads each kept step: step 0 is the converted start, the last one the trained blocks
+    at0, at3 = (convert_curve.load_at(str(tmp_path / "blocks"), s) for s in (0, 3))
+    for b in range(3):
+        np.testing.assert_array_equal(flat(at0.params[b])["layer_0/Dense_1/kernel"], start[b]["layer_0/Dense_1/kernel"])
+        np.testing.assert_array_equal(flat(at3.params[b])["layer_0/Dense_1/kernel"],
+                                      flat(run.params[b])["layer_0/Dense_1/kernel"])
+    with pytest.raises(ValueError, match="no checkpoint at step 5"):
+        convert_curve.load_at(str(tmp_path / "blocks"), 5)
+
+
+def test_convert_curve_summary_and_checkpoint_overrides():
+    assert convert_curve.eval_steps_for(1200, [0, 0.125, 0.25, 0.5, 1]) == [0, 150, 300, 600, 1200]
+    assert convert_curve.train_overrides(1200, [0, 150, 300, 600, 1200], []) == [
+        "--config.train.steps=1200", "--config.train.ckpt_every=150", "--config.train.keep_checkpoints=10"]
+    row = lambda s, v: {"step": s, "value": v, "higher_is_better": True}  # noqa: E731
+    res = {"steps": 8, "arms": {"conv": [row(0, 0.5), row(2, 0.7), row(4, 0.8), row(8, 0.85)],
+                                "scratch": [row(0, 0.1), row(4, 0.6), row(8, 0.8)]}}
+    s = convert_curve.summarise(res)
+    assert s["conv_steps_to_scratch_full"] == 4 and s["criterion_met"] and s["conv_best_within_half"] == 0.8
+    res["arms"]["scratch"][-1] = row(8, 0.82)        # scratch better than conv at half: short by 0.02
+    s = convert_curve.summarise(res)
+    assert s["conv_steps_to_scratch_full"] == 8 and not s["criterion_met"] and s["shortfall_at_half"] == 0.02
+    lower = {"steps": 8, "arms": {a: [dict(r, higher_is_better=False) for r in rs] for a, rs in res["arms"].items()}}
+    assert convert_curve.summarise(lower)["conv_steps_to_scratch_full"] == 0     # FID: lower is better
