@@ -135,9 +135,9 @@ def decode_row(task, method: str, n: int, max_tokens: int, repeats: int = 3) -> 
     sampler = ar_infer.sampler_options(task, run)
     out, toks = {"method": method, "batch": n, "new_tokens": max_tokens, "sampler": sampler.to_dict()}, {}
     for path, compiled in (("python", False), ("compiled", True)):
-        gen = lambda: ar_infer.generate(task, run, prompts, max_tokens, 0, sampler, compiled=compiled)[0]  # noqa
+        gen = lambda: ar_infer.generate(task, run, prompts, max_tokens, 0, sampler, compiled=compiled)  # noqa
         t0 = time.perf_counter()
-        toks[path] = gen()
+        toks[path], out["block_calls_per_token"] = gen()
         first, times = time.perf_counter() - t0, []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -231,7 +231,7 @@ def table(report: dict) -> str:
             lines.append(f"{row:15s} error: {r['error']}")
             continue
         py, co = r["python"], r["compiled"]
-        lines.append(f"{row:15s} batch {r['batch']}, {r['new_tokens']} tokens, {r['sampler']['block_calls_per_token']}"
+        lines.append(f"{row:15s} batch {r['batch']}, {r['new_tokens']} tokens, {r['block_calls_per_token']}"
                      f" calls/token: python {py['tokens_per_s']:.1f} tokens/s, compiled {co['tokens_per_s']:.1f} "
                      f"tokens/s, speedup {r['speedup']:.1f}x (same tokens: {r['same_tokens']}; first call "
                      f"{py['first_call_seconds']:.1f} / {co['first_call_seconds']:.1f} s; load "
