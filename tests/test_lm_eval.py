@@ -122,7 +122,7 @@ def test_likelihood_term_makes_an_untrained_block_the_exact_uniform_prior_poster
     np.testing.assert_allclose(likelihood_logits(z, sigma, task.E), want, rtol=1e-4, atol=1e-3)
     fns = ar_infer.block_fns(task, model, "softmax")
     _, cache = fns["prefill"](params, tokens[:, :5])
-    _, row = fns["noisy_row"](params, cache, z[:, 5:6], jnp.full((2,), 0.3), 5, jax.random.PRNGKey(0))
+    _, row = fns["noisy_row"](params, cache, z[:, 5:6], jnp.full((2,), 0.3), 5, jax.random.PRNGKey(0), tokens[:, 4])
     np.testing.assert_allclose(row, want[:, 5], rtol=1e-4, atol=1e-3)
 
 

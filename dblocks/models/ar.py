@@ -164,6 +164,7 @@ class ARModel(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    prev_token: bool = False   # noisy row i also reads the embedding of token i-1 (config model.prev_token)
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
@@ -190,7 +191,11 @@ class ARModel(nn.Module):
             x, _ = self.stack(self.embed(tokens), ((self.sentinel(), T),), causal_mask(T), jnp.arange(T)[None])
             return self.head(x, ((self.sentinel(), T),), features)
         c = self.noisy_cond(c_noise)
-        x = jnp.concatenate([self.embed(tokens), self.z_in(z)], axis=1)
+        e = self.embed(tokens)
+        noisy = self.z_in(z)
+        if self.prev_token:   # row i gets token i-1 (row 0: nothing), as the LM's row i-1 has it in its stream
+            noisy = noisy + jnp.pad(e[:, :-1], ((0, 0), (1, 0), (0, 0)))
+        x = jnp.concatenate([e, noisy], axis=1)
         x, _ = self.stack(x, ((self.sentinel(), T), (c, T)), ar_mask(T), ar_positions(T)[None])
         return self.head(x[:, T:], ((c, T),), features)
 
@@ -204,10 +209,14 @@ class ARModel(nn.Module):
         return self.head(x, ((self.sentinel(), S),)), kvs
 
     def noisy_rows(self, z: Array, c_noise: Array, positions: Array, mask: Array,
-                   prefixes: Sequence[KV]) -> Array:
-        """Noisy rows (scaled by c_in) at one position, reading the clean prefix's cache -> logits [N, S, V]."""
+                   prefixes: Sequence[KV], prev: Array | None = None) -> Array:
+        """Noisy rows (scaled by c_in) at one position, reading the clean prefix's cache -> logits [N, S, V].
+        prev [N]: the token before that position (used with prev_token; the position is >= 1 in generation)."""
         c = self.noisy_cond(c_noise)
-        x, _ = self.stack(self.z_in(z), ((c, z.shape[1]),), mask, positions, prefixes)
+        x = self.z_in(z)
+        if self.prev_token:
+            x = x + self.embed(prev)[:, None]
+        x, _ = self.stack(x, ((c, z.shape[1]),), mask, positions, prefixes)
         return self.head(x, ((c, z.shape[1]),))
 
 

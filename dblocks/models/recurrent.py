@@ -124,7 +124,7 @@ class RecurrentModel(nn.Module):
         x, kv_d = self.coda_stack(x, self._clean(S), mask, positions, pre(self.prelude + self.core, None))
         return self.head(x, self._clean(S)), kv_p + kv_c + kv_d
 
-    def noisy_rows(self, z, c_noise, positions, mask, prefixes) -> Array:
+    def noisy_rows(self, z, c_noise, positions, mask, prefixes, prev=None) -> Array:   # prev: unused here
         """DiffusionBlocks: noisy rows (scaled by c_in) through core and coda, reading the clean rows' cache."""
         c = self.noise(c_noise.reshape(-1)).reshape(*c_noise.shape, self.hidden)
         conds = ((c, z.shape[1]),)

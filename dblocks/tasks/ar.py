@@ -26,7 +26,7 @@ class ARTask(LMTask):
         m = self.config.model
         return ar_model.ARModel(vocab=self.vocab.size, num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads,
                                 mlp_ratio=m.mlp_ratio, diffusion=unit.is_block, sigma_min=self.edm.sigma_min,
-                                **model_options(m))
+                                prev_token=bool(m.get("prev_token", False)), **model_options(m))
 
     def loss(self, model, params, batch, rng, train_range, train=True):
         tokens = batch["tokens"]

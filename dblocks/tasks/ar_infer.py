@@ -50,7 +50,6 @@ class Sampler:
         """Whether the chain draws randomness beyond z_0 (the ancestral solver, the 'sample' bridge)."""
         return self.solver in sampling.STOCHASTIC_SOLVERS or self.bridge == "sample"
 
-
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "grid": [float(g) for g in self.grid],
                 "block_calls_per_token": self.calls_per_token}
@@ -122,10 +121,10 @@ def block_fns(task, model, bridge: str) -> dict:
     """A denoiser block: one noisy row against the cache, and the teacher-forced pass (per-token sigma [N, T])."""
     t_max, E = int(task.config.data.seq_len), task.E
 
-    def noisy_row(params, cache, z, sigma, pos, key):   # z [N, 1, D], sigma [N]; key: the 'sample' bridge's
-        def apply(zz, cn):
+    def noisy_row(params, cache, z, sigma, pos, key, prev):   # z [N, 1, D], sigma [N]; key: the 'sample' bridge's;
+        def apply(zz, cn):                                     # prev [N]: the token at pos - 1
             return model.apply({"params": params}, zz, cn, jnp.full((1, 1), pos), ar_model.prefix_mask(pos, t_max),
-                               cache, method=model.noisy_rows)
+                               cache, prev, method=model.noisy_rows)
         logits = task.precondition_logits(apply, z, sigma[:, None])
         return targets.bridge(logits, E, bridge, key), logits[:, 0]
 
@@ -216,16 +215,17 @@ def decoder(task, run, n: int, sampler: Sampler, use_cache: bool = True) -> text
 
     def prefill(ctx):
         return {"caches": [fns[b]["prefill"](run.params[b], jnp.asarray(ctx))[1] for b in range(run.num_blocks)],
-                "pos": ctx.shape[1]}
+                "pos": ctx.shape[1], "last": jnp.asarray(ctx[:, -1], jnp.int32)}
 
     def next_cached(ps, state, key):   # pure in (params, state): also traced by the compiled decoder (lm_decode)
         def denoise(b, z, s, k):
-            return fns[b]["noisy_row"](ps[b], state["caches"][b], z, s, state["pos"], k)
+            return fns[b]["noisy_row"](ps[b], state["caches"][b], z, s, state["pos"], k, state["last"])
         return chain(denoise, key)
 
     def append(ps, state, tok):
         return {"caches": [fns[b]["clean_row"](ps[b], state["caches"][b], tok, state["pos"])[1]
-                           for b in range(run.num_blocks)], "pos": state["pos"] + 1}
+                           for b in range(run.num_blocks)], "pos": state["pos"] + 1,
+                "last": jnp.asarray(tok, jnp.int32)}
     return lm_decode.decoder(tuple(run.params), prefill, next_cached, append, t_max, sampler.calls_per_token,
                              lm_decode.jit_for(task, run.models), f"db.{n}.{sampler!r}.{run.partition!r}")
 

@@ -35,6 +35,8 @@ class RecurrentTask(LMTask):
         m, r = c.model, c.recurrent
         if int(c.blocks.num_blocks) != 1:
             p.append(f"blocks.num_blocks={c.blocks.num_blocks}: the recurrent model is one denoiser (B=1)")
+        if m.get("prev_token", False):
+            p.append("model.prev_token is for the ar task (the recurrent model's noisy row reads no token)")
         if m.num_layers != m.prelude + m.core + m.coda:
             p.append(f"model.num_layers={m.num_layers} must equal prelude + core + coda = "
                      f"{m.prelude + m.core + m.coda}")

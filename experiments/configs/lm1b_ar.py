@@ -34,7 +34,7 @@ def get_config(arg=None):
     # sigma in [0.28, 1.25]. likelihood and match_sigma_data stay off: on Shakespeare they gave a finite ELBO but a
     # worse sampler (docs/language_models.md); not run at LM1B scale here.
     c.model = dict(**model_defaults(), num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, target_dim=0, target_norm=1.0, target_seed=0,
-                   likelihood=False, match_sigma_data=False)
+                   likelihood=False, match_sigma_data=False, prev_token=False)
     c.blocks.sigma_floor = 0.0
 
     c.blocks.num_blocks = 4
