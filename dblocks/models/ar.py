@@ -164,7 +164,7 @@ class ARModel(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
-    prev_token: bool = False   # noisy row i also reads the embedding of token i-1 (config model.prev_token)
+    prev_token: bool = False   # noisy row i also reads token i-1 (its own table; config model.prev_token)
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
@@ -174,6 +174,11 @@ class ARModel(nn.Module):
         self.head = RowHead(self.hidden, self.vocab, self.dtype)
         if self.diffusion:
             self.z_in = dense(self.hidden, self.dtype)
+        if self.diffusion and self.prev_token:
+            # its own table at unit scale: added to z_in(c_in z) (unit scale) before the first LayerNorm, the shared
+            # embedding (std 0.02, scale-free in the clean rows) would start 50 times below the noise
+            self.prev_embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(1.0),
+                                       dtype=self.dtype)
 
     def sentinel(self) -> Array:
         """[1, 1, H]: the clean rows' conditioning, c_noise(sigma_min) through the noise embedder."""
@@ -191,10 +196,9 @@ class ARModel(nn.Module):
             x, _ = self.stack(self.embed(tokens), ((self.sentinel(), T),), causal_mask(T), jnp.arange(T)[None])
             return self.head(x, ((self.sentinel(), T),), features)
         c = self.noisy_cond(c_noise)
-        e = self.embed(tokens)
-        noisy = self.z_in(z)
+        e, noisy = self.embed(tokens), self.z_in(z)
         if self.prev_token:   # row i gets token i-1 (row 0: nothing), as the LM's row i-1 has it in its stream
-            noisy = noisy + jnp.pad(e[:, :-1], ((0, 0), (1, 0), (0, 0)))
+            noisy = noisy + jnp.pad(self.prev_embed(tokens[:, :-1]), ((0, 0), (1, 0), (0, 0)))
         x = jnp.concatenate([e, noisy], axis=1)
         x, _ = self.stack(x, ((self.sentinel(), T), (c, T)), ar_mask(T), ar_positions(T)[None])
         return self.head(x[:, T:], ((c, T),), features)
@@ -215,7 +219,7 @@ class ARModel(nn.Module):
         c = self.noisy_cond(c_noise)
         x = self.z_in(z)
         if self.prev_token:
-            x = x + self.embed(prev)[:, None]
+            x = x + self.prev_embed(prev)[:, None]
         x, _ = self.stack(x, ((c, z.shape[1]),), mask, positions, prefixes)
         return self.head(x, ((c, z.shape[1]),))
 
