@@ -135,7 +135,9 @@ def summarise(result: dict) -> dict:
             "shortfall_at_half": best_half and round((final["value"] - best_half["value"]) * (1 if higher else -1), 5)}
 
 
-def plot(result: dict, path: str) -> None:
+def plot(result: dict, path: str, also: list[tuple[str, str]] = ()) -> None:
+    """The curve of both arms, the e2e run as a line, and the converted arm of each (JSON, label) in `also` (e.g. a
+    run with a shorter budget, hence its own learning-rate schedule)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,6 +146,9 @@ def plot(result: dict, path: str) -> None:
         pts = sorted((r["step"], r["value"]) for r in result["arms"][arm])
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
+    for other, label in also:
+        pts = sorted((r["step"], r["value"]) for r in json.load(open(other))["arms"]["conv"])
+        ax.plot(*zip(*pts), marker="*", ls=":", ms=9, label=label)
     if result.get("e2e"):
         ax.axhline(result["e2e"]["value"], color="gray", ls="--",
                    label=f"e2e at {result.get('e2e_steps', result['steps'])} steps")
@@ -187,6 +192,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="JSON; rows already in it are kept and not evaluated again (several "
                    "processes may fill one file, e.g. one arm each)")
     p.add_argument("--plot", default=None)
+    p.add_argument("--also", action="append", default=[], help="JSON:label, another curve's converted arm to plot")
     a = p.parse_args(argv)
     logs.setup()
     total = a.steps
@@ -251,7 +257,7 @@ def main(argv=None):
                 save()
     save()
     if a.plot:
-        plot(result, a.plot)
+        plot(result, a.plot, [tuple(x.rsplit(":", 1)) for x in a.also])
     print(json.dumps(result["summary"], indent=1))
 
 
