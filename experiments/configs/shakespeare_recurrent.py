@@ -26,6 +26,8 @@ def get_config(arg=None):
     c.blocks.gamma = 0.0
     c.recurrent = dict(mean_iterations=8, backprop_iterations=2, init_std=1.0)
     c.sample.grid_points = 0   # 0 = recurrent.mean_iterations Euler steps per token
-    c.sample.grid = ""   # the fixes were not measured on the recurrent model: its old grid (CDF, ending at sigma_min)
+    c.sample.grid = ""   # its own grid and sampler until measured (shakespeare_ar's are for B=4)
+    c.sample.solver = "euler"
+    c.sample.bridge = "softmax"
     c.train.steps = 1000
     return c
