@@ -14,7 +14,11 @@ from tests.test_ar import random_run
 
 @pytest.fixture(scope="module")
 def runs():
-    return {m: random_run(tiny_recurrent.get_config(), m) for m in ("dblocks", "e2e")}
+    out = {m: random_run(tiny_recurrent.get_config(), m) for m in ("dblocks", "e2e")}
+    c = tiny_recurrent.get_config()
+    c.model.prev_token = True
+    out["dblocks_prev"] = random_run(c, "dblocks")
+    return out
 
 
 def test_k_euler_steps_with_an_oracle_core_land_on_the_target(runs):
@@ -63,7 +67,7 @@ def test_denoiser_is_causal(runs):
             assert np.abs(out[:, j + 1:] - base[:, j + 1:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("method", ["dblocks", "e2e"])
+@pytest.mark.parametrize("method", ["dblocks", "dblocks_prev", "e2e"])
 def test_cached_generation_equals_uncached(runs, method):
     run = runs[method]
     prompts = np.array([[1, 2, 3, 4, 9, 10, 11, 12], [5, 6, 7, 8, 13, 14, 15, 16]], np.int32)

@@ -45,6 +45,7 @@ class RecurrentModel(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    prev_token: bool = False       # DiffusionBlocks: the noisy row also reads token i-1 (as dblocks.models.ar)
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
@@ -56,6 +57,9 @@ class RecurrentModel(nn.Module):
         self.head = RowHead(self.hidden, self.vocab, self.dtype)
         if self.diffusion:
             self.z_in = dense(self.hidden, self.dtype)
+            if self.prev_token:
+                self.prev_embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(1.0),
+                                           dtype=self.dtype)
         else:
             self.adapter = dense(self.hidden, self.dtype)
             self.core_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
@@ -110,7 +114,10 @@ class RecurrentModel(nn.Module):
         e, _ = self.prelude_rows(tokens, jnp.arange(T)[None], causal_mask(T))
         c = self.noise(c_noise.reshape(-1)).reshape(*c_noise.shape, self.hidden)
         conds = ((self.sentinel(), T), (c, T))
-        x = jnp.concatenate([e, self.z_in(z)], axis=1)
+        noisy = self.z_in(z)
+        if self.prev_token:   # row i gets token i-1 (row 0: nothing)
+            noisy = noisy + jnp.pad(self.prev_embed(tokens[:, :-1]), ((0, 0), (1, 0), (0, 0)))
+        x = jnp.concatenate([e, noisy], axis=1)
         x, _ = self.core_stack(x, conds, ar_mask(T), ar_positions(T)[None])
         x, _ = self.coda_stack(x, conds, ar_mask(T), ar_positions(T)[None])
         return self.head(x[:, T:], ((c, T),))
@@ -124,10 +131,12 @@ class RecurrentModel(nn.Module):
         x, kv_d = self.coda_stack(x, self._clean(S), mask, positions, pre(self.prelude + self.core, None))
         return self.head(x, self._clean(S)), kv_p + kv_c + kv_d
 
-    def noisy_rows(self, z, c_noise, positions, mask, prefixes, prev=None) -> Array:   # prev: unused here
-        """DiffusionBlocks: noisy rows (scaled by c_in) through core and coda, reading the clean rows' cache."""
+    def noisy_rows(self, z, c_noise, positions, mask, prefixes, prev=None) -> Array:
+        """DiffusionBlocks: noisy rows (scaled by c_in) through core and coda, reading the clean rows' cache; prev [N]:
+        the token before their position (with prev_token)."""
         c = self.noise(c_noise.reshape(-1)).reshape(*c_noise.shape, self.hidden)
         conds = ((c, z.shape[1]),)
-        x, _ = self.core_stack(self.z_in(z), conds, mask, positions, prefixes[self.prelude:self.prelude + self.core])
+        x = self.z_in(z) + (self.prev_embed(prev)[:, None] if self.prev_token else 0.0)
+        x, _ = self.core_stack(x, conds, mask, positions, prefixes[self.prelude:self.prelude + self.core])
         x, _ = self.coda_stack(x, conds, mask, positions, prefixes[self.prelude + self.core:])
         return self.head(x, conds)

@@ -35,8 +35,6 @@ class RecurrentTask(LMTask):
         m, r = c.model, c.recurrent
         if int(c.blocks.num_blocks) != 1:
             p.append(f"blocks.num_blocks={c.blocks.num_blocks}: the recurrent model is one denoiser (B=1)")
-        if m.get("prev_token", False):
-            p.append("model.prev_token is for the ar task (the recurrent model's noisy row reads no token)")
         if m.num_layers != m.prelude + m.core + m.coda:
             p.append(f"model.num_layers={m.num_layers} must equal prelude + core + coda = "
                      f"{m.prelude + m.core + m.coda}")
@@ -59,7 +57,7 @@ class RecurrentTask(LMTask):
                               coda=m.coda, mlp_ratio=m.mlp_ratio, diffusion=unit.is_block,
                               iterations=int(self.config.recurrent.mean_iterations),
                               init_std=float(self.config.recurrent.init_std), sigma_min=self.edm.sigma_min,
-                              **model_options(m))
+                              prev_token=bool(m.get("prev_token", False)), **model_options(m))
 
     # -- the baseline's training: random depth, truncated backprop ---------------------------------------------------
     def sample_depth(self, key) -> jax.Array:
