@@ -126,6 +126,42 @@ def test_likelihood_term_makes_an_untrained_block_the_exact_uniform_prior_poster
     np.testing.assert_allclose(row, want[:, 5], rtol=1e-4, atol=1e-3)
 
 
+def test_prior_head_reads_no_z_and_trains_the_prior_cross_entropy():
+    """model.lm_head='prior': the network's logits do not depend on z (random, non-zero params), the posterior is
+    those logits plus the exact likelihood term, and the loss is the CE of the network's logits alone. For an
+    untrained block (zero head) that CE is log V at any sigma, where the posterior's CE at low sigma is near 0."""
+    c = tiny_ar.get_config()
+    c.model.likelihood, c.model.target_norm, c.model.match_sigma_data, c.model.lm_head = True, 1.0, True, "prior"
+    c.edm.loss_weighting = "none"
+    run = random_run(c, "dblocks")
+    task, model, params = run.task, run.models[1], run.params[1]
+    tokens = jnp.asarray(np.arange(32).reshape(2, 16) % task.vocab.size)
+    sigma = jnp.full((2, 16), 0.05)
+    z1 = task.E[tokens] + 0.05 * jax.random.normal(jax.random.PRNGKey(1), (2, 16, task.target_dim))
+    z2 = jax.random.normal(jax.random.PRNGKey(2), z1.shape)
+    prior1 = task.noisy_logits(model, params, tokens, z1, sigma, prior_only=True)
+    prior2 = task.noisy_logits(model, params, tokens, z2, sigma, prior_only=True)
+    assert float(jnp.abs(prior1).max()) > 1e-3
+    np.testing.assert_allclose(prior1, prior2, atol=1e-5)
+    np.testing.assert_allclose(task.noisy_logits(model, params, tokens, z1, sigma),
+                               prior1 + likelihood_logits(z1, sigma, task.E), rtol=1e-5, atol=1e-3)
+    zero = task.init_params(model, jax.random.PRNGKey(0), task.dummy_batch())   # zero head: prior logits 0
+    loss, _ = task.loss(model, zero, {"tokens": tokens}, jax.random.PRNGKey(3), (0.002, 0.01))
+    np.testing.assert_allclose(float(loss), np.log(task.vocab.size), rtol=1e-5)
+    c.model.lm_head = "posterior"
+    post = get_task(c)
+    loss, _ = post.loss(model, zero, {"tokens": tokens}, jax.random.PRNGKey(3), (0.002, 0.01))
+    assert float(loss) < 0.1
+
+
+def test_prior_head_needs_the_likelihood_term():
+    c = tiny_ar.get_config()
+    c.model.lm_head = "prior"
+    assert any("lm_head" in p for p in get_task(c).validate())
+    c.model.lm_head = "prior-ish"
+    assert any("lm_head" in p for p in get_task(c).validate())
+
+
 # -- sampler options ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

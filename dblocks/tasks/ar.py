@@ -39,19 +39,21 @@ class ARTask(LMTask):
                 logits = model.apply({"params": params}, tokens)
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
             return ce.mean(), {"ce": ce.mean()}
-        return self.denoising_loss(lambda z, s: self.noisy_logits(model, params, tokens, z, s), tokens, rng,
+        return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), tokens, rng,
                                    train_range)
 
-    def training_compute(self, method: str, grid_points: int | None = None) -> dict:
+    def training_compute(self, method: str, grid_points: int | None = None, clean_blocks: int | None = None) -> dict:
         """Layer evaluations per training token of one optimizer step (forward; backward runs through the same
         layers). A block runs its L/B layers over 2 rows per token (clean and noisy); B blocks each train as many
-        steps as the baseline, which runs L layers over 1 row per token."""
+        steps as the baseline, which runs L layers over 1 row per token. At inference the clean row goes through the
+        `clean_blocks` blocks the grid calls (default all B; dblocks.sampling.blocks_called)."""
         L, B = int(self.config.model.num_layers), int(self.config.blocks.num_blocks)
         if method == "e2e":
             return {"forward_layer_rows_per_token": L, "backward_layer_rows_per_token": L, "units": 1,
                     "inference_layer_rows_per_token": L}
         calls = int(grid_points or self.config.sample.get("grid_points", 0) or self.default_grid_points())
         return {"forward_layer_rows_per_token": 2 * L // B, "backward_layer_rows_per_token": 2 * L // B, "units": B,
-                "inference_layer_rows_per_token": L + calls * L // B,
+                "inference_layer_rows_per_token": int(clean_blocks or B) * L // B + calls * L // B,
                 "note": "training: per block step (the B blocks together: 2L layer-rows per token per baseline "
-                        "step); inference: the clean row through all B blocks (L) + one noisy row per block call"}
+                        "step); inference: the clean row through each block the grid calls + one noisy row per "
+                        "block call"}

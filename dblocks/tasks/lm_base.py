@@ -84,6 +84,12 @@ class LMTask(Task):
             p.append(f"sample.temperature={s.temperature} must be > 0 and sample.top_p={s.top_p} in (0, 1]")
         if c.eval.num_draws < 1:
             p.append(f"eval.num_draws={c.eval.num_draws} must be >= 1")
+        head = str(m.get("lm_head", "posterior"))
+        if head not in ("posterior", "prior"):
+            p.append(f"model.lm_head={head!r}; choose 'posterior' or 'prior'")
+        elif head == "prior" and not m.get("likelihood", False):
+            p.append("model.lm_head='prior' needs model.likelihood=True (the posterior is the prior plus the "
+                     "analytic likelihood term)")
         if float(c.blocks.get("sigma_floor", 0.0) or 0.0) < 0:
             p.append(f"blocks.sigma_floor={c.blocks.sigma_floor} must be >= 0 (0 = none)")
         return p
@@ -191,28 +197,44 @@ class LMTask(Task):
         return part
 
     # -- the denoiser read-out and the loss -------------------------------------------------------------------------
-    def precondition_logits(self, apply, z: Array, sigma: Array) -> Array:
+    @property
+    def prior_head(self) -> bool:
+        """model.lm_head == 'prior': the network reads no z and its logits are the next-token prior (see
+        denoising_loss); the denoiser's posterior is formed analytically with the likelihood term."""
+        return str(self.config.model.get("lm_head", "posterior")) == "prior"
+
+    def precondition_logits(self, apply, z: Array, sigma: Array, prior_only: bool = False) -> Array:
         """The block's logits for raw noisy targets z [..., D] at sigma [...]: `apply(c_in z, c_noise)`, plus the
-        analytic likelihood term when model.likelihood is set."""
+        analytic likelihood term when model.likelihood is set (not with prior_only). With the prior head the
+        network is given zeros in place of c_in z, so its logits do not depend on z."""
         pc = edm_lib.precondition(sigma, self.sigma_data)
-        logits = apply(pc.c_in[..., None] * z, pc.c_noise)
-        if self.likelihood:
+        zin = pc.c_in[..., None] * z
+        logits = apply(jnp.zeros_like(zin) if self.prior_head else zin, pc.c_noise)
+        if self.likelihood and not prior_only:
             logits = logits + likelihood_logits(z, sigma, self.E)
         return logits
 
-    def noisy_logits(self, model, params, tokens, z, sigma):
+    def noisy_logits(self, model, params, tokens, z, sigma, prior_only: bool = False):
         """Teacher-forced denoiser read-out: clean tokens [N, T], noisy targets z [N, T, D], sigma [N, T] ->
         logits [N, T, V]."""
-        return self.precondition_logits(lambda zz, cn: model.apply({"params": params}, tokens, zz, cn), z, sigma)
+        return self.precondition_logits(lambda zz, cn: model.apply({"params": params}, tokens, zz, cn), z, sigma,
+                                        prior_only)
 
     def denoising_loss(self, logits_fn, tokens, rng, train_range):
-        """CE of every noisy row against its token, weighted per token by lambda(sigma); sigma per token."""
+        """CE of every noisy row against its token, weighted per token by lambda(sigma); sigma per token.
+
+        With the prior head (model.lm_head='prior') the CE is that of the network's own logits, the prior
+        p(v | context), instead of the posterior's. For a network that does not read z both losses have the same
+        minimiser (the posterior softmax(prior + likelihood) is exact for the true prior, and the posterior's CE is
+        H(v | z) plus a KL that vanishes there), but the posterior's CE gives the prior almost no gradient wherever
+        z already reveals the token, which is most of a low-noise block's range (docs/language_models.md)."""
         k_sigma, k_eps = jax.random.split(rng)
         sigma = edm_lib.sample_sigma(k_sigma, tokens.shape, train_range[0], train_range[1], self.edm.p_mean,
                                      self.edm.p_std)                                   # [N, T]
         y = self.E[tokens]                                                             # [N, T, D]
         z = y + sigma[..., None] * jax.random.normal(k_eps, y.shape)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(z, sigma), tokens)   # [N, T]
+        logits = logits_fn(z, sigma, prior_only=True) if self.prior_head else logits_fn(z, sigma)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)          # [N, T]
         w = edm_lib.loss_weight(sigma, self.sigma_data, self.config.edm.loss_weighting, self.config.edm.max_weight)
         return edm_lib.weighted_mean(ce.reshape(-1), w.reshape(-1)), {"ce": ce.mean()}
 

@@ -71,7 +71,7 @@ class RecurrentTask(LMTask):
     def loss(self, model, params, batch, rng, train_range, train=True):
         tokens = batch["tokens"]
         if model.diffusion:
-            return self.denoising_loss(lambda z, s: self.noisy_logits(model, params, tokens, z, s), tokens, rng,
+            return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), tokens, rng,
                                        train_range)
         N, T = tokens.shape
         k_s, k_r = jax.random.split(rng)
@@ -103,7 +103,7 @@ class RecurrentTask(LMTask):
     def noisy_readout(self, run) -> bool:
         return True   # the baseline's s_0 is random too
 
-    def training_compute(self, method: str, grid_points: int | None = None) -> dict:
+    def training_compute(self, method: str, grid_points: int | None = None, clean_blocks: int | None = None) -> dict:
         """Layer evaluations per token of one training step, forward and backward (a layer over one row = 1)."""
         m, r = self.config.model, self.config.recurrent
         P, C, D, K, k = m.prelude, m.core, m.coda, r.mean_iterations, r.backprop_iterations

@@ -35,7 +35,7 @@ def get_config(arg=None):
     # of every block's range. With 32K tokens in 768 dimensions the rows are near-orthogonal, not orthogonal, so the
     # band is not exactly Shakespeare's (dblocks.information.information_curve measures it for a given E).
     c.model = dict(**model_defaults(), num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, target_dim=0, target_norm=0.25, target_seed=0,
-                   likelihood=True, match_sigma_data=True, prev_token=True)
+                   likelihood=True, match_sigma_data=True, prev_token=True, lm_head="posterior")
     c.blocks.sigma_floor = 0.0
 
     c.blocks.num_blocks = 4
