@@ -73,6 +73,17 @@ def points_for_calls(calls: int, solver: str) -> int:
     return (calls + 1) // 2 if solver == "heun" else calls
 
 
+def blocks_called(grid: np.ndarray, partition: partition_lib.Partition, solver: str) -> list[int]:
+    """The blocks a chain on `grid` calls, ascending: the step and final calls (`partition.grid_blocks`), and for
+    heun the owners of the corrector levels. A block not listed is never run, so a decoder keeps no K/V cache for
+    it (on the language models' two-level default grid, blocks 2 and 3 of 4)."""
+    grid = np.asarray(grid, np.float64)
+    called = set(partition_lib.grid_blocks(grid, partition).tolist())
+    if solver == "heun":
+        called |= set(np.asarray(partition.block_of(grid[1:])).reshape(-1).tolist())
+    return sorted(int(b) for b in called)
+
+
 def check_solver(solver: str, stochastic: bool = False) -> None:
     """stochastic: whether the caller passes a key (the stochastic solvers need one)."""
     allowed = ALL_SOLVERS if stochastic else SOLVERS

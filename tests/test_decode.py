@@ -35,6 +35,7 @@ CASES = [
     (("ar", "dblocks"), dict(greedy=True)),
     (("ar", "dblocks"), dict(grid="80,0.45,0.1", solver="heun", top_p=1.0)),
     (("ar", "dblocks"), dict(grid="80,0.45,0.2,0.1", solver="ancestral", bridge="sample", temperature=0.8)),
+    (("ar", "dblocks"), dict(grid="80,0.45", solver="ancestral", bridge="sample")),   # block 1 never called
     (("ar", "e2e"), dict()),
     (("ar", "e2e"), dict(greedy=True)),
     (("recurrent", "dblocks"), dict(greedy=True)),
@@ -85,3 +86,22 @@ def test_the_compiled_loop_updates_the_caches_in_place(runs):
         elif computation != "ENTRY" and " copy(" in line and line.split("=", 1)[1].strip().startswith(shape):
             in_body += 1
     assert in_body == 0, f"{in_body} copies of a cache {shape} inside the decoding loop"
+
+
+def test_blocks_the_grid_never_calls_keep_no_cache(runs):
+    """On a grid whose calls all fall in block 0, block 1's clean rows are never run: its cache is None in the
+    decoder's state (prefill and after each token), and the tokens are those of the uncached reference."""
+    from dblocks import sampling
+    run = runs[("ar", "dblocks")]
+    smp = ar_infer.sampler_options(run.task, run, grid="80,0.45")
+    assert sampling.blocks_called(smp.grid, run.partition, smp.solver) == [0]
+    assert sampling.blocks_called((80.0, 0.45, 0.01), run.partition, "euler") == [0, 1]
+    assert sampling.blocks_called((80.0, 0.45), run.partition, "heun") == [0]
+    dec = run.task.decoder(run, len(PROMPTS), smp)
+    state = dec.prefill(PROMPTS)
+    assert state["caches"][1] is None and state["caches"][0] is not None
+    state = dec.compiled.append(dec.compiled.params, state, jnp.asarray(PROMPTS[:, 0]))
+    assert state["caches"][1] is None
+    cached, _ = ar_infer.generate(run.task, run, PROMPTS, 5, 3, smp)
+    uncached, _ = ar_infer.generate(run.task, run, PROMPTS, 5, 3, smp, use_cache=False)
+    np.testing.assert_array_equal(cached, uncached)

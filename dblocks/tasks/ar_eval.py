@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dblocks import lm_elbo, ngram, text_metrics
+from dblocks import lm_elbo, ngram, sampling, text_metrics
 from dblocks.tasks import ar_infer
 
 LN2 = float(np.log(2.0))
@@ -155,6 +155,8 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
     windows = ar_infer.heldout_windows(task, int(max_windows or limit or e.max_windows), split)
     bs = int(batch_size or e.batch_size)
     sc = score_windows(task, run, windows, draws, bs, seed, sampler)
+    called = len(sampling.blocks_called(sampler.grid, run.partition, sampler.solver)) if sampler.grid else None
+    compute = task.training_compute(run.method, len(sampler.grid) or None, called)
     out = {"headline": {"name": name, "value": sc["bits"], "higher_is_better": False},
            name: sc["bits"], "sampler_bits": sc["bits"], "sampler_draws": draws,
            "next_token_accuracy": sc["accuracy"], "num_draws": draws, "positions_scored": sc["positions"],
@@ -162,9 +164,7 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
            "final_softmax_entropy_bits": sc["entropy"], "mixture_entropy_bits": sc["mixture_entropy"],
            "bridge": sampler.bridge, "sampler": sampler.to_dict(), "grid_points": len(sampler.grid) or None,
            "block_calls_per_token": sampler.calls_per_token,
-           "layer_evals_per_sample": task.training_compute(run.method, len(sampler.grid) or None)[
-               "inference_layer_rows_per_token"],
-           "training_compute": task.training_compute(run.method, len(sampler.grid) or None)}
+           "layer_evals_per_sample": compute["inference_layer_rows_per_token"], "training_compute": compute}
     if "per_step_bits" in sc:
         out["per_step"] = {"name": f"{name} of the read-out after each block call", "values": sc["per_step_bits"]}
         out["first_call_bits"] = sc["per_step_bits"][0]

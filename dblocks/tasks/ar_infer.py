@@ -213,8 +213,12 @@ def decoder(task, run, n: int, sampler: Sampler, use_cache: bool = True) -> text
             return chain(denoise, key)
         return textgen.Decoder(lambda ctx: ctx, next_uncached, _append_ctx, t_max, sampler.calls_per_token)
 
+    # only the blocks the grid calls keep a cache of the clean prefix; the others' entries stay None (never run)
+    called = set(sampling.blocks_called(grid, run.partition, sampler.solver))
+
     def prefill(ctx):
-        return {"caches": [fns[b]["prefill"](run.params[b], jnp.asarray(ctx))[1] for b in range(run.num_blocks)],
+        return {"caches": [fns[b]["prefill"](run.params[b], jnp.asarray(ctx))[1] if b in called else None
+                           for b in range(run.num_blocks)],
                 "pos": ctx.shape[1], "last": jnp.asarray(ctx[:, -1], jnp.int32)}
 
     def next_cached(ps, state, key):   # pure in (params, state): also traced by the compiled decoder (lm_decode)
@@ -223,8 +227,8 @@ def decoder(task, run, n: int, sampler: Sampler, use_cache: bool = True) -> text
         return chain(denoise, key)
 
     def append(ps, state, tok):
-        return {"caches": [fns[b]["clean_row"](ps[b], state["caches"][b], tok, state["pos"])[1]
-                           for b in range(run.num_blocks)], "pos": state["pos"] + 1,
+        return {"caches": [fns[b]["clean_row"](ps[b], state["caches"][b], tok, state["pos"])[1] if b in called
+                           else None for b in range(run.num_blocks)], "pos": state["pos"] + 1,
                 "last": jnp.asarray(tok, jnp.int32)}
     return lm_decode.decoder(tuple(run.params), prefill, next_cached, append, t_max, sampler.calls_per_token,
                              lm_decode.jit_for(task, run.models), f"db.{n}.{sampler!r}.{run.partition!r}")

@@ -11,7 +11,7 @@ paths: the reference Python loop of `dblocks.textgen.generate` calls them with t
         logits = next_logits(params, state, k_chain)        # DiffusionBlocks: the whole chain over the static grid,
                                                             # each call by its static block (sampling.sample traced)
         token = textgen.sample_token(logits, k_draw, temperature, top_p, greedy)
-        state = append(params, state, token)                # every block's clean row written to its cache
+        state = append(params, state, token)                # the clean row written to each called block's cache
 
 so the compiled path draws exactly the tokens the Python path draws for the same key (tests/test_decode.py). The
 window rule of textgen.generate is kept: a segment runs up to the end of the window (t_max positions), then the host
