@@ -270,3 +270,32 @@ def test_ar_task_chunked_loss_matches():
     chunked_task = get_task(c)
     chunked = jax.jit(lambda p: chunked_task.loss(model, p, batch, jax.random.PRNGKey(2), jnp.zeros(2))[0])(params)
     np.testing.assert_allclose(chunked, full, rtol=1e-5)
+
+
+def test_ar_prior_head_chunked_loss_and_grads_match(monkeypatch):
+    """model.loss_chunk with the prior head: a DiffusionBlocks block's loss (the prior's CE, no likelihood term) and
+    its gradient through dblocks.losses equal the full-logits ones; the posterior head refuses loss_chunk."""
+    from dblocks.tasks import get_task
+    from experiments.configs import tiny_ar
+    _chunked = losses.chunked_cross_entropy
+    c = tiny_ar.get_config()
+    c.model.likelihood, c.model.match_sigma_data, c.model.lm_head = True, True, "prior"
+    c.edm.loss_weighting = "none"
+    task = get_task(c)
+    unit = task.units("dblocks")[1]
+    model = task.make_model(unit)
+    batch = {"tokens": jax.random.randint(jax.random.PRNGKey(0), (4, int(c.data.seq_len)), 0, task.vocab.size)}
+    params = _perturb(jax.jit(lambda: task.init_params(model, jax.random.PRNGKey(1), batch))())
+    rng = unit.train_range
+    fn = lambda t: jax.jit(jax.value_and_grad(lambda p: t.loss(model, p, batch, jax.random.PRNGKey(2), rng)[0]))  # noqa: E731
+    full, g_full = fn(task)(params)
+    c.model.loss_chunk = 7
+    calls = []
+    monkeypatch.setattr(losses, "chunked_cross_entropy",
+                        lambda *a, **k: calls.append(a[-1]) or _chunked(*a, **k))
+    chunked, g_chunked = fn(get_task(c))(params)
+    assert calls == [7]   # the chunked path ran
+    np.testing.assert_allclose(chunked, full, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_chunked, g_full)
+    c.model.lm_head = "posterior"
+    assert any("loss_chunk" in p for p in get_task(c).validate())

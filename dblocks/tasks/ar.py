@@ -9,8 +9,10 @@ partition, the loss) are in dblocks.tasks.lm_base; generation and evaluation in 
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
+from dblocks import edm as edm_lib
 from dblocks import losses
 from dblocks.models import ar as ar_model
 from dblocks.models.options import model_options
@@ -39,8 +41,17 @@ class ARTask(LMTask):
                 logits = model.apply({"params": params}, tokens)
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
             return ce.mean(), {"ce": ce.mean()}
+        chunk = int(self.config.model.get("loss_chunk", 0) or 0)
+        prior_ce = None
+        if chunk and self.prior_head:   # the prior head's CE needs no likelihood term: chunk it as the LM's
+            def prior_ce(sigma):
+                c_noise = edm_lib.precondition(sigma, self.sigma_data).c_noise
+                h = model.apply({"params": params}, tokens, jnp.zeros((*tokens.shape, self.target_dim)), c_noise,
+                                features=True)
+                head = params["head"]["Dense_1"]
+                return losses.chunked_cross_entropy(h, head["kernel"], head["bias"], tokens, chunk)
         return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), tokens, rng,
-                                   train_range)
+                                   train_range, prior_ce)
 
     def training_compute(self, method: str, grid_points: int | None = None, clean_blocks: int | None = None) -> dict:
         """Layer evaluations per training token of one optimizer step (forward; backward runs through the same

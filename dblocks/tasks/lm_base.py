@@ -90,6 +90,12 @@ class LMTask(Task):
         elif head == "prior" and not m.get("likelihood", False):
             p.append("model.lm_head='prior' needs model.likelihood=True (the posterior is the prior plus the "
                      "analytic likelihood term)")
+        chunk = int(m.get("loss_chunk", 0) or 0)
+        if chunk < 0:
+            p.append(f"model.loss_chunk={chunk} must be >= 0 (0 = the whole logits at once)")
+        elif chunk and c.method == "dblocks" and head != "prior":
+            p.append(f"model.loss_chunk={chunk} needs model.lm_head='prior' for DiffusionBlocks: the posterior head's "
+                     f"loss adds the likelihood term to the whole [N, T, V] logits (or set loss_chunk=0)")
         if float(c.blocks.get("sigma_floor", 0.0) or 0.0) < 0:
             p.append(f"blocks.sigma_floor={c.blocks.sigma_floor} must be >= 0 (0 = none)")
         return p
@@ -220,21 +226,25 @@ class LMTask(Task):
         return self.precondition_logits(lambda zz, cn: model.apply({"params": params}, tokens, zz, cn), z, sigma,
                                         prior_only)
 
-    def denoising_loss(self, logits_fn, tokens, rng, train_range):
+    def denoising_loss(self, logits_fn, tokens, rng, train_range, prior_ce_fn=None):
         """CE of every noisy row against its token, weighted per token by lambda(sigma); sigma per token.
 
         With the prior head (model.lm_head='prior') the CE is that of the network's own logits, the prior
         p(v | context), instead of the posterior's. For a network that does not read z both losses have the same
         minimiser (the posterior softmax(prior + likelihood) is exact for the true prior, and the posterior's CE is
         H(v | z) plus a KL that vanishes there), but the posterior's CE gives the prior almost no gradient wherever
-        z already reveals the token, which is most of a low-noise block's range (docs/language_models.md)."""
+        z already reveals the token, which is most of a low-noise block's range (docs/language_models.md).
+        prior_ce_fn(sigma) -> [N, T], if given, computes that CE itself (the AR task's chunked cross-entropy)."""
         k_sigma, k_eps = jax.random.split(rng)
         sigma = edm_lib.sample_sigma(k_sigma, tokens.shape, train_range[0], train_range[1], self.edm.p_mean,
                                      self.edm.p_std)                                   # [N, T]
         y = self.E[tokens]                                                             # [N, T, D]
         z = y + sigma[..., None] * jax.random.normal(k_eps, y.shape)
-        logits = logits_fn(z, sigma, prior_only=True) if self.prior_head else logits_fn(z, sigma)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)          # [N, T]
+        if self.prior_head and prior_ce_fn is not None:
+            ce = prior_ce_fn(sigma)                                                    # [N, T]
+        else:
+            logits = logits_fn(z, sigma, prior_only=True) if self.prior_head else logits_fn(z, sigma)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)      # [N, T]
         w = edm_lib.loss_weight(sigma, self.sigma_data, self.config.edm.loss_weighting, self.config.edm.max_weight)
         return edm_lib.weighted_mean(ce.reshape(-1), w.reshape(-1)), {"ce": ce.mean()}
 

@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.task = "recurrent"
     c.model = dict(**model_defaults(), num_layers=4, prelude=1, core=2, coda=1, hidden=128, heads=4, mlp_ratio=4.0,
                    target_dim=0, target_norm=0.25, target_seed=0,    # as shakespeare_ar (see there)
-                   likelihood=False, match_sigma_data=False, prev_token=False, lm_head="posterior")
+                   likelihood=False, match_sigma_data=False, prev_token=False, lm_head="posterior", loss_chunk=0)
     c.blocks.num_blocks = 1
     c.blocks.gamma = 0.0
     c.recurrent = dict(mean_iterations=8, backprop_iterations=2, init_std=1.0)
