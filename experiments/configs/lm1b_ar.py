@@ -28,8 +28,8 @@ def get_config(arg=None):
     c.data.batch_size = 256
 
     # The settings measured best on Shakespeare (docs/language_models.md, "Results"; not run at LM1B scale here):
-    # rows of E of norm 0.25, the likelihood term with matched sigma_data, the previous token in the noisy row, and
-    # the ancestral sampler on [80, 0.45]. They are taken unchanged, because the partition is in sigma and the band
+    # rows of E of norm 0.25, the likelihood term with matched sigma_data, the previous token in the noisy row, the
+    # prior head, and the ancestral sampler on [80, 0.45, 0.2]. They are taken unchanged, because the partition is in sigma and the band
     # where z reveals the token depends on r / sigma, so changing r alone would move the band across the blocks.
     # Not the scale contract's sigma_data * sqrt(768) = 13.9: z would give the token away below sigma ~ 4, in most
     # of every block's range. With 32K tokens in 768 dimensions the rows are near-orthogonal, not orthogonal, so the
@@ -56,7 +56,7 @@ def get_config(arg=None):
     c.train.log_every = 500
     c.train.ckpt_every = 5000
 
-    c.sample = dict(grid_points=0, grid="80,0.45", sigma_end=0.0, solver="ancestral", bridge="sample", temperature=1.0,
+    c.sample = dict(grid_points=0, grid="80,0.45,0.2", sigma_end=0.0, solver="ancestral", bridge="sample", temperature=1.0,
                     top_p=0.95, greedy=False, num_samples=8, max_tokens=50)
     c.eval = dict(num_draws=4, max_windows=2000, batch_size=32, num_samples=1000, max_tokens=50, prompt_len=50,
                   elbo_sigmas=32)
