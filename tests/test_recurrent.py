@@ -18,6 +18,8 @@ def runs():
     c = tiny_recurrent.get_config()
     c.model.prev_token = True
     out["dblocks_prev"] = random_run(c, "dblocks")
+    c.recurrent.noisy_prelude = True   # the noisy row runs the prelude too: its cache slots must be read as well
+    out["dblocks_np"] = random_run(c, "dblocks")
     return out
 
 
@@ -67,7 +69,7 @@ def test_denoiser_is_causal(runs):
             assert np.abs(out[:, j + 1:] - base[:, j + 1:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("method", ["dblocks", "dblocks_prev", "e2e"])
+@pytest.mark.parametrize("method", ["dblocks", "dblocks_prev", "dblocks_np", "e2e"])
 def test_cached_generation_equals_uncached(runs, method):
     run = runs[method]
     prompts = np.array([[1, 2, 3, 4, 9, 10, 11, 12], [5, 6, 7, 8, 13, 14, 15, 16]], np.int32)
@@ -109,3 +111,17 @@ def test_training_compute_counts_layers():
     assert e2e["backward_layer_rows_per_token"] == P + k * C + D
     assert db["forward_layer_rows_per_token"] == (P + C + D) + (C + D)
     assert db["inference_layer_rows_per_token"] == (P + C + D) + K * (C + D)
+    c = tiny_recurrent.get_config()
+    c.recurrent.noisy_prelude = True
+    assert get_task(c).training_compute("dblocks")["inference_layer_rows_per_token"] == (P + C + D) + K * (P + C + D)
+
+
+def test_noisy_prelude_runs_the_prelude_on_the_noisy_rows(runs):
+    """Same parameters, two layouts: the clean rows' prelude is the same, so only the noisy rows' logits change."""
+    a, b = runs["dblocks_prev"], runs["dblocks_np"]
+    T = 16
+    tokens = jnp.asarray(np.arange(2 * T).reshape(2, T) % 20)
+    z, c = jax.random.normal(jax.random.PRNGKey(1), (2, T, 16)), jax.random.normal(jax.random.PRNGKey(2), (2, T))
+    out_a = a.models[0].apply({"params": b.params[0]}, tokens, z, c)
+    out_b = b.models[0].apply({"params": b.params[0]}, tokens, z, c)
+    assert float(jnp.abs(out_a - out_b).max()) > 1e-3

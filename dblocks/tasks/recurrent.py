@@ -57,7 +57,8 @@ class RecurrentTask(LMTask):
                               coda=m.coda, mlp_ratio=m.mlp_ratio, diffusion=unit.is_block,
                               iterations=int(self.config.recurrent.mean_iterations),
                               init_std=float(self.config.recurrent.init_std), sigma_min=self.edm.sigma_min,
-                              prev_token=bool(m.get("prev_token", False)), **model_options(m))
+                              prev_token=bool(m.get("prev_token", False)),
+                              noisy_prelude=bool(self.config.recurrent.get("noisy_prelude", False)), **model_options(m))
 
     # -- the baseline's training: random depth, truncated backprop ---------------------------------------------------
     def sample_depth(self, key) -> jax.Array:
@@ -112,8 +113,9 @@ class RecurrentTask(LMTask):
                     "inference_layer_rows_per_token": P + K * C + D,
                     "note": f"mean {K} core iterations, backprop through the last {k}"}
         K = int(grid_points or self.config.sample.get("grid_points", 0) or K)
-        return {"forward_layer_rows_per_token": (P + C + D) + (C + D),
-                "backward_layer_rows_per_token": (P + C + D) + (C + D),
-                "inference_layer_rows_per_token": (P + C + D) + K * (C + D),
-                "note": "single pass: clean row through prelude+core+coda, noisy row through core+coda; "
-                        f"generation: {K} block calls (core+coda) per token"}
+        noisy = (P if r.get("noisy_prelude", False) else 0) + C + D
+        return {"forward_layer_rows_per_token": (P + C + D) + noisy,
+                "backward_layer_rows_per_token": (P + C + D) + noisy,
+                "inference_layer_rows_per_token": (P + C + D) + K * noisy,
+                "note": f"single pass: clean row through prelude+core+coda, noisy row through {noisy} layers; "
+                        f"generation: {K} block calls per token"}

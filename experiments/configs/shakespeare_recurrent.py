@@ -29,7 +29,7 @@ def get_config(arg=None):
     # the posterior head: 3.189); Huginn measures 2.967 at the same steps.
     c.blocks.num_blocks = 1
     c.blocks.gamma = 0.0
-    c.recurrent = dict(mean_iterations=8, backprop_iterations=2, init_std=1.0)
+    c.recurrent = dict(mean_iterations=8, backprop_iterations=2, init_std=1.0, noisy_prelude=False)
     c.sample.grid_points = 0   # with grid "" : recurrent.mean_iterations points per token
     # the ancestral chain on [80, 0.45] (two calls of the one denoiser), measured on the validation works: 3.775
     # bits/char against 3.84 for 8-level grids (likelihood term, no prev_token); the old 8-step Euler grid to
