@@ -9,10 +9,8 @@ partition, the loss) are in dblocks.tasks.lm_base; generation and evaluation in 
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import optax
 
-from dblocks import edm as edm_lib
 from dblocks import losses
 from dblocks.models import ar as ar_model
 from dblocks.models.options import model_options
@@ -44,10 +42,8 @@ class ARTask(LMTask):
         chunk = int(self.config.model.get("loss_chunk", 0) or 0)
         prior_ce = None
         if chunk and self.prior_head:   # the prior head's CE needs no likelihood term: chunk it as the LM's
-            def prior_ce(sigma):
-                c_noise = edm_lib.precondition(sigma, self.sigma_data).c_noise
-                h = model.apply({"params": params}, tokens, jnp.zeros((*tokens.shape, self.target_dim)), c_noise,
-                                features=True)
+            def prior_ce(z, sigma):
+                h = model.apply({"params": params}, tokens, *self.network_inputs(z, sigma), features=True)
                 head = params["head"]["Dense_1"]
                 return losses.chunked_cross_entropy(h, head["kernel"], head["bias"], tokens, chunk)
         return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), tokens, rng,

@@ -209,13 +209,17 @@ class LMTask(Task):
         denoising_loss); the denoiser's posterior is formed analytically with the likelihood term."""
         return str(self.config.model.get("lm_head", "posterior")) == "prior"
 
-    def precondition_logits(self, apply, z: Array, sigma: Array, prior_only: bool = False) -> Array:
-        """The block's logits for raw noisy targets z [..., D] at sigma [...]: `apply(c_in z, c_noise)`, plus the
-        analytic likelihood term when model.likelihood is set (not with prior_only). With the prior head the
-        network is given zeros in place of c_in z, so its logits do not depend on z."""
+    def network_inputs(self, z: Array, sigma: Array) -> tuple[Array, Array]:
+        """What the network reads for raw noisy targets z [..., D] at sigma [...]: (c_in z, c_noise). With the prior
+        head it is given zeros in place of c_in z, so its logits do not depend on z."""
         pc = edm_lib.precondition(sigma, self.sigma_data)
         zin = pc.c_in[..., None] * z
-        logits = apply(jnp.zeros_like(zin) if self.prior_head else zin, pc.c_noise)
+        return (jnp.zeros_like(zin) if self.prior_head else zin), pc.c_noise
+
+    def precondition_logits(self, apply, z: Array, sigma: Array, prior_only: bool = False) -> Array:
+        """The block's logits for raw noisy targets z [..., D] at sigma [...]: `apply(*network_inputs(z, sigma))`,
+        plus the analytic likelihood term when model.likelihood is set (not with prior_only)."""
+        logits = apply(*self.network_inputs(z, sigma))
         if self.likelihood and not prior_only:
             logits = logits + likelihood_logits(z, sigma, self.E)
         return logits
@@ -234,14 +238,14 @@ class LMTask(Task):
         minimiser (the posterior softmax(prior + likelihood) is exact for the true prior, and the posterior's CE is
         H(v | z) plus a KL that vanishes there), but the posterior's CE gives the prior almost no gradient wherever
         z already reveals the token, which is most of a low-noise block's range (docs/language_models.md).
-        prior_ce_fn(sigma) -> [N, T], if given, computes that CE itself (the AR task's chunked cross-entropy)."""
+        prior_ce_fn(z, sigma) -> [N, T], if given, computes that CE itself (the AR task's chunked cross-entropy)."""
         k_sigma, k_eps = jax.random.split(rng)
         sigma = edm_lib.sample_sigma(k_sigma, tokens.shape, train_range[0], train_range[1], self.edm.p_mean,
                                      self.edm.p_std)                                   # [N, T]
         y = self.E[tokens]                                                             # [N, T, D]
         z = y + sigma[..., None] * jax.random.normal(k_eps, y.shape)
         if self.prior_head and prior_ce_fn is not None:
-            ce = prior_ce_fn(sigma)                                                    # [N, T]
+            ce = prior_ce_fn(z, sigma)                                                 # [N, T]
         else:
             logits = logits_fn(z, sigma, prior_only=True) if self.prior_head else logits_fn(z, sigma)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)      # [N, T]
