@@ -46,8 +46,8 @@ class ARTask(LMTask):
                 h = model.apply({"params": params}, tokens, *self.network_inputs(z, sigma), features=True)
                 head = params["head"]["Dense_1"]
                 return losses.chunked_cross_entropy(h, head["kernel"], head["bias"], tokens, chunk)
-        return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), tokens, rng,
-                                   train_range, prior_ce)
+        return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), tokens,
+                                   rng, train_range, prior_ce)
 
     def training_compute(self, method: str, grid_points: int | None = None, clean_blocks: int | None = None) -> dict:
         """Layer evaluations per training token of one optimizer step (forward; backward runs through the same

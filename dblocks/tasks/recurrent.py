@@ -72,8 +72,8 @@ class RecurrentTask(LMTask):
     def loss(self, model, params, batch, rng, train_range, train=True):
         tokens = batch["tokens"]
         if model.diffusion:
-            return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), tokens, rng,
-                                       train_range)
+            return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw),
+                                       tokens, rng, train_range)
         N, T = tokens.shape
         k_s, k_r = jax.random.split(rng)
         apply = lambda p, *a, method: model.apply({"params": p}, *a, method=method)  # noqa: E731

@@ -29,8 +29,9 @@ def get_config(arg=None):
 
     # The settings measured best on Shakespeare (docs/language_models.md, "Results"; not run at LM1B scale here):
     # rows of E of norm 0.25, the likelihood term with matched sigma_data, the previous token in the noisy row, the
-    # prior head, and the ancestral sampler on [80, 0.45, 0.2]. They are taken unchanged, because the partition is in sigma and the band
-    # where z reveals the token depends on r / sigma, so changing r alone would move the band across the blocks.
+    # prior head, and the ancestral sampler on [80, 0.45, 0.2]. They are taken unchanged, because the partition is
+    # in sigma and the band where z reveals the token depends on r / sigma, so changing r alone would move the band
+    # across the blocks.
     # Not the scale contract's sigma_data * sqrt(768) = 13.9: z would give the token away below sigma ~ 4, in most
     # of every block's range. With 32K tokens in 768 dimensions the rows are near-orthogonal, not orthogonal, so the
     # band is not exactly Shakespeare's (dblocks.information.information_curve measures it for a given E).
