@@ -287,7 +287,8 @@ def test_ar_prior_head_chunked_loss_and_grads_match(monkeypatch):
     batch = {"tokens": jax.random.randint(jax.random.PRNGKey(0), (4, int(c.data.seq_len)), 0, task.vocab.size)}
     params = _perturb(jax.jit(lambda: task.init_params(model, jax.random.PRNGKey(1), batch))())
     rng = unit.train_range
-    fn = lambda t: jax.jit(jax.value_and_grad(lambda p: t.loss(model, p, batch, jax.random.PRNGKey(2), rng)[0]))  # noqa: E731
+    def fn(t):
+        return jax.jit(jax.value_and_grad(lambda p: t.loss(model, p, batch, jax.random.PRNGKey(2), rng)[0]))
     full, g_full = fn(task)(params)
     c.model.loss_chunk = 7
     calls = []

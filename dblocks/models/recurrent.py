@@ -47,7 +47,7 @@ class RecurrentModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     prev_token: bool = False       # DiffusionBlocks: the noisy row also reads token i-1 (as dblocks.models.ar)
-    noisy_prelude: bool = False    # DiffusionBlocks: the noisy row also runs the prelude (config recurrent.noisy_prelude)
+    noisy_prelude: bool = False    # DiffusionBlocks: the noisy row also runs the prelude (recurrent.noisy_prelude)
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
