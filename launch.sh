@@ -82,6 +82,43 @@ fashion_mnist_help() {
   log "      export DBLOCKS_FASHION_MNIST_DIR=~/data/fashion-mnist"
 }
 
+TCMALLOC_NAME=libtcmalloc_minimal.so.4
+
+find_tcmalloc() {  # prints the path of libtcmalloc_minimal (ldconfig's cache, then the usual library folders)
+  local d
+  if [ -z "${DBLOCKS_LIB_DIRS:-}" ] && command -v ldconfig >/dev/null 2>&1; then
+    d=$(ldconfig -p 2>/dev/null | awk -v n="$TCMALLOC_NAME" '$1 == n {print $NF; exit}')
+    [ -n "$d" ] && [ -f "$d" ] && { printf '%s' "$d"; return 0; }
+  fi
+  for d in ${DBLOCKS_LIB_DIRS:-/usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib /usr/local/lib}; do
+    [ -f "$d/$TCMALLOC_NAME" ] && { printf '%s' "$d/$TCMALLOC_NAME"; return 0; }
+  done
+  return 1
+}
+
+use_tcmalloc() {  # preload tcmalloc for the Python commands run from here (docs/performance.md "The C allocator"):
+  # glibc's malloc gives XLA's large CPU temporaries back to the kernel after every step and faults them in again;
+  # tcmalloc keeps them. DBLOCKS_MALLOC=system keeps glibc; an LD_PRELOAD already set is left alone.
+  [ "${DBLOCKS_MALLOC:-tcmalloc}" = system ] && return 0
+  [ -n "${LD_PRELOAD:-}" ] && return 0
+  local lib
+  lib=$(find_tcmalloc) || return 0
+  export LD_PRELOAD=$lib
+  export TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-1099511627776}
+}
+
+tcmalloc_package() {  # Debian/Ubuntu as root: install libtcmalloc-minimal4 when missing (optional, never fatal)
+  [ "${DBLOCKS_MALLOC:-tcmalloc}" = system ] && return 0
+  find_tcmalloc >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian package libtcmalloc-minimal4 (a faster allocator for XLA on the CPU)"
+    apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 ||
+      (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1) ||
+      log "apt-get could not install libtcmalloc-minimal4: the CPU steps run on glibc's malloc (slower)"
+  fi
+  return 0
+}
+
 accel_extra() {  # --cuda / --tpu (or DBLOCKS_ACCEL=cuda|tpu) -> the pyproject extra that installs that jax build
   local a extra=${DBLOCKS_ACCEL:-}
   for a in "$@"; do
@@ -107,6 +144,7 @@ setup() {  # [--cuda|--tpu]: Python packages (a virtual environment in .venv unl
   check_python "$py"
   python_packages "$py" "$extra"
   fashion_mnist
+  tcmalloc_package
 }
 
 # -- Cloud TPU pod slices: every command runs on all workers (--worker=all); --dry-run prints instead of running --
@@ -202,6 +240,7 @@ case "$cmd" in
     setup "$@" ;;
   demo)
     setup
+    use_tcmalloc
     WORKDIR=${1:-runs/demo}
     if ! "$(python_bin)" -c "from dblocks import data; data.load_fashion_mnist('test')" >/dev/null 2>&1; then
       log "the demo trains on Fashion-MNIST, which is not there (how to get it: above); then run ./launch.sh demo again"
@@ -211,9 +250,11 @@ case "$cmd" in
     log "done: samples in $WORKDIR/samples.png, loss curves in $WORKDIR/loss.png, metrics in $WORKDIR/metrics.jsonl" ;;
   test)
     setup
+    use_tcmalloc
     "$(python_bin)" -m pytest -q tests "$@" ;;
   train|sample|evaluate|compare|memory|bench|bench_parallel|export|convert)
     setup
+    use_tcmalloc
     "$(python_bin)" -m "experiments.$cmd" "$@" ;;
   tpu)
     tpu "$@" ;;
@@ -229,7 +270,8 @@ subcommands:
   tpu ACTION [--dry-run]     Cloud TPU pod slice: up, create, copy, setup, train, logs, stop, delete (tpu help)
 environment: DBLOCKS_VENV (default .venv), DBLOCKS_NO_VENV=1 (use the current python3), DBLOCKS_PYTHON (python3;
              3.11 or newer), DBLOCKS_ACCEL=cuda|tpu (as --cuda / --tpu), DBLOCKS_SUDO=1 (allow sudo apt-get for the
-             data), DBLOCKS_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist)
+             data), DBLOCKS_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist), DBLOCKS_MALLOC=system
+             (keep glibc's malloc: by default the Python commands preload libtcmalloc_minimal when it is installed)
 USAGE
     ;;
   *)

@@ -1,7 +1,13 @@
 """Process set-up for every entry point: the persistent compilation cache and a log line of what JAX runs on.
 
-  runtime.setup()        enable the cache (once per process) and log backend, devices, jax version; warns when
-                         a GPU is visible but JAX runs on the CPU (a CPU-only jax install)
+  runtime.setup()        enable the cache (once per process) and log backend, devices, jax version and the C
+                         allocator; warns when a GPU is visible but JAX runs on the CPU (a CPU-only jax install)
+  runtime.allocator()    which malloc this process runs on ('tcmalloc', 'jemalloc', 'glibc', ...)
+
+On the CPU backend the allocator matters (docs/performance.md "The C allocator"): XLA frees its temporaries after
+every step, glibc's malloc hands the large ones back to the kernel, and the next step faults every page in again
+(about 440,000 page faults, a third of the CPU time, per CIFAR-100 ViT block step). tcmalloc keeps them.
+`./launch.sh` preloads libtcmalloc_minimal when it is installed (DBLOCKS_MALLOC=system turns that off).
 
 The cache directory is $DBLOCKS_CACHE (or $JAX_COMPILATION_CACHE_DIR), else ~/.cache/dblocks/jax; DBLOCKS_CACHE=off
 turns it off. It is on by default on GPU and TPU; on the CPU backend only when DBLOCKS_CACHE names a directory (a
@@ -61,20 +67,39 @@ def gpu_visible() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
+def allocator(maps: str | None = None) -> str:
+    """The C allocator of this process, read from its memory map (/proc/self/maps, or `maps` given as text):
+    'tcmalloc' or 'jemalloc' when one is loaded (LD_PRELOAD), else 'glibc' on Linux, 'system' elsewhere."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as f:
+                maps = f.read()
+        except OSError:
+            return "system"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc" if "libc.so" in maps else "system"
+
+
 def device_info() -> dict:
     """Backend, device kinds and counts, jax / jaxlib versions."""
     import jaxlib
     devs = jax.devices()
     return {"backend": jax.default_backend(), "device_kind": devs[0].device_kind if devs else "",
             "devices": len(devs), "local_devices": jax.local_device_count(), "processes": jax.process_count(),
-            "jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?")}
+            "jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?"), "allocator": allocator()}
 
 
 def log_devices() -> dict:
     """Logs device_info() and warns when a GPU is visible but the backend is CPU. Returns the info."""
     info = device_info()
-    log.info("jax %s on %s: %d device(s) (%s), %d process(es)", info["jax"], info["backend"], info["devices"],
-             info["device_kind"], info["processes"])
+    log.info("jax %s on %s: %d device(s) (%s), %d process(es), allocator %s", info["jax"], info["backend"],
+             info["devices"], info["device_kind"], info["processes"], info["allocator"])
+    if info["backend"] == "cpu" and info["allocator"] == "glibc":
+        log.info("glibc malloc re-faults XLA's temporaries every step on the CPU; LD_PRELOAD=libtcmalloc_minimal.so.4 "
+                 "(Debian: libtcmalloc-minimal4; ./launch.sh does it) makes steps about 1.5x faster at a higher "
+                 "peak RSS (docs/performance.md)")
     if info["backend"] == "cpu" and gpu_visible():
         log.warning("a GPU is visible but JAX runs on the CPU: install the CUDA build of jax "
                     "(pip install 'jax[cuda12]==%s') to use it", info["jax"])

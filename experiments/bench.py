@@ -80,10 +80,14 @@ def train_row(task, method: str, batch_size: int, n_steps: int, warmup: int) -> 
     compile_s = time.perf_counter() - t0
     flops, flops_source = memory.step_flops(task, unit, batch_size, compiled)   # scanned: an unrolled count
     mem = compiled.memory_analysis()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     seconds = memory.time_step(task, unit, batch_size, compiled, n_steps + warmup - 1) if n_steps else float("nan")
+    # minor page faults per step (the warm-up included): with glibc's malloc on the CPU backend, about one per 4 KiB
+    # page of XLA's temporaries (docs/performance.md "The C allocator")
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(n_steps + warmup, 1)
     return {"unit": unit.name, "layers": unit.num_layers, "batch_size": batch_size, "compile_seconds": compile_s,
             "step_seconds": seconds, "flops": flops, "flops_source": flops_source, "gflops_per_s": flops / seconds / 1e9,
-            "compiled_temp_bytes": int(mem.temp_size_in_bytes), **_peaks()}
+            "compiled_temp_bytes": int(mem.temp_size_in_bytes), "page_faults_per_step": faults, **_peaks()}
 
 
 def _fresh_run(task, method: str):
@@ -198,10 +202,11 @@ def bench(config_path: str, overrides: list[str], rows: list[str], extra: list[s
 def table(report: dict) -> str:
     m, d = report["matmul"], report["device"]
     lines = [f"{report['config']} {' '.join(report['overrides'])}",
-             f"{d['backend']} x{d['devices']} ({d['device_kind']}), jax {d['jax']}; fp32 matmul {m['n']}^3: "
+             f"{d['backend']} x{d['devices']} ({d['device_kind']}), jax {d['jax']}, malloc "
+             f"{d.get('allocator', '?')}; fp32 matmul {m['n']}^3: "
              f"{m['gflops']:.0f} GFLOP/s",
              f"{'':8s}{'layers':>7s}{'batch':>7s}{'compile s':>10s}{'step s':>9s}{'GFLOP/step':>11s}{'GFLOP/s':>9s}"
-             f"{'of matmul':>10s}{'peak RSS MiB':>13s}{'dev peak MiB':>13s}"]
+             f"{'of matmul':>10s}{'peak RSS MiB':>13s}{'faults/step':>12s}{'dev peak MiB':>13s}"]
     for row in ("e2e", "block"):
         r = report.get(row)
         if not r:
@@ -212,7 +217,8 @@ def table(report: dict) -> str:
         dev = f"{r['device_peak_bytes'] / 2**20:13.0f}" if "device_peak_bytes" in r else f"{'-':>13s}"
         lines.append(f"{row:8s}{r['layers']:7d}{r['batch_size']:7d}{r['compile_seconds']:10.1f}"
                      f"{r['step_seconds']:9.3f}{r['flops'] / 1e9:11.1f}{r['gflops_per_s']:9.1f}"
-                     f"{r['fraction_of_matmul']:10.1%}{r['peak_rss_bytes'] / 2**20:13.0f}{dev}")
+                     f"{r['fraction_of_matmul']:10.1%}{r['peak_rss_bytes'] / 2**20:13.0f}"
+                     f"{r.get('page_faults_per_step', float('nan')):12.0f}{dev}")
     for row in ("sample_e2e", "sample_dblocks"):
         r = report.get(row)
         if not r:

@@ -231,6 +231,17 @@ def test_runtime_cache_and_gpu_warning(tmp_path, monkeypatch, caplog):
     assert any("GPU is visible" in r.message for r in caplog.records)
 
 
+def test_runtime_reads_the_allocator_from_the_memory_map():
+    from dblocks import runtime
+    libc = "7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    assert runtime.allocator(libc) == "glibc"
+    assert runtime.allocator(libc + "7f02-7f03 r-xp 0 08:01 2 /usr/lib/libtcmalloc_minimal.so.4.5.10\n") == "tcmalloc"
+    assert runtime.allocator(libc + "7f02-7f03 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n") == \
+        "jemalloc"
+    assert runtime.allocator("") == "system"
+    assert runtime.allocator() in ("glibc", "tcmalloc", "jemalloc", "mimalloc", "system")   # this process
+
+
 def test_bench_matmul_rate():
     from dblocks import runtime
     r = runtime.matmul_rate(256, repeats=2)
