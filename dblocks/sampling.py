@@ -34,6 +34,7 @@ from dblocks import partition as partition_lib
 SOLVERS = ("euler", "heun", "dpmpp_2m")          # deterministic (probability-flow ODE)
 STOCHASTIC_SOLVERS = ("ancestral",)               # need a key: `sample(..., key=...)`
 ALL_SOLVERS = SOLVERS + STOCHASTIC_SOLVERS
+GRID_KINDS = ("cdf", "karras")
 
 _euler = jax.jit(edm_lib.euler_step)
 _heun_correct = jax.jit(edm_lib.heun_correct)
@@ -57,7 +58,7 @@ def grid_for(num_points: int, edm: edm_lib.EDM, kind: str = "cdf") -> np.ndarray
         return np.asarray(edm_lib.cdf_grid(num_points, edm), np.float64)
     if kind == "karras":
         return np.asarray(edm_lib.karras_grid(num_points, edm.sigma_min, edm.sigma_max), np.float64)
-    raise ValueError(f"unknown grid kind {kind!r}; choose 'cdf' or 'karras'")
+    raise ValueError(f"unknown grid kind {kind!r}; choose one of {GRID_KINDS}")
 
 
 def block_calls(grid: np.ndarray, solver: str) -> int:

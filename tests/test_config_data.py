@@ -37,6 +37,8 @@ def _problems(**overrides):
     ({"edm.loss_weighting": "snr"}, "edm.loss_weighting='snr'"),
     ({"data.image_size": 10}, "not divisible by model.patch"),
     ({"sample.grid_points": 2}, "cannot visit all 3 blocks"),
+    ({"sample.solver": "rk4"}, "sample.solver='rk4'; choose one of"),
+    ({"sample.grid_kind": "linear"}, "sample.grid_kind='linear'; choose one of ('cdf', 'karras')"),
     ({"optim.warmup_steps": 100}, "optim.warmup_steps=100 must be in [0, train.steps=6]"),
     ({"optim.warmup_steps": 6}, "must be < train.steps=6 with optim.schedule='cosine'"),   # was optax's ValueError
     ({"model.heads": 0}, "model.heads=0 must be > 0"),          # was a ZeroDivisionError in the task's checks

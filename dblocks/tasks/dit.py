@@ -40,6 +40,8 @@ class DiTTask(LabelledImages, Task):
         s = c.sample
         if s.solver not in sampling.SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
+        if s.get("grid_kind", "cdf") not in sampling.GRID_KINDS:
+            p.append(f"sample.grid_kind={s.grid_kind!r}; choose one of {sampling.GRID_KINDS}")
         if s.grid_points < max(2, int(c.blocks.num_blocks)):
             p.append(f"sample.grid_points={s.grid_points} cannot visit all {c.blocks.num_blocks} blocks")
         if s.guidance < 0:

@@ -39,5 +39,5 @@ def get_config(arg=None):
     c.train.log_every = 100
     c.train.ckpt_every = 2000
 
-    c.sample = dict(grid_points=50, solver="euler", guidance=2.0, per_class=10)
+    c.sample = dict(grid_points=50, solver="euler", grid_kind="cdf", guidance=2.0, per_class=10)
     return c

@@ -34,5 +34,5 @@ def get_config(arg=None):
 
     c.parallel.mode = "mesh"
     c.parallel.data = data
-    c.sample = dict(grid_points=16, solver="euler", guidance=2.0, per_class=4)
+    c.sample = dict(grid_points=16, solver="euler", grid_kind="cdf", guidance=2.0, per_class=4)
     return c

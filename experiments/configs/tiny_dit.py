@@ -28,5 +28,5 @@ def get_config(arg=None):
     c.train.sample_at_end = False
     c.train.plot_at_end = False
 
-    c.sample = dict(grid_points=6, solver="euler", guidance=2.0, per_class=2)
+    c.sample = dict(grid_points=6, solver="euler", grid_kind="cdf", guidance=2.0, per_class=2)
     return c
