@@ -6,8 +6,8 @@
 
 On the CPU backend the allocator matters (docs/performance.md "The C allocator"): XLA frees its temporaries after
 every step, glibc's malloc hands the large ones back to the kernel, and the next step faults every page in again
-(about 440,000 page faults, a third of the CPU time, per CIFAR-100 ViT block step). tcmalloc keeps them.
-`./launch.sh` preloads libtcmalloc_minimal when it is installed (DBLOCKS_MALLOC=system turns that off).
+(about 460,000 page faults per CIFAR-100 ViT block step). tcmalloc keeps them: 1.4x faster steps, at 1.6-1.8x the
+peak RSS. `DBLOCKS_MALLOC=tcmalloc ./launch.sh ...` preloads it (opt-in: memory comes first in this project).
 
 The cache directory is $DBLOCKS_CACHE (or $JAX_COMPILATION_CACHE_DIR), else ~/.cache/dblocks/jax; DBLOCKS_CACHE=off
 turns it off. It is on by default on GPU and TPU; on the CPU backend only when DBLOCKS_CACHE names a directory (a
@@ -97,9 +97,9 @@ def log_devices() -> dict:
     log.info("jax %s on %s: %d device(s) (%s), %d process(es), allocator %s", info["jax"], info["backend"],
              info["devices"], info["device_kind"], info["processes"], info["allocator"])
     if info["backend"] == "cpu" and info["allocator"] == "glibc":
-        log.info("glibc malloc re-faults XLA's temporaries every step on the CPU; LD_PRELOAD=libtcmalloc_minimal.so.4 "
-                 "(Debian: libtcmalloc-minimal4; ./launch.sh does it) makes steps about 1.5x faster at a higher "
-                 "peak RSS (docs/performance.md)")
+        log.info("glibc malloc re-faults XLA's temporaries every step on the CPU: LD_PRELOAD=libtcmalloc_minimal.so.4 "
+                 "(Debian: libtcmalloc-minimal4; DBLOCKS_MALLOC=tcmalloc ./launch.sh ...) runs steps about 1.4x "
+                 "faster at 1.6-1.8x the peak RSS (docs/performance.md)")
     if info["backend"] == "cpu" and gpu_visible():
         log.warning("a GPU is visible but JAX runs on the CPU: install the CUDA build of jax "
                     "(pip install 'jax[cuda12]==%s') to use it", info["jax"])

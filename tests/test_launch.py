@@ -217,25 +217,30 @@ def test_demo_as_a_user_without_the_data_prints_how_to_get_it(tmp_path):
     assert "t10k-labels-idx1-ubyte.gz" in p.stderr and "run ./launch.sh demo again" in p.stderr
 
 
-def test_tcmalloc_is_preloaded_when_installed_and_not_otherwise(tmp_path):
-    """use_tcmalloc: LD_PRELOAD names the library found (docs/performance.md "The C allocator"); nothing when it is
-    missing, when DBLOCKS_MALLOC=system, or when LD_PRELOAD is already set. tcmalloc_package asks apt only as root."""
+def test_tcmalloc_is_preloaded_only_when_asked_and_installed(tmp_path):
+    """use_tcmalloc: with DBLOCKS_MALLOC=tcmalloc, LD_PRELOAD names the library found (docs/performance.md "The C
+    allocator"); nothing by default, when it is missing, or when LD_PRELOAD is already set. tcmalloc_package asks
+    apt only when asked, and only as root."""
     lib_dir = tmp_path / "lib"
     lib_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DBLOCKS_MALLOC")}
     env["DBLOCKS_LIB_DIRS"] = str(lib_dir)
+    asked = {**env, "DBLOCKS_MALLOC": "tcmalloc"}
     show = 'use_tcmalloc; echo "[${LD_PRELOAD:-}]"'
-    assert sourced(show, env).stdout.strip() == "[]"                      # not installed: glibc stays
+    missing = sourced(show, asked)
+    assert missing.stdout.strip() == "[]" and "not installed" in missing.stderr     # glibc stays, and says so
     (lib_dir / "libtcmalloc_minimal.so.4").write_bytes(b"")
     lib = str(lib_dir / "libtcmalloc_minimal.so.4")
-    assert sourced(show, env).stdout.strip() == f"[{lib}]"
-    assert sourced(show, {**env, "DBLOCKS_MALLOC": "system"}).stdout.strip() == "[]"
-    assert sourced(show, {**env, "LD_PRELOAD": "/x/libmine.so"}).stdout.strip() == "[/x/libmine.so]"
+    assert sourced(show, asked).stdout.strip() == f"[{lib}]"
+    assert sourced(show, env).stdout.strip() == "[]"                                  # the default: glibc
+    assert sourced(show, {**asked, "LD_PRELOAD": "/x/libmine.so"}).stdout.strip() == "[/x/libmine.so]"
     (lib_dir / "libtcmalloc_minimal.so.4").unlink()
     calls = tmp_path / "calls"
-    root = fmnist_env(tmp_path, 0, DBLOCKS_LIB_DIRS=str(lib_dir))
+    assert sourced("tcmalloc_package", fmnist_env(tmp_path, 0, DBLOCKS_LIB_DIRS=str(lib_dir))).returncode == 0
+    assert not calls.exists()                                                          # not asked: nothing
+    root = fmnist_env(tmp_path, 0, DBLOCKS_LIB_DIRS=str(lib_dir), DBLOCKS_MALLOC="tcmalloc")
     assert sourced("tcmalloc_package", root).returncode == 0
     assert "apt-get install -y -qq libtcmalloc-minimal4" in calls.read_text()
     calls.unlink()
-    assert sourced("tcmalloc_package", fmnist_env(tmp_path, 1000, DBLOCKS_LIB_DIRS=str(lib_dir))).returncode == 0
-    assert not calls.exists()                                              # never sudo, never as a user
+    user = fmnist_env(tmp_path, 1000, DBLOCKS_LIB_DIRS=str(lib_dir), DBLOCKS_MALLOC="tcmalloc")
+    assert sourced("tcmalloc_package", user).returncode == 0 and not calls.exists()   # never sudo, never as a user
