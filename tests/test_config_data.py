@@ -39,6 +39,7 @@ def _problems(**overrides):
     ({"sample.grid_points": 2}, "cannot visit all 3 blocks"),
     ({"sample.solver": "rk4"}, "sample.solver='rk4'; choose one of"),
     ({"sample.grid_kind": "linear"}, "sample.grid_kind='linear'; choose one of ('cdf', 'karras')"),
+    ({"sample.grid_kind": "karras", "sample.grid_points": 5}, "on the karras grid: a 5-point grid never runs block"),
     ({"optim.warmup_steps": 100}, "optim.warmup_steps=100 must be in [0, train.steps=6]"),
     ({"optim.warmup_steps": 6}, "must be < train.steps=6 with optim.schedule='cosine'"),   # was optax's ValueError
     ({"model.heads": 0}, "model.heads=0 must be > 0"),          # was a ZeroDivisionError in the task's checks

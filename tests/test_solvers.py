@@ -148,3 +148,13 @@ def test_the_mdm_sampler_schedules_on_the_host():
     part = HostOnlyPartition(p.boundaries, p.ranges, p.gamma)
     res = mdm.sample(lambda b, x, t: jnp.zeros(x.shape + (5,)), jax.random.PRNGKey(0), 2, 6, 6, part, mask_id=5)
     assert list(np.bincount(res.blocks)) == [2, 2, 2] and res.tokens.max() < 5
+
+
+def test_solver_curve_points_name_their_grid():
+    """experiments.solver_curve --first: solver:calls[:grid]; a bad item is refused before anything is loaded."""
+    from experiments import solver_curve
+    assert solver_curve.parse_first("euler:50,dpmpp_2m:20:karras", "cdf") == [("euler", 50, "cdf"),
+                                                                           ("dpmpp_2m", 20, "karras")]
+    for bad in ("euler", "rk4:20", "euler:x", "euler:20:linear", "euler:20:cdf:1"):
+        with pytest.raises(ValueError, match="use solver:calls"):
+            solver_curve.parse_first(bad, "cdf")

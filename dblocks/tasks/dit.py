@@ -13,6 +13,7 @@ import numpy as np
 from dblocks import data as data_lib
 from dblocks import edm as edm_lib
 from dblocks import images as images_lib
+from dblocks import partition as partition_lib
 from dblocks import sampling
 from dblocks.models.dit import DiT
 from dblocks.models.options import model_options
@@ -44,6 +45,12 @@ class DiTTask(LabelledImages, Task):
             p.append(f"sample.grid_kind={s.grid_kind!r}; choose one of {sampling.GRID_KINDS}")
         if s.grid_points < max(2, int(c.blocks.num_blocks)):
             p.append(f"sample.grid_points={s.grid_points} cannot visit all {c.blocks.num_blocks} blocks")
+        elif c.method == "dblocks" and s.get("grid_kind", "cdf") in sampling.GRID_KINDS and not p:
+            try:   # e.g. a 6-point Karras grid steps over the middle block of 3
+                partition_lib.check_grid(sampling.grid_for(int(s.grid_points), self.edm, s.get("grid_kind", "cdf")),
+                                         self.partition())
+            except ValueError as e:
+                p.append(f"sample.grid_points={s.grid_points} on the {s.get('grid_kind', 'cdf')} grid: {e}")
         if s.guidance < 0:
             p.append(f"sample.guidance={s.guidance} must be >= 0")
         return p
