@@ -29,7 +29,8 @@ _SOLVER = flags.DEFINE_enum("solver", None, list(sampling.ALL_SOLVERS),
                              "solver (paper: euler; ancestral: language models only)")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "classifier-free guidance scale (paper: 2.0)")
 _PER_CLASS = flags.DEFINE_integer("per_class", None, "samples per class (one grid row per class)")
-_GRID = flags.DEFINE_enum("grid", "cdf", ["cdf", "karras"], "sigma grid: equal-CDF (paper) or Karras rho=7")
+_GRID = flags.DEFINE_enum("grid", None, list(sampling.GRID_KINDS), "sigma grid: equal-CDF (paper) or Karras rho=7 "
+                           "(default: the config's sample.grid_kind, else cdf)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "use the raw weights instead of their EMA")
 _PROMPT = flags.DEFINE_string("prompt", None, "text tasks: the prompt (default: passages of the test split)")

@@ -158,3 +158,14 @@ def test_solver_curve_points_name_their_grid():
     for bad in ("euler", "rk4:20", "euler:x", "euler:20:linear", "euler:20:cdf:1"):
         with pytest.raises(ValueError, match="use solver:calls"):
             solver_curve.parse_first(bad, "cdf")
+
+
+def test_sample_command_keeps_the_configs_grid_kind():
+    """experiments.sample's --grid must not override sample.grid_kind unless given (fashion_mnist_dit samples on
+    Karras's grid; a 'cdf' default silently sampled its 20-point dpmpp_2m chain on the worse grid)."""
+    from experiments import sample
+    from dblocks.tasks import dit_eval, get_task
+    from experiments.configs import fashion_mnist_dit
+    assert sample._GRID.default is None
+    task = get_task(fashion_mnist_dit.get_config())
+    assert dit_eval.sampler_options(task, grid_kind=sample._GRID.default)["grid_kind"] == "karras"
