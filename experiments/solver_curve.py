@@ -33,12 +33,12 @@ def parse_first(text: str, grid_kind: str) -> list[tuple[str, int, str]]:
 
 
 def points(workdir: str, calls: list[int], solvers: list[str], num_samples: int, grid_kind: str, cache_dir: str,
-           same_points: bool, seed: int = 0, out_path: str | None = None, order: list[tuple] = ()
+           same_points: bool, seed: int = 0, out_path: str | None = None, order: list[tuple[str, int, str]] = ()
            ) -> list[dict]:
     """One FID per (solver, grid size, grid kind); rows are appended to out_path (JSON) as they come. `order` lists
-    (solver, calls[, grid kind]) to run first."""
+    (solver, calls, grid kind) to run first (`parse_first`)."""
     run = assemble.load_run(workdir)
-    jobs = [(o[0], sampling.points_for_calls(o[1], o[0]), o[2] if len(o) > 2 else grid_kind) for o in order]
+    jobs = [(s, sampling.points_for_calls(c, s), kind) for s, c, kind in order]
     jobs += [(s, sampling.points_for_calls(c, s), grid_kind) for s in solvers for c in calls]
     if same_points and "heun" in solvers:
         jobs += [("heun", sampling.points_for_calls(c, "euler"), grid_kind) for c in calls]

@@ -41,16 +41,16 @@ class DiTTask(LabelledImages, Task):
         s = c.sample
         if s.solver not in sampling.SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
-        if s.get("grid_kind", "cdf") not in sampling.GRID_KINDS:
-            p.append(f"sample.grid_kind={s.grid_kind!r}; choose one of {sampling.GRID_KINDS}")
+        kind = s.get("grid_kind", "cdf")
+        if kind not in sampling.GRID_KINDS:
+            p.append(f"sample.grid_kind={kind!r}; choose one of {sampling.GRID_KINDS}")
         if s.grid_points < max(2, int(c.blocks.num_blocks)):
             p.append(f"sample.grid_points={s.grid_points} cannot visit all {c.blocks.num_blocks} blocks")
-        elif c.method == "dblocks" and s.get("grid_kind", "cdf") in sampling.GRID_KINDS and not p:
+        elif c.method == "dblocks" and not p:
             try:   # e.g. a 6-point Karras grid steps over the middle block of 3
-                partition_lib.check_grid(sampling.grid_for(int(s.grid_points), self.edm, s.get("grid_kind", "cdf")),
-                                         self.partition())
+                partition_lib.check_grid(sampling.grid_for(int(s.grid_points), self.edm, kind), self.partition())
             except ValueError as e:
-                p.append(f"sample.grid_points={s.grid_points} on the {s.get('grid_kind', 'cdf')} grid: {e}")
+                p.append(f"sample.grid_points={s.grid_points} on the {kind} grid: {e}")
         if s.guidance < 0:
             p.append(f"sample.guidance={s.guidance} must be >= 0")
         return p
