@@ -172,6 +172,21 @@ def test_sample_token_top_p_and_greedy():
     np.testing.assert_allclose(np.bincount(full, minlength=4) / len(full), [0.5, 0.3, 0.15, 0.05], atol=0.03)
 
 
+def test_top_p_without_a_sort_keeps_the_sorted_set(monkeypatch):
+    """Small vocabularies filter top-p by pairwise comparison; it keeps exactly the set the stable sort keeps, ties
+    (ranked by index) included, so both draw the same tokens."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(np.round(rng.normal(size=(256, 65)), 1), jnp.float32)   # rounded: many exact ties
+    key = jax.random.PRNGKey(3)
+    draws = {}
+    for limit in (textgen._PAIRWISE_TOP_P, 0):   # 0: every vocabulary takes the sort
+        monkeypatch.setattr(textgen, "_PAIRWISE_TOP_P", limit)
+        draws[limit] = [np.asarray(textgen.sample_token(logits, key, top_p=p)) for p in (0.3, 0.9)]
+    for a, b in zip(*draws.values()):
+        np.testing.assert_array_equal(a, b)
+    assert len(set(draws[0][0].tolist())) < len(set(draws[0][1].tolist()))   # the two top_p differ
+
+
 # -- loss and config ------------------------------------------------------------------------------------------------
 
 def test_loss_is_per_token_weighted_cross_entropy():

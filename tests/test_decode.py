@@ -105,3 +105,21 @@ def test_blocks_the_grid_never_calls_keep_no_cache(runs):
     cached, _ = ar_infer.generate(run.task, run, PROMPTS, 5, 3, smp)
     uncached, _ = ar_infer.generate(run.task, run, PROMPTS, 5, 3, smp, use_cache=False)
     np.testing.assert_array_equal(cached, uncached)
+
+
+def test_the_decoding_programs_compile_without_ynn_fusions_where_jax_has_the_option(monkeypatch):
+    """On the CPU the decoding programs drop YNNPACK's fusions (faster at decoding's small operands); a jax without
+    the option gets no option instead of a compile error."""
+    lm_decode._cpu_decode_options.cache_clear()
+    assert dict(lm_decode._cpu_decode_options()) == lm_decode._CPU_DECODE_OPTIONS
+    hlo = lm_decode._jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 4))).compile().as_text()
+    assert "%ynn_fusion" not in hlo
+    default = jax.jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 4))).compile().as_text()
+    assert "%ynn_fusion" in default
+    monkeypatch.setattr(lm_decode, "_CPU_DECODE_OPTIONS", {"xla_cpu_no_such_option_for_this_test": ""})
+    lm_decode._cpu_decode_options.cache_clear()
+    try:
+        assert lm_decode._cpu_decode_options() == ()
+        assert float(lm_decode._jit(lambda x: x * 2)(jnp.ones(2))[0]) == 2.0
+    finally:
+        lm_decode._cpu_decode_options.cache_clear()

@@ -12,7 +12,7 @@ and cached at generation. The plain causal LM (the end-to-end baseline) is the s
 its rows all carry the sentinel, so AdaLN reduces to learned per-layer scales and shifts.
 
 Shapes: tokens [N, T] int; z [N, T, D] (D = target dim, already scaled by c_in); c_noise [N, T]; hidden [N, S, H].
-A K/V cache is a list, one (k, v) pair per layer, each [N, T_max, heads, head_dim].
+A K/V cache is a list, one (k, v) pair per layer, each [N, heads, T_max, head_dim] (head-major).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dblocks.models.layers import NoiseEmbedder, attend, dense, layer_norm, rope
+from dblocks.models.layers import NoiseEmbedder, attend, attend_cached, dense, layer_norm, rope
 from dblocks.models.stack import apply_layers
 
 Array = jax.Array
@@ -95,9 +95,11 @@ class CausalLayer(nn.Module):
         qkv = dense(3 * H, self.dtype, name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(N, S, 3 * self.heads, hd), 3, axis=2)
         q, k = rope(q, positions), rope(k, positions)
-        keys, values = (k, v) if prefix is None else (jnp.concatenate([prefix[0].astype(k.dtype), k], 1),
-                                                     jnp.concatenate([prefix[1].astype(v.dtype), v], 1))
-        out = attend(q, keys, values, mask, self.attention).reshape(N, S, H)
+        if prefix is None:
+            out = attend(q, k, v, mask, self.attention)
+        else:   # generation: the cache is read in place, never concatenated or transposed
+            out = attend_cached(q, k, v, prefix, mask)
+        out = out.reshape(N, S, H)
         x = x + gate_a * dense(H, self.dtype, name="proj")(out)
         h = _layer_norm(self.dtype)(x) * (1 + scale_m) + shift_m
         h = dense(int(H * self.mlp_ratio), self.dtype, name="fc1")(h)
@@ -225,11 +227,15 @@ class ARModel(nn.Module):
 
 
 def empty_cache(num_layers: int, n: int, t_max: int, heads: int, head_dim: int) -> list[KV]:
-    z = jnp.zeros((n, t_max, heads, head_dim), jnp.float32)
+    """One (k, v) per layer, each [N, heads, T_max, head_dim]: head-major, the layout the attention's dots read
+    without a transpose (layers.attend_cached)."""
+    z = jnp.zeros((n, heads, t_max, head_dim), jnp.float32)
     return [(z, z) for _ in range(num_layers)]
 
 
 def write_cache(cache: Sequence[KV], kvs: Sequence[KV], pos) -> list[KV]:
-    """Writes per-layer (k, v) of rows starting at `pos` into the cache (dynamic pos, jit-friendly)."""
-    upd = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), pos, axis=1)  # noqa: E731
+    """Writes per-layer (k, v) of rows [N, S, heads, d] starting at `pos` into the head-major cache (dynamic pos,
+    jit-friendly)."""
+    upd = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), pos,  # noqa
+                                                           axis=2)
     return [(upd(ck, k), upd(cv, v)) for (ck, cv), (k, v) in zip(cache, kvs)]

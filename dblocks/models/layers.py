@@ -64,6 +64,31 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, implementation: str
     return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
 
 
+def attend_cached(q: Array, k: Array, v: Array, cache: tuple[Array, Array], mask: Array | None) -> Array:
+    """Attention of S new rows over [cache ; themselves] without concatenating: q, k, v [N, S, heads, d]; cache
+    (k, v) head-major [N, heads, T_max, d] (dblocks.models.ar.empty_cache); mask bool, broadcastable to
+    [N, heads, S, T_max + S] (cache slots first). The same softmax as `attend` on the concatenation, computed in two
+    parts that share one maximum and one denominator. Measured at decoding shapes on the CPU (batch 64, 64 slots,
+    4 heads of 32): 112 us against 339 us for concatenate + attend, whose dot transposes the whole cache per call
+    (docs/performance.md, "Compiled decoding")."""
+    t_max, scale = cache[0].shape[2], 1.0 / math.sqrt(q.shape[-1])
+    ck, cv = cache[0].astype(k.dtype), cache[1].astype(v.dtype)
+    lc = jnp.einsum("nqhd,nhkd->nhqk", q, ck, preferred_element_type=jnp.float32) * scale
+    ls = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        mask = mask if mask.ndim == 4 else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        low = jnp.finfo(jnp.float32).min
+        lc = jnp.where(mask[..., :t_max], lc, low)
+        ls = jnp.where(mask[..., t_max:], ls, low)
+    top = jnp.maximum(lc.max(-1, keepdims=True), ls.max(-1, keepdims=True))
+    pc, ps = jnp.exp(lc - top), jnp.exp(ls - top)
+    den = pc.sum(-1, keepdims=True) + ps.sum(-1, keepdims=True)          # [N, heads, S, 1]
+    out = (jnp.einsum("nhqk,nhkd->nqhd", pc.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
+           + jnp.einsum("nhqk,nkhd->nqhd", ps.astype(v.dtype), v, preferred_element_type=jnp.float32))
+    return (out / jnp.swapaxes(den, 1, 2)).astype(v.dtype)
+
+
 def dense(features: int, dtype, init=nn.initializers.xavier_uniform(), **kw) -> nn.Dense:
     """A Dense computing in `dtype` with float32 parameters."""
     return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, **kw)

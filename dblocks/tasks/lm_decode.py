@@ -21,6 +21,7 @@ is cached with `task.jit` under a name that holds everything else it depends on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -41,10 +42,31 @@ _REGION_ANALYSIS = {"cpu": "xla_cpu_copy_insertion_use_region_analysis",
                     "rocm": "xla_gpu_copy_insertion_use_region_analysis"}
 
 
+# YNNPACK's fusions (XLA's CPU default in jax 0.10) cost more than they give on the decoding loop's small
+# operands: each token is ~100 matmuls of 64 rows or fewer, and the fused library calls' dispatch and threading
+# dominate. Without them the compiled loop decoded 1.3-1.6x more tokens/s at batch 64 on the 2-core CPU
+# (docs/performance.md, "Compiled decoding"). Per program: training keeps the default. A jax without the option
+# compiles without it.
+_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_decode_options() -> tuple:
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_CPU_DECODE_OPTIONS)(jnp.zeros(2)).block_until_ready()
+    except Exception:   # noqa: BLE001 - "No such compile option" on a jax that lacks it
+        return ()
+    return tuple(_CPU_DECODE_OPTIONS.items())
+
+
 def _jit(fn):
-    """jax.jit with copy insertion's region analysis on, where the backend has the option."""
-    name = _REGION_ANALYSIS.get(jax.default_backend())
-    return jax.jit(fn, compiler_options={name: True} if name else None)
+    """jax.jit with copy insertion's region analysis on, where the backend has the option, and on the CPU without
+    YNNPACK's fusions."""
+    backend = jax.default_backend()
+    options = {_REGION_ANALYSIS[backend]: True} if backend in _REGION_ANALYSIS else {}
+    if backend == "cpu":
+        options.update(_cpu_decode_options())
+    return jax.jit(fn, compiler_options=options or None)
 
 
 @dataclasses.dataclass
