@@ -98,11 +98,8 @@ find_tcmalloc() {  # prints the path of libtcmalloc_minimal (ldconfig's cache, t
 
 use_tcmalloc() {  # DBLOCKS_MALLOC=tcmalloc: preload tcmalloc for the Python commands run from here
   # (docs/performance.md "The C allocator"): glibc's malloc gives XLA's large CPU temporaries back to the kernel after
-  # every step and faults them in again; tcmalloc keeps them: 1.6-1.9x faster CPU steps. With its default release
-  # rate it also returned freed pages to the kernel and faulted them again, and the peak RSS rose to 1.6-1.8x;
-  # TCMALLOC_RELEASE_RATE=0 (set here unless given) keeps them: no page fault after the first step and the block's
-  # peak RSS at or below glibc's (measured; the end-to-end peak varied between runs). Opt-in: the peak is what this
-  # project is for, and one run-to-run outlier was measured. An LD_PRELOAD already set is left alone.
+  # every step and faults them in again; tcmalloc keeps them, 1.4x faster CPU steps at 1.6-1.8x the peak RSS, so it
+  # is opt-in. An LD_PRELOAD already set is left alone.
   [ "${DBLOCKS_MALLOC:-system}" = tcmalloc ] || return 0
   [ -n "${LD_PRELOAD:-}" ] && return 0
   local lib
@@ -110,7 +107,6 @@ use_tcmalloc() {  # DBLOCKS_MALLOC=tcmalloc: preload tcmalloc for the Python com
 libtcmalloc-minimal4): glibc's malloc stays"; return 0; }
   export LD_PRELOAD=$lib
   export TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-1099511627776}
-  export TCMALLOC_RELEASE_RATE=${TCMALLOC_RELEASE_RATE:-0}
 }
 
 tcmalloc_package() {  # DBLOCKS_MALLOC=tcmalloc, Debian/Ubuntu as root: install libtcmalloc-minimal4 (never fatal)

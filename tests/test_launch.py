@@ -223,7 +223,7 @@ def test_tcmalloc_is_preloaded_only_when_asked_and_installed(tmp_path):
     apt only when asked, and only as root."""
     lib_dir = tmp_path / "lib"
     lib_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DBLOCKS_MALLOC", "TCMALLOC_RELEASE_RATE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DBLOCKS_MALLOC")}
     env["DBLOCKS_LIB_DIRS"] = str(lib_dir)
     asked = {**env, "DBLOCKS_MALLOC": "tcmalloc"}
     show = 'use_tcmalloc; echo "[${LD_PRELOAD:-}]"'
@@ -232,11 +232,6 @@ def test_tcmalloc_is_preloaded_only_when_asked_and_installed(tmp_path):
     (lib_dir / "libtcmalloc_minimal.so.4").write_bytes(b"")
     lib = str(lib_dir / "libtcmalloc_minimal.so.4")
     assert sourced(show, asked).stdout.strip() == f"[{lib}]"
-    rate = 'use_tcmalloc; echo "[${TCMALLOC_RELEASE_RATE:-unset}]"'                   # freed pages kept, unless given
-    env.pop("TCMALLOC_RELEASE_RATE", None)
-    assert sourced(rate, asked).stdout.strip() == "[0]"
-    assert sourced(rate, {**asked, "TCMALLOC_RELEASE_RATE": "2"}).stdout.strip() == "[2]"
-    assert sourced(rate, env).stdout.strip() == "[unset]"
     assert sourced(show, env).stdout.strip() == "[]"                                  # the default: glibc
     assert sourced(show, {**asked, "LD_PRELOAD": "/x/libmine.so"}).stdout.strip() == "[/x/libmine.so]"
     (lib_dir / "libtcmalloc_minimal.so.4").unlink()
