@@ -7,7 +7,8 @@ default sampler, 64 (or --batch) prompts of 8 tokens, 96 new tokens; one compili
   python -m experiments.decode_speed --method dblocks --batch 64       # this checkout
 
 Prints one JSON line (tokens/s, block calls per token, load average). Run the two alternately on an idle machine:
-single runs on the 2-core CPU move by +-20 %.
+single runs on the 2-core CPU move by +-20 %. The parameters come from each tree's `tests/test_ar.random_run`, so
+pytest must be importable (it is in requirements.txt).
 """
 from __future__ import annotations
 
