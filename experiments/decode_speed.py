@@ -1,6 +1,7 @@
 r"""Token decoding speed of a source tree's own `task.generate`, for comparisons across commits
-(docs/performance.md, "Compiled decoding"): untrained `shakespeare_ar` parameters (random, non-zero), the config's
-default sampler, 64 (or --batch) prompts of 8 tokens, 96 new tokens; one compiling call, then the best of 3.
+(docs/performance.md, "Compiled decoding"): untrained parameters (random, non-zero) of `shakespeare_ar` or
+--config, the config's default sampler, 64 (or --batch) prompts of 8 tokens, 96 new tokens; one compiling call,
+then the best of 3.
 
   git archive 7d57d47 | tar -x -C /tmp/old          # the code to compare with
   python -m experiments.decode_speed --src /tmp/old --method dblocks --batch 64
@@ -22,6 +23,7 @@ import time
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", default="", help="a checkout of dblocks to measure (default: this one)")
+    ap.add_argument("--config", default="shakespeare_ar", help="a module of experiments/configs (AR or recurrent)")
     ap.add_argument("--method", default="dblocks", choices=["dblocks", "e2e"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=96)
@@ -36,13 +38,19 @@ def main() -> None:
                   and m != __name__]:
             del sys.modules[m]   # the other tree's packages, not this one's
         sys.path.insert(0, os.path.abspath(a.src))
+    import importlib
+
     import numpy as np
 
     import dblocks
-    from experiments.configs import shakespeare_ar
     from tests.test_ar import random_run
-
-    run = random_run(shakespeare_ar.get_config(), a.method)
+    try:
+        config = importlib.import_module(f"experiments.configs.{a.config}").get_config()
+    except ModuleNotFoundError:
+        ap.error(f"--config {a.config!r}: no such module in experiments/configs of that tree")
+    if config.task not in ("ar", "recurrent"):
+        ap.error(f"--config {a.config!r} is a {config.task!r} config; decoding speed needs 'ar' or 'recurrent'")
+    run = random_run(config, a.method)
     prompts = np.random.default_rng(0).integers(0, 60, (a.batch, 8)).astype(np.int32)
     _, calls = run.task.generate(run, prompts, a.tokens, seed=0)
     times = []
@@ -51,7 +59,8 @@ def main() -> None:
         run.task.generate(run, prompts, a.tokens, seed=s + 1)
         times.append(time.perf_counter() - t0)
     print(json.dumps({"src": os.path.dirname(os.path.dirname(os.path.abspath(dblocks.__file__))),
-                      "method": a.method, "batch": a.batch, "new_tokens": a.tokens, "block_calls_per_token": int(calls),
+                      "config": a.config, "method": a.method, "batch": a.batch, "new_tokens": a.tokens,
+                      "block_calls_per_token": int(calls),
                       "tokens_per_s": round(a.batch * a.tokens / min(times), 1), "load_average": os.getloadavg()[0]}))
 
 

@@ -3,6 +3,10 @@ the reference) for the same seed: DiffusionBlocks with Euler, Heun and the ances
 the plain causal LM, the recurrent DiffusionBlocks model and the Huginn baseline, temperature / top-p and greedy,
 past the end of the window (the re-prefilled window agrees too). Untrained, randomised parameters of the tiny
 configs: every code path, no training."""
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +16,8 @@ from dblocks import textgen
 from dblocks.tasks import ar_infer, lm_decode
 from experiments.configs import tiny_ar, tiny_recurrent
 from tests.test_ar import random_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PROMPTS = np.array([[1, 2, 3, 4, 9, 10, 11, 12], [5, 6, 7, 8, 13, 14, 15, 16], [3, 1, 4, 1, 5, 9, 2, 6]], np.int32)
 NEW = 13   # prompt 8 + 13 > t_max 16: the window is re-prefilled from its last half once
@@ -123,3 +129,15 @@ def test_the_decoding_programs_compile_without_ynn_fusions_where_jax_has_the_opt
         assert float(lm_decode._jit(lambda x: x * 2)(jnp.ones(2))[0]) == 2.0
     finally:
         lm_decode._cpu_decode_options.cache_clear()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--src", "/nonexistent-tree"], "no dblocks package there"),
+    (["--config", "cifar100_vit"], "decoding speed needs 'ar' or 'recurrent'"),
+    (["--batch", "0"], "must be >= 1"),
+])
+def test_decode_speed_refuses_bad_input_with_status_2(args, message):
+    """experiments.decode_speed: a clear error and exit status 2 before anything is compiled."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.decode_speed", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-500:]
