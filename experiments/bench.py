@@ -12,6 +12,9 @@ own fp32 matmul rate (measured by the same command), peak RSS, and on an acceler
 Each measurement runs in its own child process, so peak RSS belongs to that step alone. Steps run on zero data
 (the config's shapes), so the data pipeline is not measured. Model options (scan, remat, dtype, attention) come
 from the config, or from --model dtype=bfloat16,scan_layers=true,remat=full (configs need not have the keys).
+--cpu_devices N (CPU only): the training rows split the host into N devices and the batch over them (data
+parallel, gradients all-reduced): the same step and FLOPs; XLA's CPU runtime runs elementwise work on one thread per
+device, so on a small CPU this is faster (docs/performance.md).
 --device: cifar10_dit and cifar100_vit at their paper batch sizes (with --small: tiny shapes, for a CPU check),
 and the block-parallel mesh against data-parallel e2e when several devices are present.
 Rows decode_dblocks / decode_e2e (language configs): token generation at batch --sample_batch, --sample_tokens new
@@ -51,6 +54,8 @@ _DEVICE = flags.DEFINE_bool("device", False, "run the one-chip suite (cifar10_di
 _SMALL = flags.DEFINE_bool("small", False, "with --device: tiny shapes, to check the suite on a CPU")
 _MODEL = flags.DEFINE_list("model", [], "model options key=value (dblocks.models.options), e.g. "
                            "dtype=bfloat16,scan_layers=true,remat=full: set even when the config has no such key")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "training rows on the CPU: split the host into this many devices "
+                                    "and shard the batch over them (data parallel; 0 or 1: one device)")
 _CHILD = flags.DEFINE_string("child", "", "internal: measure one row in this process and print JSON")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -75,19 +80,54 @@ def train_row(task, method: str, batch_size: int, n_steps: int, warmup: int) -> 
     """Compile + time one unit's training step (the e2e network, or the largest block)."""
     units = task.units(method)
     unit = max(units, key=lambda u: u.num_layers)
-    t0 = time.perf_counter()
-    compiled, _, _ = memory.compile_step(task, unit, batch_size)
-    compile_s = time.perf_counter() - t0
-    flops, flops_source = memory.step_flops(task, unit, batch_size, compiled)   # scanned: an unrolled count
-    mem = compiled.memory_analysis()
+    devices = max(1, _CPU_DEVICES.value)
+    if devices > 1:
+        flops, flops_source = memory.step_flops(task, unit, batch_size)   # the whole batch's, as on one device
+        compile_s, compiled, time_fn = _data_parallel(task, unit, batch_size, devices)
+    else:
+        t0 = time.perf_counter()
+        compiled, _, _ = memory.compile_step(task, unit, batch_size)
+        compile_s = time.perf_counter() - t0
+        flops, flops_source = memory.step_flops(task, unit, batch_size, compiled)   # scanned: an unrolled count
+        time_fn = lambda n: memory.time_step(task, unit, batch_size, compiled, n)  # noqa: E731
+    mem = compiled.memory_analysis()   # per device
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    seconds = memory.time_step(task, unit, batch_size, compiled, n_steps + warmup - 1) if n_steps else float("nan")
+    seconds = time_fn(n_steps + warmup - 1) if n_steps else float("nan")
     # minor page faults per step (the warm-up included): with glibc's malloc on the CPU backend, about one per 4 KiB
     # page of XLA's temporaries (docs/performance.md "The C allocator")
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(n_steps + warmup, 1)
-    return {"unit": unit.name, "layers": unit.num_layers, "batch_size": batch_size, "compile_seconds": compile_s,
+    return {"unit": unit.name, "layers": unit.num_layers, "batch_size": batch_size, "devices": devices,
+            "compile_seconds": compile_s,
             "step_seconds": seconds, "flops": flops, "flops_source": flops_source, "gflops_per_s": flops / seconds / 1e9,
             "compiled_temp_bytes": int(mem.temp_size_in_bytes), "page_faults_per_step": faults, **_peaks()}
+
+
+def _data_parallel(task, unit, batch_size: int, n: int):
+    """(compile seconds, compiled step, time_fn) of `unit`'s training step with the state replicated on n CPU
+    devices and the batch split over them (XLA partitions the step and all-reduces the gradients): the same step and
+    FLOPs as on one device, with the elementwise work that XLA's CPU runtime runs on one thread spread over n."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    _, step, init = memory._pieces(task, unit)
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rep, dat = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    state = jax.device_put(init(2), rep)
+    batch = jax.tree.map(lambda x: jax.device_put(np.asarray(x), dat), task.dummy_batch(batch_size))
+    key, rng = steps.step_base_key(0, unit.index), jnp.asarray(unit.train_range, jnp.float32)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, key, rng).compile()
+    compile_s = time.perf_counter() - t0
+
+    def time_fn(count: int) -> float:
+        nonlocal state
+        times = []
+        for i in range(count + 1):   # one warm-up run first, as memory.time_step
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch, key, rng)
+            jax.block_until_ready(metrics)
+            if i:
+                times.append(time.perf_counter() - t)
+        return float(np.median(times))
+    return compile_s, compiled, time_fn
 
 
 def _fresh_run(task, method: str):
@@ -190,12 +230,18 @@ def _run_child(config_path: str, overrides: list[str], row: str, extra: list[str
 
 def bench(config_path: str, overrides: list[str], rows: list[str], extra: list[str]) -> dict:
     info = runtime.device_info()
-    out = {"config": config_path, "overrides": overrides, "device": info, "matmul": runtime.matmul_rate()}
+    before = runtime.matmul_rate()
+    out = {"config": config_path, "overrides": overrides, "device": info}
     for row in rows:
-        r = _run_child(config_path, overrides, row, extra)
-        if "gflops_per_s" in r:
-            r["fraction_of_matmul"] = r["gflops_per_s"] / out["matmul"]["gflops"]
-        out[row] = r
+        out[row] = _run_child(config_path, overrides, row, extra)
+    # the reference is measured before and after the rows and the higher rate kept: on a shared machine it moves
+    # by 10-30 % within minutes, and the higher one gives the lower (conservative) fractions
+    after = runtime.matmul_rate()
+    out["matmul"] = {**max(before, after, key=lambda m: m["gflops"]),
+                     "gflops_before": before["gflops"], "gflops_after": after["gflops"]}
+    for row in rows:
+        if "gflops_per_s" in out[row]:
+            out[row]["fraction_of_matmul"] = out[row]["gflops_per_s"] / out["matmul"]["gflops"]
     return out
 
 
@@ -204,7 +250,8 @@ def table(report: dict) -> str:
     lines = [f"{report['config']} {' '.join(report['overrides'])}",
              f"{d['backend']} x{d['devices']} ({d['device_kind']}), jax {d['jax']}, malloc "
              f"{d.get('allocator', '?')}; fp32 matmul {m['n']}^3: "
-             f"{m['gflops']:.0f} GFLOP/s",
+             f"{m['gflops']:.0f} GFLOP/s" + (f" (the higher of {m['gflops_before']:.0f} before and "
+                                             f"{m['gflops_after']:.0f} after the rows)" if "gflops_after" in m else ""),
              f"{'':8s}{'layers':>7s}{'batch':>7s}{'compile s':>10s}{'step s':>9s}{'GFLOP/step':>11s}{'GFLOP/s':>9s}"
              f"{'of matmul':>10s}{'peak RSS MiB':>13s}{'faults/step':>12s}{'dev peak MiB':>13s}"]
     for row in ("e2e", "block"):
@@ -215,7 +262,8 @@ def table(report: dict) -> str:
             lines.append(f"{row:8s} error: {r['error']}")
             continue
         dev = f"{r['device_peak_bytes'] / 2**20:13.0f}" if "device_peak_bytes" in r else f"{'-':>13s}"
-        lines.append(f"{row:8s}{r['layers']:7d}{r['batch_size']:7d}{r['compile_seconds']:10.1f}"
+        name = row if r.get("devices", 1) == 1 else f"{row}/{r['devices']}d"
+        lines.append(f"{name:8s}{r['layers']:7d}{r['batch_size']:7d}{r['compile_seconds']:10.1f}"
                      f"{r['step_seconds']:9.3f}{r['flops'] / 1e9:11.1f}{r['gflops_per_s']:9.1f}"
                      f"{r['fraction_of_matmul']:10.1%}{r['peak_rss_bytes'] / 2**20:13.0f}"
                      f"{r.get('page_faults_per_step', float('nan')):12.0f}{dev}")
@@ -271,6 +319,8 @@ def device_suite(small: bool) -> dict:
 
 def main(argv):
     del argv
+    if _CHILD.value and _CPU_DEVICES.value > 1:   # before the backend starts
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     logs.setup()
     runtime.setup()
     if _CHILD.value:
@@ -290,10 +340,17 @@ def main(argv):
         raise app.UsageError("--config is required (or --device)")
     with user_errors():
         config_lib.validate(_CONFIG.value)
+        n, batch = _CPU_DEVICES.value, int(_BATCH.value or _CONFIG.value.data.batch_size)
+        if n < 0 or (n > 1 and batch % n):
+            raise config_lib.ConfigError(f"--cpu_devices={n}: must be >= 0 and divide the batch size {batch}")
+        if n > 1 and jax.default_backend() != "cpu":
+            raise config_lib.ConfigError("--cpu_devices splits the host CPU; this backend is "
+                                         f"{jax.default_backend()}")
     path = next(a.split("=", 1)[1] if "=" in a else sys.argv[sys.argv.index(a) + 1]
                 for a in sys.argv[1:] if a.split("=")[0] == "--config")
     extra = [f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}", f"--sample_batch={_SAMPLE.value}",
-             f"--sample_tokens={_TOKENS.value}"] + ([f"--batch_size={_BATCH.value}"] if _BATCH.value else [])
+             f"--sample_tokens={_TOKENS.value}", f"--cpu_devices={_CPU_DEVICES.value}"] + (
+                 [f"--batch_size={_BATCH.value}"] if _BATCH.value else [])
     rows = [r for r in _ROWS.value if _SAMPLE.value or not r.startswith("sample")]
     report = bench(path, _config_overrides(sys.argv) + [f"--model={','.join(_MODEL.value)}"] * bool(_MODEL.value),
                    rows, extra)

@@ -265,6 +265,33 @@ def test_bench_device_suite_small():
         assert suite[name]["sample_dblocks"]["images_per_s"] > 0
 
 
+def test_bench_splits_the_cpu_for_data_parallel_training_rows():
+    """experiments.bench --cpu_devices N: the training rows run with the batch split over N CPU devices (reported as
+    such, with the whole batch's FLOPs); a count that does not divide the batch is refused with status 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [sys.executable, "-m", "experiments.bench", "--config", "experiments/configs/tiny_vit.py", "--rows",
+            "block", "--steps", "1", "--warmup", "1", "--sample_batch", "0", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # not conftest's 8 devices: --cpu_devices
+    bad = subprocess.run(base + ["--cpu_devices", "3"], cwd=root, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert bad.returncode == 2 and "must be >= 0 and divide the batch size 16" in bad.stderr, bad.stderr[-1000:]
+    proc = subprocess.run(base + ["--cpu_devices", "2"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])["block"]
+    from dblocks import memory
+    from dblocks.tasks import get_task
+    from experiments.configs import tiny_vit
+    task = get_task(tiny_vit.get_config())
+    unit = max(task.units("dblocks"), key=lambda u: u.num_layers)
+    assert row["devices"] == 2 and row["flops"] == memory.step_flops(task, unit, 16)[0]
+    assert row["gflops_per_s"] > 0 and row["step_seconds"] > 0
+
+
 def test_ar_task_chunked_loss_matches():
     """model.loss_chunk > 0: the end-to-end LM loss through dblocks.losses equals the full-logits loss."""
     from dblocks.tasks import get_task
