@@ -117,7 +117,10 @@ def make_parallel_step(trainer: engine.Trainer, model, mesh: Mesh) -> Callable:
         return jax.vmap(one_block)(*args)
 
     st, bt = stacked_sharding(mesh), batch_sharding(mesh)
-    mapped = jax.shard_map(local_blocks, mesh=mesh, in_specs=P(BLOCK), out_specs=P(BLOCK), axis_names={BLOCK})
+    # check_vma=False: nothing in the step communicates over 'block', and with the check on, lax.switch inside a
+    # vmap (RandAugment's per-image op) failed to trace ("pvary is a invariant->variant collective")
+    mapped = jax.shard_map(local_blocks, mesh=mesh, in_specs=P(BLOCK), out_specs=P(BLOCK), axis_names={BLOCK},
+                           check_vma=False)
     return jax.jit(mapped, in_shardings=(st, bt, st, st), out_shardings=(st, st), donate_argnums=0)
 
 

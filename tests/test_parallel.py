@@ -170,3 +170,21 @@ def test_two_processes_on_loopback(sequential, tmp_path):
     run = assemble.load_run(workdir)
     for i in range(3):
         assert max_diff(run.params[i], sequential[1][f"block_{i:02d}"]) < 2e-5
+
+
+def test_the_mesh_step_traces_randaugment():
+    """A ViT with RandAugment (lax.switch per image, under vmap inside the shard_map) compiles on the mesh; with
+    shard_map's varying-axes check on it failed to trace ('pvary is a invariant->variant collective')."""
+    from experiments.configs import tiny_vit
+    c = tiny_vit.get_config()
+    c.data.randaugment_ops = 2
+    c.parallel.mode, c.parallel.data, c.parallel.blocks = "mesh", 2, 2
+    validate(c)
+    task = get_task(c)
+    trainer = engine.Trainer(task, c, "", source=None)
+    unit = task.units("dblocks")[0]
+    model = trainer.model(unit)
+    mesh = parallel.make_mesh(2, 2)
+    compiled = parallel.make_parallel_step(trainer, model, mesh).lower(
+        *parallel.abstract_args(trainer, unit, model, mesh)).compile()
+    assert compiled.as_text()
