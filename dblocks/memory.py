@@ -77,14 +77,17 @@ def _pieces(task: Task, unit: Unit):
     return model, step, init
 
 
-def compile_step(task: Task, unit: Unit, batch_size: int) -> tuple[Any, dict, Any]:
-    """(compiled step, abstract state, abstract batch) of `unit` at `batch_size`; nothing is allocated."""
+def compile_step(task: Task, unit: Unit, batch_size: int, shardings: tuple | None = None) -> tuple[Any, dict, Any]:
+    """(compiled step, abstract state, abstract batch) of `unit` at `batch_size`; nothing is allocated.
+    shardings (replicated, batch): the state, key and range replicated and the batch split, for a data-parallel
+    step (experiments.bench --cpu_devices); None: one device."""
     _, step, init = _pieces(task, unit)
-    spec = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), t)  # noqa: E731
-    batch = spec(task.dummy_batch(batch_size))
-    state = jax.eval_shape(init)
-    key = jax.eval_shape(lambda: steps.step_base_key(0, unit.index))
-    compiled = step.lower(state, batch, key, jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+    rep, dat = shardings or (None, None)
+    spec = lambda t, sh: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh), t)  # noqa
+    batch = spec(task.dummy_batch(batch_size), dat)
+    state = spec(jax.eval_shape(init), rep)
+    key = spec(jax.eval_shape(lambda: steps.step_base_key(0, unit.index)), rep)
+    compiled = step.lower(state, batch, key, jax.ShapeDtypeStruct((2,), jnp.float32, sharding=rep)).compile()
     return compiled, state, batch
 
 
@@ -123,12 +126,15 @@ def step_memory(task: Task, unit: Unit, batch_size: int, time_steps: int = 0) ->
     return row
 
 
-def time_step(task: Task, unit: Unit, batch_size: int, compiled, n: int) -> float:
-    """Median wall seconds of n runs of the compiled step on zero data (one warm-up run first)."""
+def time_step(task: Task, unit: Unit, batch_size: int, compiled, n: int, shardings: tuple | None = None) -> float:
+    """Median wall seconds of n runs of the compiled step on zero data (one warm-up run first); shardings as
+    compile_step's."""
     _, _, init = _pieces(task, unit)
-    state = init(2)
-    batch = jax.tree.map(jnp.asarray, task.dummy_batch(batch_size))
-    key, rng = steps.step_base_key(0, unit.index), jnp.asarray(unit.train_range, jnp.float32)
+    rep, dat = shardings or (None, None)
+    put = (lambda t, sh: jax.device_put(t, sh)) if shardings else (lambda t, sh: jax.tree.map(jnp.asarray, t))  # noqa
+    state = put(init(2), rep)
+    batch = put(task.dummy_batch(batch_size), dat)
+    key, rng = put((steps.step_base_key(0, unit.index), jnp.asarray(unit.train_range, jnp.float32)), rep)
     times = []
     for i in range(n + 1):
         t0 = time.perf_counter()

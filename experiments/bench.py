@@ -107,27 +107,12 @@ def _data_parallel(task, unit, batch_size: int, n: int):
     devices and the batch split over them (XLA partitions the step and all-reduces the gradients): the same step and
     FLOPs as on one device, with the elementwise work that XLA's CPU runtime runs on one thread spread over n."""
     from jax.sharding import NamedSharding, PartitionSpec
-    _, step, init = memory._pieces(task, unit)
     mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    rep, dat = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    state = jax.device_put(init(2), rep)
-    batch = jax.tree.map(lambda x: jax.device_put(np.asarray(x), dat), task.dummy_batch(batch_size))
-    key, rng = steps.step_base_key(0, unit.index), jnp.asarray(unit.train_range, jnp.float32)
+    shardings = (NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data")))
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch, key, rng).compile()
+    compiled, _, _ = memory.compile_step(task, unit, batch_size, shardings)
     compile_s = time.perf_counter() - t0
-
-    def time_fn(count: int) -> float:
-        nonlocal state
-        times = []
-        for i in range(count + 1):   # one warm-up run first, as memory.time_step
-            t = time.perf_counter()
-            state, metrics = compiled(state, batch, key, rng)
-            jax.block_until_ready(metrics)
-            if i:
-                times.append(time.perf_counter() - t)
-        return float(np.median(times))
-    return compile_s, compiled, time_fn
+    return compile_s, compiled, lambda count: memory.time_step(task, unit, batch_size, compiled, count, shardings)
 
 
 def _fresh_run(task, method: str):
