@@ -3,6 +3,10 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compile without LLVM's expensive passes (-O0): the suite is mostly compile time on a 2-core machine, and this cuts
+# it by about 40 %. What the tests check does not depend on it: results are compared with tolerances, or between
+# programs compiled the same way (subprocesses inherit it). JAX_DISABLE_MOST_OPTIMIZATIONS=0 restores full -O2.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # noqa: E402
 
