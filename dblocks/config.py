@@ -45,8 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # How the units are trained (docs/scale_out.md): 'sequential' (one after another, one device) or 'mesh' (up to
     # `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data` ways; 0 = as
-    # many blocks as the devices allow).
-    c.parallel = ml_collections.ConfigDict(dict(mode="sequential", data=1, blocks=0))
+    # many blocks as the devices allow). cpu_devices (CPU backend only; ignored on GPU / TPU): split the host CPU into
+    # this many JAX devices and each step's batch over them; with mode 'sequential' the units then train one at a
+    # time on a (1 block x cpu_devices) mesh. Faster steps on a multi-core CPU (docs/performance.md "Two CPU devices").
+    c.parallel = ml_collections.ConfigDict(dict(mode="sequential", data=1, blocks=0, cpu_devices=1))
     return c
 
 
@@ -182,6 +184,12 @@ def _parallel_problems(c) -> list[str]:
     elif q.mode == "mesh" and int(c.data.batch_size) % int(q.data):
         p.append(f"data.batch_size={c.data.batch_size} must be divisible by parallel.data={q.data}: each block's "
                  f"batch is split evenly over its data group")
+    cpus = q.get("cpu_devices", 1)
+    if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
+        p.append(f"parallel.cpu_devices={cpus!r} must be an integer >= 1 (1: the host CPU is one device)")
+    elif cpus > 1 and q.mode == "sequential" and int(c.data.batch_size) % cpus:
+        p.append(f"data.batch_size={c.data.batch_size} must be divisible by parallel.cpu_devices={cpus}: each "
+                 f"step's batch is split evenly over the CPU devices")
     return p
 
 

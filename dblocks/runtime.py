@@ -3,6 +3,7 @@
   runtime.setup()        enable the cache (once per process) and log backend, devices, jax version and the C
                          allocator; warns when a GPU is visible but JAX runs on the CPU (a CPU-only jax install)
   runtime.allocator()    which malloc this process runs on ('tcmalloc', 'jemalloc', 'glibc', ...)
+  runtime.split_cpu(n)   split the host CPU into n JAX devices (before the backend starts; config.parallel.cpu_devices)
 
 On the CPU backend the allocator matters (docs/performance.md "The C allocator"): XLA frees its temporaries after
 every step, glibc's malloc hands the large ones back to the kernel, and the next step faults every page in again
@@ -125,6 +126,21 @@ def setup(cache: bool = True) -> dict:
     info = {**log_devices(), "compilation_cache": path}
     _done["info"] = info
     return info
+
+
+def split_cpu(n: int) -> bool:
+    """Makes the CPU backend n devices (jax_num_cpu_devices, overriding --xla_force_host_platform_device_count).
+    XLA's CPU runtime runs a step's matmuls on every core but its elementwise fusions and transposes on one;
+    a batch split over n host devices runs those on n cores (docs/performance.md "Two CPU devices"). Must run
+    before anything starts a backend; returns False (and changes nothing) when n <= 1 or a backend already runs,
+    in which case the devices that exist are used."""
+    if not isinstance(n, int) or n <= 1:
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:   # a backend is already up (a test, a notebook): keep its devices
+        return False
+    return True
 
 
 def matmul_rate(n: int | None = None, dtype=jnp.float32, repeats: int = 5) -> dict:

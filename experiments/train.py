@@ -9,6 +9,9 @@ Blocks side by side on a device mesh, and multi-host runs (docs/scale_out.md):
 
   python -m experiments.train --config ... --workdir W --config.parallel.mode=mesh [--config.parallel.data=2]
   python -m experiments.train --multihost --config ... --workdir W --config.parallel.mode=mesh   # on every host
+
+On a multi-core CPU, --config.parallel.cpu_devices=2 (or the core count) splits each step's batch over that many
+host devices: faster steps, the same losses to float tolerance (docs/performance.md "Two CPU devices").
 """
 import logging
 import os
@@ -53,10 +56,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def main(argv):
     del argv
+    config = _CONFIG.value
+    runtime.split_cpu((config.get("parallel") or {}).get("cpu_devices", 1))  # before any backend starts
     parallel.init_distributed(_MULTIHOST.value)  # before anything touches a device
     logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
     runtime.setup()   # compilation cache; backend, devices and jax version in the log
-    config = _CONFIG.value
     with user_errors():
         if jax.process_count() > 1 and config.parallel.mode != "mesh":
             raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "

@@ -143,6 +143,46 @@ def test_bad_parallel_config_is_refused():
     assert parallel.mesh_shape(mesh_config(data=1, blocks=0), 20) == (8, 1)  # as many as the devices allow
 
 
+def test_cpu_devices_split_each_step_like_sequential(sequential, tmp_path, caplog):
+    """parallel.cpu_devices=2 with the sequential mode: block 0 resumes from the sequential run's step-3 checkpoint
+    and finishes with each step's batch split over 2 CPU devices (the mesh trainer, one unit at a time); the
+    result equals the sequential run's to float tolerance."""
+    workdir = str(tmp_path)
+    shutil.copytree(os.path.join(sequential[0], "blocks", "block_00"), os.path.join(workdir, "blocks", "block_00"),
+                    ignore=shutil.ignore_patterns("6"))
+    c = tiny_dit.get_config()
+    c.parallel.cpu_devices, c.blocks.train = 2, "0"
+    assert parallel.settings(c) == ("mesh", 2, 1)
+    with caplog.at_level("INFO", logger="dblocks"):
+        out = train_lib.train(c, workdir, return_params=True)
+    assert "split over 2 CPU devices" in caplog.text and "'data': 2" in caplog.text
+    assert max_diff(out["block_00"], sequential[1]["block_00"]) < 2e-5
+
+
+def test_cpu_devices_config_is_checked():
+    c = tiny_dit.get_config()
+    for bad in (0, -2):
+        c.parallel.cpu_devices = bad
+        with pytest.raises(ConfigError, match="parallel.cpu_devices"):
+            validate(c)
+    c.parallel.cpu_devices = 3
+    with pytest.raises(ConfigError, match="divisible by parallel.cpu_devices=3"):
+        validate(c)
+    c.parallel.cpu_devices = 16
+    with pytest.raises(ConfigError, match="parallel.cpu_devices=16 exceeds the 8 devices"):
+        parallel.mesh_shape(c, 1)
+    c.parallel.cpu_devices = 1
+    assert parallel.settings(c) == ("sequential", 1, 0)
+
+
+def test_split_cpu_sets_the_host_device_count_before_the_backend_starts():
+    code = ("from dblocks import runtime; import jax; a = runtime.split_cpu(3); n = jax.device_count(); "
+            "print(a, n, runtime.split_cpu(2), jax.device_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "3", "False", "3"]   # once a backend runs, its devices are kept
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
