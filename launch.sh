@@ -109,6 +109,17 @@ libtcmalloc-minimal4): glibc's malloc stays"; return 0; }
   export TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-1099511627776}
 }
 
+use_hugepages() {  # glibc's malloc on transparent huge pages (dblocks/hugepages.py; the Python entry points do the
+  # same by re-executing themselves): XLA's freed CPU temporaries come back in 2 MiB pages instead of 4 KiB ones,
+  # ~1.5x faster CPU steps at the same peak RSS. Not with another allocator preloaded, THP off, or DBLOCKS_HUGEPAGES=0.
+  [ "${DBLOCKS_HUGEPAGES:-1}" = 0 ] && return 0
+  [ -n "${LD_PRELOAD:-}" ] && return 0
+  case ":${GLIBC_TUNABLES:-}:" in *:glibc.malloc.hugetlb=*) return 0 ;; esac
+  grep -qE '\[(always|madvise)\]' "${DBLOCKS_THP_FILE:-/sys/kernel/mm/transparent_hugepage/enabled}" 2>/dev/null ||
+    return 0
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
+}
+
 tcmalloc_package() {  # DBLOCKS_MALLOC=tcmalloc, Debian/Ubuntu as root: install libtcmalloc-minimal4 (never fatal)
   [ "${DBLOCKS_MALLOC:-system}" = tcmalloc ] || return 0
   find_tcmalloc >/dev/null && return 0
@@ -243,6 +254,7 @@ case "$cmd" in
   demo)
     setup
     use_tcmalloc
+    use_hugepages
     WORKDIR=${1:-runs/demo}
     if ! "$(python_bin)" -c "from dblocks import data; data.load_fashion_mnist('test')" >/dev/null 2>&1; then
       log "the demo trains on Fashion-MNIST, which is not there (how to get it: above); then run ./launch.sh demo again"
@@ -253,10 +265,12 @@ case "$cmd" in
   test)
     setup
     use_tcmalloc
+    use_hugepages
     "$(python_bin)" -m pytest -q tests "$@" ;;
   train|sample|evaluate|compare|memory|bench|bench_parallel|export|convert)
     setup
     use_tcmalloc
+    use_hugepages
     "$(python_bin)" -m "experiments.$cmd" "$@" ;;
   tpu)
     tpu "$@" ;;
@@ -273,7 +287,8 @@ subcommands:
 environment: DBLOCKS_VENV (default .venv), DBLOCKS_NO_VENV=1 (use the current python3), DBLOCKS_PYTHON (python3;
              3.11 or newer), DBLOCKS_ACCEL=cuda|tpu (as --cuda / --tpu), DBLOCKS_SUDO=1 (allow sudo apt-get for the
              data), DBLOCKS_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist), DBLOCKS_MALLOC=tcmalloc
-             (preload libtcmalloc_minimal for the Python commands: faster CPU steps, higher peak RSS)
+             (preload libtcmalloc_minimal for the Python commands: faster CPU steps, higher peak RSS),
+             DBLOCKS_HUGEPAGES=0 (keep glibc's malloc off transparent huge pages; on by default)
 USAGE
     ;;
   *)

@@ -7,8 +7,9 @@
 
 On the CPU backend the allocator matters (docs/performance.md "The C allocator"): XLA frees its temporaries after
 every step, glibc's malloc hands the large ones back to the kernel, and the next step faults every page in again
-(about 460,000 page faults per CIFAR-100 ViT block step). tcmalloc keeps them: 1.3-1.9x faster steps, at up to 1.8x the
-peak RSS. `DBLOCKS_MALLOC=tcmalloc ./launch.sh ...` preloads it (opt-in: memory comes first in this project).
+(about 460,000 page faults per CIFAR-100 ViT block step). On transparent huge pages (glibc.malloc.hugetlb=1, set by
+the entry points and launch.sh: dblocks/hugepages.py) the same pages come back 512 at a time, at the same peak RSS.
+tcmalloc keeps them instead, at up to 1.8x the peak RSS: `DBLOCKS_MALLOC=tcmalloc ./launch.sh ...` (opt-in).
 
 The cache directory is $DBLOCKS_CACHE (or $JAX_COMPILATION_CACHE_DIR), else ~/.cache/dblocks/jax; DBLOCKS_CACHE=off
 turns it off. It is on by default on GPU and TPU; on the CPU backend only when DBLOCKS_CACHE names a directory (a
@@ -26,6 +27,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from dblocks import hugepages
 
 log = logging.getLogger("dblocks")
 _done: dict = {}
@@ -90,18 +93,22 @@ def device_info() -> dict:
     devs = jax.devices()
     return {"backend": jax.default_backend(), "device_kind": devs[0].device_kind if devs else "",
             "devices": len(devs), "local_devices": jax.local_device_count(), "processes": jax.process_count(),
-            "jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?"), "allocator": allocator()}
+            "jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?"), "allocator": allocator(),
+            "huge_pages": hugepages.active()}
 
 
 def log_devices() -> dict:
     """Logs device_info() and warns when a GPU is visible but the backend is CPU. Returns the info."""
     info = device_info()
-    log.info("jax %s on %s: %d device(s) (%s), %d process(es), allocator %s", info["jax"], info["backend"],
-             info["devices"], info["device_kind"], info["processes"], info["allocator"])
-    if info["backend"] == "cpu" and info["allocator"] == "glibc":
-        log.info("glibc malloc re-faults XLA's temporaries every step on the CPU: LD_PRELOAD=libtcmalloc_minimal.so.4 "
-                 "(Debian: libtcmalloc-minimal4; DBLOCKS_MALLOC=tcmalloc ./launch.sh ...) runs steps 1.3-1.9x "
-                 "faster at up to 1.8x the peak RSS (docs/performance.md)")
+    huge = info["allocator"] == "glibc" and info["huge_pages"]
+    log.info("jax %s on %s: %d device(s) (%s), %d process(es), allocator %s%s", info["jax"], info["backend"],
+             info["devices"], info["device_kind"], info["processes"], info["allocator"],
+             " on transparent huge pages (glibc.malloc.hugetlb=1)" if huge else "")
+    if info["backend"] == "cpu" and info["allocator"] == "glibc" and not huge:
+        log.info("glibc malloc re-faults XLA's temporaries in 4 KiB pages every step on the CPU: "
+                 "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (what `python -m experiments.*` and launch.sh set unless "
+                 "DBLOCKS_HUGEPAGES=0 or the kernel's transparent huge pages are off) runs steps about 1.5x faster "
+                 "at the same peak RSS (docs/performance.md)")
     if info["backend"] == "cpu" and gpu_visible():
         log.warning("a GPU is visible but JAX runs on the CPU: install the CUDA build of jax "
                     "(pip install 'jax[cuda12]==%s') to use it", info["jax"])

@@ -244,3 +244,23 @@ def test_tcmalloc_is_preloaded_only_when_asked_and_installed(tmp_path):
     calls.unlink()
     user = fmnist_env(tmp_path, 1000, DBLOCKS_LIB_DIRS=str(lib_dir), DBLOCKS_MALLOC="tcmalloc")
     assert sourced("tcmalloc_package", user).returncode == 0 and not calls.exists()   # never sudo, never as a user
+
+
+def test_hugepages_tunable_is_exported_unless_another_allocator_or_thp_off(tmp_path):
+    """use_hugepages: GLIBC_TUNABLES gains glibc.malloc.hugetlb=1 (other tunables kept) when transparent huge pages
+    are 'always' or 'madvise'; not with DBLOCKS_HUGEPAGES=0, a preloaded allocator, THP 'never', or the user's own
+    setting of the tunable."""
+    thp = tmp_path / "enabled"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "DBLOCKS_HUGEPAGES")}
+    env["DBLOCKS_THP_FILE"] = str(thp)
+    show = 'use_hugepages; echo "[${GLIBC_TUNABLES:-}]"'
+    thp.write_text("always [madvise] never\n")
+    assert sourced(show, env).stdout.strip() == "[glibc.malloc.hugetlb=1]"
+    assert sourced(show, {**env, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}).stdout.strip() == \
+        "[glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1]"
+    assert sourced(show, {**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}).stdout.strip() == \
+        "[glibc.malloc.hugetlb=0]"
+    assert sourced(show, {**env, "DBLOCKS_HUGEPAGES": "0"}).stdout.strip() == "[]"
+    assert sourced(show, {**env, "LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"}).stdout.strip() == "[]"
+    thp.write_text("always madvise [never]\n")
+    assert sourced(show, env).stdout.strip() == "[]"
