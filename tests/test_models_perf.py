@@ -111,6 +111,28 @@ def test_ar_cache_paths_scanned(scan):
     check(False)
 
 
+def test_bf16_cache_holds_the_compute_dtype_and_decodes_identically():
+    """A bfloat16 model's K/V cache is bfloat16 (half the bytes, no conversion per call): the keys and values are
+    computed in bf16, so storing them in float32 only round-tripped them exactly, and the next clean and noisy rows
+    come out bit-identical from either cache."""
+    from dblocks.tasks import ar_infer, get_task
+    from experiments.configs import tiny_ar
+    c = tiny_ar.get_config()
+    c.method, c.model.dtype = "dblocks", "bfloat16"
+    task = get_task(c)
+    model = task.make_model(task.units("dblocks")[1])
+    params = _perturb(task.init_params(model, jax.random.PRNGKey(0), task.dummy_batch()))
+    tokens = jnp.asarray(np.arange(10).reshape(2, 5) % task.vocab.size)
+    fns = ar_infer.block_fns(task, model, "softmax")
+    _, cache = fns["prefill"](params, tokens)
+    assert all(k.dtype == v.dtype == jnp.bfloat16 for k, v in cache)
+    wide = [(k.astype(jnp.float32), v.astype(jnp.float32)) for k, v in cache]   # the cache as it was stored before
+    z = jax.random.normal(jax.random.PRNGKey(1), (2, 1, task.target_dim))
+    row = lambda cc: fns["noisy_row"](params, cc, z, jnp.full((2,), 0.3), 5, jax.random.PRNGKey(0), tokens[:, 4])  # noqa
+    for a, b in zip(jax.tree.leaves(row(cache)), jax.tree.leaves(row(wide))):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def _temp_bytes(scan: bool, remat: str) -> int:
     m = DiT(num_layers=6, hidden=32, heads=2, patch=2, image_size=16, channels=3, num_classes=4, scan_layers=scan,
             remat=remat)

@@ -226,10 +226,11 @@ class ARModel(nn.Module):
         return self.head(x, ((c, z.shape[1]),))
 
 
-def empty_cache(num_layers: int, n: int, t_max: int, heads: int, head_dim: int) -> list[KV]:
+def empty_cache(num_layers: int, n: int, t_max: int, heads: int, head_dim: int, dtype=jnp.float32) -> list[KV]:
     """One (k, v) per layer, each [N, heads, T_max, head_dim]: head-major, the layout the attention's dots read
-    without a transpose (layers.attend_cached)."""
-    z = jnp.zeros((n, heads, t_max, head_dim), jnp.float32)
+    without a transpose (layers.attend_cached). `dtype`: that of the keys and values written (the model's compute
+    dtype), so a bfloat16 model's cache is half the size and is read without a conversion per call."""
+    z = jnp.zeros((n, heads, t_max, head_dim), dtype)
     return [(z, z) for _ in range(num_layers)]
 
 

@@ -104,7 +104,7 @@ def lm_fns(task, model) -> dict:
     def prefill(params, tokens):
         P = tokens.shape[1]
         logits, kvs = apply(params, tokens, jnp.arange(P)[None], ar_model.causal_mask(P), method=model.clean_rows)
-        empty = ar_model.empty_cache(model.num_layers, tokens.shape[0], t_max, model.heads, hd)
+        empty = ar_model.empty_cache(model.num_layers, tokens.shape[0], t_max, model.heads, hd, kvs[0][0].dtype)
         return logits[:, -1], ar_model.write_cache(empty, kvs, 0)
 
     def clean_row(params, cache, token, pos):

@@ -23,7 +23,8 @@ def huginn_fns(task, model) -> dict:
 
     def prefill(params, tokens, key):
         logits, kvs = model.apply({"params": params}, tokens, s0(key, *tokens.shape), K, method=model.recur)
-        empty = ar_model.empty_cache(model.num_layers, tokens.shape[0], t_max, model.heads, H // model.heads)
+        empty = ar_model.empty_cache(model.num_layers, tokens.shape[0], t_max, model.heads, H // model.heads,
+                                     kvs[0][0].dtype)
         return logits[:, -1], ar_model.write_cache(empty, kvs, 0)
 
     def clean_row(params, cache, token, pos, key):
