@@ -8,7 +8,8 @@
 On the CPU backend the allocator matters (docs/performance.md "The C allocator"): XLA frees its temporaries after
 every step, glibc's malloc hands the large ones back to the kernel, and the next step faults every page in again
 (about 460,000 page faults per CIFAR-100 ViT block step). On transparent huge pages (glibc.malloc.hugetlb=1, set by
-the entry points and launch.sh: dblocks/hugepages.py) the same pages come back 512 at a time, at the same peak RSS.
+the entry points and launch.sh: dblocks/hugepages.py) the pages come back 2 MiB at a time (about 100x fewer
+faults), at the same peak RSS.
 tcmalloc keeps them instead, at up to 1.8x the peak RSS: `DBLOCKS_MALLOC=tcmalloc ./launch.sh ...` (opt-in).
 
 The cache directory is $DBLOCKS_CACHE (or $JAX_COMPILATION_CACHE_DIR), else ~/.cache/dblocks/jax; DBLOCKS_CACHE=off

@@ -304,8 +304,8 @@ def device_suite(small: bool) -> dict:
 
 def main(argv):
     del argv
-    if _CHILD.value and _CPU_DEVICES.value > 1:   # before the backend starts
-        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    if _CHILD.value:   # before the backend starts
+        runtime.split_cpu(_CPU_DEVICES.value)
     logs.setup()
     runtime.setup()
     if _CHILD.value:
