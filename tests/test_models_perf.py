@@ -1,11 +1,15 @@
 """Performance options of the models (dblocks.models.options): scanned layers and remat compute the same function
 as the unrolled model from the same (converted) parameters; bf16 trains like fp32; fused attention equals the
 explicit one under the masks the tasks use; chunked cross-entropy equals the full one."""
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from dblocks import losses
 from dblocks.models import ar, layers, stack
@@ -145,6 +149,53 @@ def _temp_bytes(scan: bool, remat: str) -> int:
 def test_scanned_remat_reduces_compiled_temporaries():
     plain, remat = _temp_bytes(True, "none"), _temp_bytes(True, "full")
     assert remat < 0.7 * plain, (remat, plain)
+
+
+def _kernel_grad_dots(fn, *args):
+    """(lhs shape, rhs shape) of every dot_general in the gradient's jaxpr (inner jaxprs included)."""
+    shapes = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                shapes.append((tuple(e.invars[0].aval.shape), tuple(e.invars[1].aval.shape)))
+            for sub in jax.core.jaxprs_in_params(e.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+def test_dense_kernel_gradient_transposes_the_smaller_operand():
+    """An expanding Dense (in < out) differentiates its kernel as x^T g, not (g^T x)^T: on the CPU the left operand
+    of a dot is copied transposed, and g [rows, out] is the large one. Same values and gradients as lax.dot_general,
+    f32 and bf16; a remat policy that saves matmul outputs still saves the product."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 8))
+    dims = (((2,), (0,)), ((), ()))
+    for shape in [(8, 24), (8, 8), (8, 4)]:                         # expanding, square, contracting
+        w = jax.random.normal(jax.random.PRNGKey(1), shape)
+        for dt, tol in [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)]:
+            def loss(x, w, dot):
+                return jnp.sum(jnp.tanh(dot(x.astype(dt), w.astype(dt), dims)).astype(jnp.float32) ** 2)
+            ours = jax.value_and_grad(lambda x, w: loss(x, w, layers.dense_dot_general), (0, 1))(x, w)
+            ref = jax.value_and_grad(lambda x, w: loss(x, w, jax.lax.dot_general), (0, 1))(x, w)
+            for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    w = jnp.ones((8, 24))
+    grad = jax.grad(lambda w, x: jnp.sum(layers.dense_dot_general(x, w, dims) ** 2))
+    assert ((3, 5, 8), (3, 5, 24)) in _kernel_grad_dots(grad, w, x)             # x^T g: x on the left
+    assert ((3, 5, 24), (3, 5, 8)) not in _kernel_grad_dots(grad, w, x)         # not g^T x
+    m = ViTClassifier(num_layers=1, hidden=16, heads=2, patch=4, num_classes=5, mlp_ratio=4.0)
+    img = jnp.ones((2, 8, 8, 3))
+    p = m.init(jax.random.PRNGKey(0), img)["params"]
+    shapes = _kernel_grad_dots(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, img) ** 2)), p)
+    assert ((2, 5, 16), (2, 5, 64)) in shapes and ((2, 5, 64), (2, 5, 16)) not in shapes   # the MLP's 16 -> 64
+    policy = jax.checkpoint(lambda x, w: jnp.sum(jnp.tanh(layers.dense_dot_general(x, w, dims))),
+                            policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(policy, x, jnp.ones((8, 24)))
+    assert "f32[3,5,24] output of dot_general" in out.getvalue(), out.getvalue()
 
 
 def test_fused_attention_matches_explicit_under_task_masks():

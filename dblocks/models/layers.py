@@ -89,9 +89,50 @@ def attend_cached(q: Array, k: Array, v: Array, cache: tuple[Array, Array], mask
     return (out / jnp.swapaxes(den, 1, 2)).astype(v.dtype)
 
 
+@jax.custom_vjp
+def _kernel_grad(x: Array, kernel: Array) -> Array:
+    """Zeros shaped like x @ kernel, whose cotangent g gives the kernel its gradient as dot(x^T, g)."""
+    return jnp.zeros(x.shape[:-1] + kernel.shape[1:], x.dtype)
+
+
+def _kernel_grad_fwd(x, kernel):
+    return _kernel_grad(x, kernel), (x, kernel)
+
+
+def _kernel_grad_bwd(res, g):
+    x, kernel = res
+    rows = tuple(range(x.ndim - 1))
+    return None, jax.lax.dot_general(x, g, ((rows, rows), ((), ()))).astype(kernel.dtype)
+
+
+_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+
+
+def dense_dot_general(x: Array, kernel: Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> Array:
+    """`lax.dot_general` for a Dense (x [..., in] @ kernel [in, out]) whose kernel gradient transposes the smaller
+    operand.
+
+    JAX differentiates x @ kernel into kernel_grad = (g^T x)^T: the cotangent g [rows, out] is the left operand,
+    contracted over its leading (row) axis. A CPU matmul kernel (XLA's YNNPACK) wants the left operand contracted
+    over its last axis, so XLA copies g transposed first: for an expanding layer (in < out, e.g. an MLP's 128 ->
+    3072) that is the large tensor, about 6 % of the CIFAR-100 ViT step on this project's CPU (docs/performance.md,
+    "The kernel gradient"). Here, when in < out, the kernel gradient is computed as x^T g (x is the smaller one) by a
+    custom-VJP term that is zero in the forward pass and that XLA removes; the product itself stays an ordinary
+    `dot_general`, so rematerialisation policies that save matmul outputs still see it. Same values to float
+    rounding (tests/test_models_perf.py); the input gradient is JAX's own.
+    """
+    swap = (kernel.ndim == 2 and x.shape[-1] < kernel.shape[-1]
+            and dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())))
+    y = jax.lax.dot_general(x, jax.lax.stop_gradient(kernel) if swap else kernel, dimension_numbers,
+                            precision=precision, preferred_element_type=preferred_element_type)
+    return y + _kernel_grad(jax.lax.stop_gradient(x), kernel).astype(y.dtype) if swap else y
+
+
 def dense(features: int, dtype, init=nn.initializers.xavier_uniform(), **kw) -> nn.Dense:
-    """A Dense computing in `dtype` with float32 parameters."""
-    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, **kw)
+    """A Dense computing in `dtype` with float32 parameters (kernel gradient: `dense_dot_general`)."""
+    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, dot_general=dense_dot_general,
+                    **kw)
 
 
 def layer_norm(dtype, **kw) -> nn.LayerNorm:
