@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
 def model_defaults() -> dict:
     """How every model computes (dblocks.models.options), the same defaults in every config file so each can be
     overridden from the command line: scan_layers (one compiled layer under nn.scan), remat (none / full / dots /
-    a jax.checkpoint_policies name), dtype (float32 / bfloat16 compute; parameters and loss stay float32),
+    narrow / a jax.checkpoint_policies name), dtype (float32 / bfloat16 compute; parameters and loss stay float32),
     attention (xla / cudnn / einsum)."""
     return dict(scan_layers=False, remat="none", dtype="float32", attention="xla")
 

@@ -64,8 +64,8 @@ def test_scan_and_remat_match_unrolled(name):
 
     p0 = _perturb(jax.jit(lambda: base.init(jax.random.PRNGKey(3), *args)["params"])())
     y0, g0 = value_and_grad(base, p0)
-    variants = ((True, "none"), (True, "dots"), (False, "full"), (True, "full")) if name == "dit" else \
-        ((True, "full"),)   # scan and remat together for every family; each option alone on DiT
+    variants = ((True, "none"), (True, "dots"), (False, "full"), (True, "full"), (True, "narrow")) if name == "dit" \
+        else ((True, "full"),)   # scan and remat together for every family; each option alone on DiT
     for scan, remat in variants:
         m = make(scan_layers=scan, remat=remat)
         p = stack.stack_params(p0) if scan else p0
@@ -147,8 +147,24 @@ def _temp_bytes(scan: bool, remat: str) -> int:
 
 
 def test_scanned_remat_reduces_compiled_temporaries():
-    plain, remat = _temp_bytes(True, "none"), _temp_bytes(True, "full")
+    plain, remat, narrow = _temp_bytes(True, "none"), _temp_bytes(True, "full"), _temp_bytes(True, "narrow")
     assert remat < 0.7 * plain, (remat, plain)
+    assert narrow < 0.7 * plain, (narrow, plain)
+
+
+@pytest.mark.parametrize("name", ["dit", "vit_classifier", "ar_denoiser"])
+def test_narrow_remat_saves_the_named_width_activations_only(name):
+    """remat='narrow' (each layer class: AdaLNZeroLayer, ViTLayer, CausalLayer) keeps the layer's named
+    [N, T, hidden] activations and none of the MLP's [N, T, 4 * hidden] ones."""
+    make, args = FAMILIES[name]
+    m = make(remat="narrow")
+    p = jax.jit(lambda: m.init(jax.random.PRNGKey(3), *args)["params"])()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(lambda q: jnp.sum(jnp.sin(m.apply({"params": q}, *args))), p)
+    lines = [ln for ln in out.getvalue().splitlines() if "from the argument" not in ln]
+    assert any("named 'attn_in'" in ln for ln in lines) and any("named 'mlp_in'" in ln for ln in lines), lines
+    assert not [ln for ln in lines if ",64]" in ln], lines          # hidden 16, MLP width 64: recomputed
 
 
 def _kernel_grad_dots(fn, *args):

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from dblocks.models.layers import NoiseEmbedder, attend, attend_cached, dense, layer_norm, rope
 from dblocks.models.stack import apply_layers
@@ -91,7 +92,7 @@ class CausalLayer(nn.Module):
         hd = H // self.heads
         mod = _rows(conds, self.sizes, dense(6 * H, self.dtype, nn.initializers.zeros, name="adaln"), N)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-        h = _layer_norm(self.dtype)(x) * (1 + scale_a) + shift_a
+        h = checkpoint_name(_layer_norm(self.dtype)(x) * (1 + scale_a) + shift_a, "attn_in")
         qkv = dense(3 * H, self.dtype, name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(N, S, 3 * self.heads, hd), 3, axis=2)
         q, k = rope(q, positions), rope(k, positions)
@@ -100,10 +101,10 @@ class CausalLayer(nn.Module):
         else:   # generation: the cache is read in place, never concatenated or transposed
             out = attend_cached(q, k, v, prefix, mask)
         out = out.reshape(N, S, H)
-        x = x + gate_a * dense(H, self.dtype, name="proj")(out)
-        h = _layer_norm(self.dtype)(x) * (1 + scale_m) + shift_m
+        x = x + gate_a * checkpoint_name(dense(H, self.dtype, name="proj")(out), "attn_out")
+        h = checkpoint_name(_layer_norm(self.dtype)(x) * (1 + scale_m) + shift_m, "mlp_in")
         h = dense(int(H * self.mlp_ratio), self.dtype, name="fc1")(h)
-        h = dense(H, self.dtype, name="fc2")(nn.gelu(h, approximate=True))
+        h = checkpoint_name(dense(H, self.dtype, name="fc2")(nn.gelu(h, approximate=True)), "mlp_out")
         return x + gate_m * h, (k, v)
 
 

@@ -9,6 +9,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -198,10 +199,11 @@ class AdaLNZeroLayer(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
         ln = lambda: layer_norm(self.dtype)  # noqa: E731
         h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(
-            modulate(ln()(x), shift_a, scale_a), mask, positions, train)
-        x = x + gate_a[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(modulate(ln()(x), shift_m, scale_m))
-        h = dense(self.hidden, self.dtype)(nn.gelu(h, approximate=True))
+            checkpoint_name(modulate(ln()(x), shift_a, scale_a), "attn_in"), mask, positions, train)
+        x = x + gate_a[:, None] * nn.Dropout(self.dropout)(checkpoint_name(h, "attn_out"), deterministic=not train)
+        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(
+            checkpoint_name(modulate(ln()(x), shift_m, scale_m), "mlp_in"))
+        h = checkpoint_name(dense(self.hidden, self.dtype)(nn.gelu(h, approximate=True)), "mlp_out")
         return x + gate_m[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
 
 

@@ -1,7 +1,7 @@
 """The performance options every model takes, read from `config.model` with defaults (old configs need no change).
 
   model.scan_layers  False | True      layers under nn.scan (stacked parameters; dblocks.models.stack)
-  model.remat        'none' | 'full' | 'dots' | a jax.checkpoint_policies name
+  model.remat        'none' | 'full' | 'dots' | 'narrow' | a jax.checkpoint_policies name
   model.dtype        'float32' | 'bfloat16'   compute dtype; parameters, optimizer state and losses stay float32
   model.attention    'xla' | 'cudnn' | 'einsum'   jax.nn.dot_product_attention's implementation ('cudnn' needs a
                      GPU and bf16/fp16); 'einsum' is the explicit two-einsum path (always used when attention

@@ -10,7 +10,10 @@
 
 Remat policies (`model.remat`): 'none'; 'full' (save nothing inside a layer, recompute it all in the backward
 pass); 'dots' (save the matmul outputs that have no batch dimension, jax.checkpoint_policies.
-dots_with_no_batch_dims_saveable, recompute the elementwise work); any other name of jax.checkpoint_policies.
+dots_with_no_batch_dims_saveable, recompute the elementwise work); 'narrow' (save a layer's four activations of
+the model's width, named in every layer class: the attention's input and output, the MLP's input and output;
+recompute the MLP's wide hidden activations and the attention from them); any other name of
+jax.checkpoint_policies.
 
 `stack_params` / `unstack_params` convert a parameter tree between the two layouts, so a scanned model and an
 unscanned one compute the same function from the same numbers (tests/test_models_perf.py).
@@ -25,7 +28,10 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-REMAT = ("none", "full", "dots")
+REMAT = ("none", "full", "dots", "narrow")
+# the checkpoint_name tags of every layer class (layers.AdaLNZeroLayer, vit.ViTLayer, ar.CausalLayer) that
+# remat='narrow' saves: each [N, T, hidden]; the MLP's [N, T, mlp_ratio * hidden] activations are recomputed
+NARROW = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
 
 def remat_policy(name: str) -> Callable | None:
@@ -34,6 +40,8 @@ def remat_policy(name: str) -> Callable | None:
         return None
     if name == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "narrow":
+        return jax.checkpoint_policies.save_only_these_names(*NARROW)
     policy = getattr(jax.checkpoint_policies, name, None)
     if policy is None:
         raise ValueError(f"model.remat={name!r}: expected one of {REMAT} or a jax.checkpoint_policies name")

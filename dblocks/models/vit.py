@@ -13,6 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder, dense
 from dblocks.models.stack import apply_layers
@@ -84,10 +85,11 @@ class ViTLayer(nn.Module):
             return nn.Dropout(self.dropout)(a, deterministic=not train)
 
         ln = lambda: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)  # noqa: E731
-        x = x + drop(Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(ln()(x),
-                                                                                              train=train))
-        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(ln()(x))
-        h = dense(self.hidden, self.dtype)(nn.gelu(h, approximate=True))
+        h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(
+            checkpoint_name(ln()(x), "attn_in"), train=train)
+        x = x + drop(checkpoint_name(h, "attn_out"))
+        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(checkpoint_name(ln()(x), "mlp_in"))
+        h = checkpoint_name(dense(self.hidden, self.dtype)(nn.gelu(h, approximate=True)), "mlp_out")
         return x + drop(h)
 
 
