@@ -1,6 +1,7 @@
 """Performance options of the models (dblocks.models.options): scanned layers and remat compute the same function
 as the unrolled model from the same (converted) parameters; bf16 trains like fp32; fused attention equals the
-explicit one under the masks the tasks use; chunked cross-entropy equals the full one."""
+explicit one under the masks the tasks use; chunked cross-entropy equals the full one; a Dense's kernel gradient and
+remat='narrow' keep what they promise."""
 import contextlib
 import io
 
@@ -137,6 +138,14 @@ def test_bf16_cache_holds_the_compute_dtype_and_decodes_identically():
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+def _saved_residuals(fn, *args) -> str:
+    """What jax.ad_checkpoint.print_saved_residuals prints for fn(*args): one line per value kept for the backward."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(fn, *args)
+    return out.getvalue()
+
+
 def _temp_bytes(scan: bool, remat: str) -> int:
     m = DiT(num_layers=6, hidden=32, heads=2, patch=2, image_size=16, channels=3, num_classes=4, scan_layers=scan,
             remat=remat)
@@ -159,10 +168,8 @@ def test_narrow_remat_saves_the_named_width_activations_only(name):
     make, args = FAMILIES[name]
     m = make(remat="narrow")
     p = jax.jit(lambda: m.init(jax.random.PRNGKey(3), *args)["params"])()
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        print_saved_residuals(lambda q: jnp.sum(jnp.sin(m.apply({"params": q}, *args))), p)
-    lines = [ln for ln in out.getvalue().splitlines() if "from the argument" not in ln]
+    saved = _saved_residuals(lambda q: jnp.sum(jnp.sin(m.apply({"params": q}, *args))), p)
+    lines = [ln for ln in saved.splitlines() if "from the argument" not in ln]
     assert any("named 'attn_in'" in ln for ln in lines) and any("named 'mlp_in'" in ln for ln in lines), lines
     assert not [ln for ln in lines if ",64]" in ln], lines          # hidden 16, MLP width 64: recomputed
 
@@ -199,8 +206,9 @@ def test_dense_kernel_gradient_transposes_the_smaller_operand():
                 np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
     w = jnp.ones((8, 24))
     grad = jax.grad(lambda w, x: jnp.sum(layers.dense_dot_general(x, w, dims) ** 2))
-    assert ((3, 5, 8), (3, 5, 24)) in _kernel_grad_dots(grad, w, x)             # x^T g: x on the left
-    assert ((3, 5, 24), (3, 5, 8)) not in _kernel_grad_dots(grad, w, x)         # not g^T x
+    dots = _kernel_grad_dots(grad, w, x)
+    assert ((3, 5, 8), (3, 5, 24)) in dots          # x^T g: x on the left
+    assert ((3, 5, 24), (3, 5, 8)) not in dots      # not g^T x
     m = ViTClassifier(num_layers=1, hidden=16, heads=2, patch=4, num_classes=5, mlp_ratio=4.0)
     img = jnp.ones((2, 8, 8, 3))
     p = m.init(jax.random.PRNGKey(0), img)["params"]
@@ -208,10 +216,8 @@ def test_dense_kernel_gradient_transposes_the_smaller_operand():
     assert ((2, 5, 16), (2, 5, 64)) in shapes and ((2, 5, 64), (2, 5, 16)) not in shapes   # the MLP's 16 -> 64
     policy = jax.checkpoint(lambda x, w: jnp.sum(jnp.tanh(layers.dense_dot_general(x, w, dims))),
                             policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        print_saved_residuals(policy, x, jnp.ones((8, 24)))
-    assert "f32[3,5,24] output of dot_general" in out.getvalue(), out.getvalue()
+    saved = _saved_residuals(policy, x, jnp.ones((8, 24)))
+    assert "f32[3,5,24] output of dot_general" in saved, saved
 
 
 def test_fused_attention_matches_explicit_under_task_masks():
