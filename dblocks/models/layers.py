@@ -90,6 +90,18 @@ def attend_cached(q: Array, k: Array, v: Array, cache: tuple[Array, Array], mask
     return (out / jnp.swapaxes(den, 1, 2)).astype(v.dtype)
 
 
+def _kernel_grad_of(x: Array, g: Array, kernel: Array) -> Array:
+    """The gradient of `kernel` in y = x @ kernel from y's cotangent g, with the smaller of x and g as the operand
+    contracted over its rows (the one XLA's CPU dot copies transposed): x^T g for an expanding layer (in < out),
+    (g^T x)^T otherwise (JAX's own orientation)."""
+    rows = tuple(range(x.ndim - 1))
+    if x.shape[-1] < g.shape[-1]:
+        grad = jax.lax.dot_general(x, g, ((rows, rows), ((), ())))
+    else:
+        grad = jax.lax.dot_general(g, x, ((rows, rows), ((), ()))).T
+    return grad.astype(kernel.dtype)
+
+
 @jax.custom_vjp
 def _kernel_grad(x: Array, kernel: Array) -> Array:
     """Zeros shaped like x @ kernel, whose cotangent g gives the kernel its gradient as dot(x^T, g)."""
@@ -102,11 +114,56 @@ def _kernel_grad_fwd(x, kernel):
 
 def _kernel_grad_bwd(res, g):
     x, kernel = res
-    rows = tuple(range(x.ndim - 1))
-    return None, jax.lax.dot_general(x, g, ((rows, rows), ((), ()))).astype(kernel.dtype)
+    return None, _kernel_grad_of(x, g, kernel)
 
 
 _kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+
+
+def _gelu(h: Array) -> Array:
+    return nn.gelu(h, approximate=True)
+
+
+def _gelu_derivative(h: Array) -> Array:
+    """d gelu(h) / dh for the tanh GELU, 0.5 * h * (1 + tanh(z)) with z = sqrt(2 / pi) * (h + 0.044715 h^3), written
+    with s = sigmoid(2 z) = (1 + tanh(z)) / 2: gelu = h * s, gelu' = s + 2 h s (1 - s) z'. Through exp rather than
+    tanh, so XLA computes it inside the gradient's elementwise pass instead of sharing (and writing out) a tanh
+    with gelu(h)."""
+    c = math.sqrt(2.0 / math.pi)
+    z = c * (h + 0.044715 * h ** 3)
+    s = 1.0 / (1.0 + jnp.exp(-2.0 * z))
+    return s + 2.0 * h * s * (1.0 - s) * c * (1.0 + 3 * 0.044715 * h * h)
+
+
+@jax.custom_vjp
+def _gelu_dense_grads(h: Array, kernel: Array) -> Array:
+    """Zeros shaped like gelu(h) @ kernel, whose cotangent g gives h and the kernel their gradients, recomputing
+    gelu(h) (and its derivative) from h in the backward pass."""
+    return jnp.zeros(h.shape[:-1] + kernel.shape[1:], h.dtype)
+
+
+def _gelu_dense_grads_fwd(h, kernel):
+    return _gelu_dense_grads(h, kernel), (h, kernel)
+
+
+def _gelu_dense_grads_bwd(res, g):
+    h, kernel = res
+    ga = jax.lax.dot_general(g, kernel.astype(g.dtype), (((g.ndim - 1,), (1,)), ((), ()))).astype(h.dtype)
+    # h + 0 * ga[0] ties the recomputation to the cotangent, so XLA can neither merge it with the forward pass's
+    # gelu(h) (common subexpressions) nor schedule it before this layer's backward pass: either would keep the
+    # [rows, 4 * hidden] activations alive again. (An optimization_barrier does not hold: XLA's CPU pipeline removes
+    # barriers before scheduling. The element is read from the matmul's output, a buffer: one taken from g itself
+    # let XLA fuse g's whole computation into the elementwise loop. Floating-point x * 0 is not folded by XLA; a
+    # non-finite ga[0] makes the gradients non-finite either way.)
+    h = h + ga.reshape(-1)[0] * 0
+    return ga * _gelu_derivative(h), _kernel_grad_of(_gelu(h), g, kernel)
+
+
+_gelu_dense_grads.defvjp(_gelu_dense_grads_fwd, _gelu_dense_grads_bwd)
+
+
+def _standard(x: Array, kernel: Array, dimension_numbers) -> bool:
+    return kernel.ndim == 2 and dimension_numbers == (((x.ndim - 1,), (0,)), ((), ()))
 
 
 def dense_dot_general(x: Array, kernel: Array, dimension_numbers, precision=None,
@@ -125,17 +182,39 @@ def dense_dot_general(x: Array, kernel: Array, dimension_numbers, precision=None
     term supports reverse-mode differentiation only: nothing in dblocks uses `jax.jvp` on a model, and code that
     needs forward mode should build its Dense layers without this `dot_general`.
     """
-    swap = (kernel.ndim == 2 and x.shape[-1] < kernel.shape[-1]
-            and dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())))
+    swap = _standard(x, kernel, dimension_numbers) and x.shape[-1] < kernel.shape[-1]
     y = jax.lax.dot_general(x, jax.lax.stop_gradient(kernel) if swap else kernel, dimension_numbers,
                             precision=precision, preferred_element_type=preferred_element_type)
     return y + _kernel_grad(jax.lax.stop_gradient(x), kernel).astype(y.dtype) if swap else y
 
 
-def dense(features: int, dtype, init=nn.initializers.xavier_uniform(), **kw) -> nn.Dense:
-    """A Dense computing in `dtype` with float32 parameters (kernel gradient: `dense_dot_general`)."""
-    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, dot_general=dense_dot_general,
-                    **kw)
+def gelu_dense_dot_general(h: Array, kernel: Array, dimension_numbers, precision=None,
+                           preferred_element_type=None) -> Array:
+    """gelu(h) @ kernel (tanh GELU) for an MLP's second Dense, given the first one's output h, keeping only h for
+    the backward pass.
+
+    Autodiff of gelu(h) @ kernel keeps three [rows, 4 * hidden] tensors per layer until the backward pass: h and the
+    tanh for GELU's derivative, gelu(h) for the kernel's gradient; they were most of the CIFAR-100 ViT block step's
+    compiled temporaries. Here the product is an ordinary `dot_general` of gelu(h) with gradients stopped (so
+    rematerialisation policies still see it) plus a custom-VJP term, zero in the forward pass, that recomputes
+    gelu(h) and its derivative from h in the backward pass (one more elementwise pass, no matmul) and returns the
+    gradients of h and the kernel. Same values and gradients as `dense_dot_general(gelu(h), ...)` to float rounding
+    (tests/test_models_perf.py); reverse mode only, as `dense_dot_general`.
+    """
+    if not _standard(h, kernel, dimension_numbers):
+        return dense_dot_general(_gelu(h), kernel, dimension_numbers, precision, preferred_element_type)
+    stop = jax.lax.stop_gradient
+    y = jax.lax.dot_general(_gelu(stop(h)), stop(kernel), dimension_numbers,
+                            precision=precision, preferred_element_type=preferred_element_type)
+    return y + _gelu_dense_grads(h, kernel).astype(y.dtype)
+
+
+def dense(features: int, dtype, init=nn.initializers.xavier_uniform(), gelu_input: bool = False, **kw) -> nn.Dense:
+    """A Dense computing in `dtype` with float32 parameters (kernel gradient: `dense_dot_general`). gelu_input: the
+    layer computes gelu(x) @ kernel + bias from the pre-activation x (`gelu_dense_dot_general`, an MLP's second
+    Dense: same parameters and values, less memory)."""
+    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32,
+                    dot_general=gelu_dense_dot_general if gelu_input else dense_dot_general, **kw)
 
 
 def layer_norm(dtype, **kw) -> nn.LayerNorm:
@@ -205,7 +284,7 @@ class AdaLNZeroLayer(nn.Module):
         x = x + gate_a[:, None] * nn.Dropout(self.dropout)(checkpoint_name(h, "attn_out"), deterministic=not train)
         h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(
             checkpoint_name(modulate(ln()(x), shift_m, scale_m), "mlp_in"))
-        h = checkpoint_name(dense(self.hidden, self.dtype)(nn.gelu(h, approximate=True)), "mlp_out")
+        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=True)(h), "mlp_out")
         return x + gate_m[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
 
 
