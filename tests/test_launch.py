@@ -248,8 +248,8 @@ def test_tcmalloc_is_preloaded_only_when_asked_and_installed(tmp_path):
 
 def test_hugepages_tunable_is_exported_unless_another_allocator_or_thp_off(tmp_path):
     """use_hugepages: GLIBC_TUNABLES gains glibc.malloc.hugetlb=1 (other tunables kept) when transparent huge pages
-    are 'always' or 'madvise'; not with DBLOCKS_HUGEPAGES=0, a preloaded allocator, THP 'never', or the user's own
-    setting of the tunable."""
+    are 'always' or 'madvise'; not with DBLOCKS_HUGEPAGES=0, a preloaded allocator (tcmalloc, jemalloc, mimalloc: other
+    preloaded libraries do not count, as in dblocks/hugepages.py), THP 'never', or the user's own setting of the tunable."""
     thp = tmp_path / "enabled"
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "DBLOCKS_HUGEPAGES")}
     env["DBLOCKS_THP_FILE"] = str(thp)
@@ -261,6 +261,9 @@ def test_hugepages_tunable_is_exported_unless_another_allocator_or_thp_off(tmp_p
     assert sourced(show, {**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}).stdout.strip() == \
         "[glibc.malloc.hugetlb=0]"
     assert sourced(show, {**env, "DBLOCKS_HUGEPAGES": "0"}).stdout.strip() == "[]"
-    assert sourced(show, {**env, "LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"}).stdout.strip() == "[]"
+    for lib in ("/x/libtcmalloc_minimal.so.4", "libjemalloc.so.2", "/y/libmimalloc.so"):
+        assert sourced(show, {**env, "LD_PRELOAD": lib}).stdout.strip() == "[]", lib
+    # a preloaded library that is not an allocator changes nothing (the same rule as dblocks/hugepages.py)
+    assert sourced(show, {**env, "LD_PRELOAD": "/x/libfaketime.so"}).stdout.strip() == "[glibc.malloc.hugetlb=1]"
     thp.write_text("always madvise [never]\n")
     assert sourced(show, env).stdout.strip() == "[]"
