@@ -271,6 +271,7 @@ class AdaLNZeroLayer(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    recompute_gelu: bool = True   # the MLP keeps only its first output for the backward pass (stack.apply_layers)
 
     @nn.compact
     def __call__(self, x: Array, c: Array, mask: Array | None = None, positions: Array | None = None,
@@ -284,7 +285,7 @@ class AdaLNZeroLayer(nn.Module):
         x = x + gate_a[:, None] * nn.Dropout(self.dropout)(checkpoint_name(h, "attn_out"), deterministic=not train)
         h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(
             checkpoint_name(modulate(ln()(x), shift_m, scale_m), "mlp_in"))
-        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=True)(h), "mlp_out")
+        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=self.recompute_gelu)(h), "mlp_out")
         return x + gate_m[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
 
 

@@ -78,6 +78,7 @@ class ViTLayer(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    recompute_gelu: bool = True   # the MLP keeps only its first output for the backward pass (stack.apply_layers)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -89,7 +90,7 @@ class ViTLayer(nn.Module):
             checkpoint_name(ln()(x), "attn_in"), train=train)
         x = x + drop(checkpoint_name(h, "attn_out"))
         h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(checkpoint_name(ln()(x), "mlp_in"))
-        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=True)(h), "mlp_out")
+        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=self.recompute_gelu)(h), "mlp_out")
         return x + drop(h)
 
 
