@@ -105,7 +105,8 @@ class CausalLayer(nn.Module):
         x = x + gate_a * checkpoint_name(dense(H, self.dtype, name="proj")(out), "attn_out")
         h = checkpoint_name(_layer_norm(self.dtype)(x) * (1 + scale_m) + shift_m, "mlp_in")
         h = dense(int(H * self.mlp_ratio), self.dtype, name="fc1")(h)
-        h = checkpoint_name(dense(H, self.dtype, name="fc2", gelu_input=self.recompute_gelu)(h), "mlp_out")
+        h = checkpoint_name(dense(H, self.dtype, name="fc2", gelu_input=True,
+                                     recompute_gelu=self.recompute_gelu)(h), "mlp_out")
         return x + gate_m * h, (k, v)
 
 

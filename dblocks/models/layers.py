@@ -209,12 +209,23 @@ def gelu_dense_dot_general(h: Array, kernel: Array, dimension_numbers, precision
     return y + _gelu_dense_grads(h, kernel).astype(y.dtype)
 
 
-def dense(features: int, dtype, init=nn.initializers.xavier_uniform(), gelu_input: bool = False, **kw) -> nn.Dense:
+def _plain_gelu_dense_dot_general(h: Array, kernel: Array, dimension_numbers, precision=None,
+                                  preferred_element_type=None) -> Array:
+    """gelu(h) @ kernel by plain autodiff (what a rematerialised layer uses)."""
+    return dense_dot_general(_gelu(h), kernel, dimension_numbers, precision, preferred_element_type)
+
+
+def dense(features: int, dtype, init=nn.initializers.xavier_uniform(), gelu_input: bool = False,
+          recompute_gelu: bool = True, **kw) -> nn.Dense:
     """A Dense computing in `dtype` with float32 parameters (kernel gradient: `dense_dot_general`). gelu_input: the
-    layer computes gelu(x) @ kernel + bias from the pre-activation x (`gelu_dense_dot_general`, an MLP's second
-    Dense: same parameters and values, less memory)."""
-    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32,
-                    dot_general=gelu_dense_dot_general if gelu_input else dense_dot_general, **kw)
+    layer computes gelu(x) @ kernel + bias from the pre-activation x (an MLP's second Dense), keeping only x for the
+    backward pass (`gelu_dense_dot_general`: same parameters and values, less memory) unless recompute_gelu=False
+    (plain autodiff)."""
+    if gelu_input:
+        dot = gelu_dense_dot_general if recompute_gelu else _plain_gelu_dense_dot_general
+    else:
+        dot = dense_dot_general
+    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, dot_general=dot, **kw)
 
 
 def layer_norm(dtype, **kw) -> nn.LayerNorm:
@@ -285,7 +296,8 @@ class AdaLNZeroLayer(nn.Module):
         x = x + gate_a[:, None] * nn.Dropout(self.dropout)(checkpoint_name(h, "attn_out"), deterministic=not train)
         h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(
             checkpoint_name(modulate(ln()(x), shift_m, scale_m), "mlp_in"))
-        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=self.recompute_gelu)(h), "mlp_out")
+        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=True,
+                                     recompute_gelu=self.recompute_gelu)(h), "mlp_out")
         return x + gate_m[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
 
 

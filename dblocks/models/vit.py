@@ -90,7 +90,8 @@ class ViTLayer(nn.Module):
             checkpoint_name(ln()(x), "attn_in"), train=train)
         x = x + drop(checkpoint_name(h, "attn_out"))
         h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(checkpoint_name(ln()(x), "mlp_in"))
-        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=self.recompute_gelu)(h), "mlp_out")
+        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=True,
+                                     recompute_gelu=self.recompute_gelu)(h), "mlp_out")
         return x + drop(h)
 
 
