@@ -232,8 +232,8 @@ def _mlp_stack_grad(second_dense, n_layers=4, rows=512, hidden=16, wide=256):
         return jnp.sum(x ** 2)
 
     keys = jax.random.split(jax.random.PRNGKey(4), 2 * n_layers + 1)
-    params = [(jax.random.normal(keys[2 * i], (hidden, wide)) / 4, jax.random.normal(keys[2 * i + 1], (wide, hidden)) / 16)
-              for i in range(n_layers)]
+    params = [(jax.random.normal(keys[2 * i], (hidden, wide)) / 4,
+               jax.random.normal(keys[2 * i + 1], (wide, hidden)) / 16) for i in range(n_layers)]
     return jax.grad(loss), params, jax.random.normal(keys[-1], (rows, hidden))
 
 

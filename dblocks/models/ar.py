@@ -84,7 +84,7 @@ class CausalLayer(nn.Module):
     sizes: tuple = ()
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
-    recompute_gelu: bool = True   # the MLP keeps only its first output for the backward pass (stack.apply_layers)
+    recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
 
     @nn.compact
     def __call__(self, x: Array, conds: Sequence[Array], mask: Array, positions: Array,

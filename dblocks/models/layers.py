@@ -199,7 +199,8 @@ def gelu_dense_dot_general(h: Array, kernel: Array, dimension_numbers, precision
     rematerialisation policies still see it) plus a custom-VJP term, zero in the forward pass, that recomputes
     gelu(h) and its derivative from h in the backward pass (one more elementwise pass, no matmul) and returns the
     gradients of h and the kernel. Same values and gradients as `dense_dot_general(gelu(h), ...)` to float rounding
-    (tests/test_models_perf.py); reverse mode only, as `dense_dot_general`.
+    (tests/test_models_perf.py); reverse mode only, as `dense_dot_general`. Not used in rematerialised layers, which
+    recompute the MLP anyway (`stack.apply_layers`).
     """
     if not _standard(h, kernel, dimension_numbers):
         return dense_dot_general(_gelu(h), kernel, dimension_numbers, precision, preferred_element_type)
@@ -282,7 +283,7 @@ class AdaLNZeroLayer(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
-    recompute_gelu: bool = True   # the MLP keeps only its first output for the backward pass (stack.apply_layers)
+    recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
 
     @nn.compact
     def __call__(self, x: Array, c: Array, mask: Array | None = None, positions: Array | None = None,

@@ -78,7 +78,7 @@ class ViTLayer(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
-    recompute_gelu: bool = True   # the MLP keeps only its first output for the backward pass (stack.apply_layers)
+    recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
