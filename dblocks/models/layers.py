@@ -203,7 +203,7 @@ def gelu_dense_dot_general(h: Array, kernel: Array, dimension_numbers, precision
     recompute the MLP anyway (`stack.apply_layers`).
     """
     if not _standard(h, kernel, dimension_numbers):
-        return dense_dot_general(_gelu(h), kernel, dimension_numbers, precision, preferred_element_type)
+        return _plain_gelu_dense_dot_general(h, kernel, dimension_numbers, precision, preferred_element_type)
     stop = jax.lax.stop_gradient
     y = jax.lax.dot_general(_gelu(stop(h)), stop(kernel), dimension_numbers,
                             precision=precision, preferred_element_type=preferred_element_type)
