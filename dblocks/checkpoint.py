@@ -11,6 +11,11 @@ What can still go wrong on disk, and what happens (docs/reliability.md):
   and falls back to the newest good step. No good step left: `CheckpointUnreadableError`, nothing moved.
 - `meta.json` unreadable, or saying training reached step N while no checkpoint is on disk:
   `CheckpointUnreadableError` (never a silent restart from scratch).
+- a resume with a config that would change the result (another seed, learning rate, batch size, step count...):
+  `ConfigChangedError` naming the fields, unless `train.allow_config_change` is set; then the change is recorded in
+  `meta.json`'s `history` (docs/reliability.md, "The run record": each unit's `meta.json` holds the full config it
+  trained with).
+- a state holding NaN/inf is never saved (`loop` checks it before every save), so every step on disk can be resumed.
 - a second process training the same unit into the same directory: `UnitBusyError` (an advisory `flock` on
   `<unit dir>/.lock`, released by the kernel when the holder dies, even by `kill -9`).
 - a workdir that cannot be written (read-only, full, no permission): `CheckpointWriteError`; the steps already on
@@ -48,6 +53,10 @@ class CheckpointUnreadableError(RuntimeError):
     """No usable checkpoint or meta where one should be; what is on disk is left in place."""
 
 
+class ConfigChangedError(CheckpointMismatchError):
+    """A resume whose config differs from the one the unit trained with, in a field that changes the result."""
+
+
 class UnitBusyError(RuntimeError):
     """Another live process is training this unit into the same directory."""
 
@@ -60,11 +69,19 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQU
 WRITE_ERROR_WORDS = ("No space left", "Read-only file system", "Permission denied", "Disk quota", "RESOURCE_EXHAUSTED")
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Device or host memory ran out (XLA reports it as RESOURCE_EXHAUSTED, like tensorstore's full disk)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or ("RESOURCE_EXHAUSTED" in text and "Error writing" not in text and any(
+        w in text.lower() for w in ("out of memory", "allocat", "oom")))
+
+
 def is_write_error(e: BaseException) -> bool:
-    """An error that means 'the disk refused the write' (also when tensorstore reports it as a plain message)."""
+    """An error that means 'the disk refused the write' (also when tensorstore reports it as a plain message); an
+    out-of-memory error is not one."""
     if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
         return True
-    return any(w in str(e) for w in WRITE_ERROR_WORDS)
+    return not is_out_of_memory(e) and any(w in str(e) for w in WRITE_ERROR_WORDS)
 
 
 def signature_hash(signature: dict) -> str:
@@ -87,16 +104,21 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> dict:
-    """A JSON file dblocks wrote; a truncated or corrupt one is a CheckpointUnreadableError naming it."""
+    """A JSON object dblocks wrote; a truncated or corrupt one, or one that is not an object, is a
+    CheckpointUnreadableError naming it."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
+        why = None if isinstance(obj, dict) else f"not a JSON object: it holds a JSON {type(obj).__name__}"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = f"not valid JSON (truncated or corrupt: {e})"
+    if why is not None:
         raise CheckpointUnreadableError(
-            f"{path} is not valid JSON (truncated or corrupt: {e}). dblocks writes it atomically, so something "
-            f"outside dblocks damaged it. It records which config this directory's checkpoints belong to, so dblocks "
-            f"will not guess: if they were trained with this config, delete that file and rerun the same command "
-            f"(it is rewritten); otherwise use another --workdir.") from None
+            f"{path} is {why}. dblocks writes it atomically, so something outside dblocks damaged it. "
+            f"It records which config this directory's checkpoints belong to, so dblocks will not guess: if they were "
+            f"trained with this config, delete that file and rerun the same command (it is rewritten); otherwise use "
+            f"another --workdir.")
+    return obj
 
 
 def diff_dicts(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -149,10 +171,52 @@ def _release_lock(directory: str) -> None:
         del _HELD[directory]
 
 
+@contextlib.contextmanager
+def hold_locks(directories: list[str]):
+    """Holds the lock of every unit directory (created if needed) for the block: a trainer takes all of its units'
+    locks before it writes anything into the workdir, so a refused second trainer changes nothing. Process 0 only
+    (in a multi-process run the others write no files)."""
+    held: list[str] = []
+    try:
+        if jax.process_index() == 0:
+            for d in map(os.path.abspath, directories):
+                try:
+                    os.makedirs(d, exist_ok=True)
+                    _acquire_lock(d)
+                except OSError as e:
+                    if isinstance(e, UnitBusyError) or not is_write_error(e):
+                        raise
+                    raise CheckpointWriteError(e.errno or errno.EIO, f"cannot lock {d}: {_short(e)}. The workdir "
+                                               f"must be writable; nothing was changed.") from None
+                held.append(d)
+        yield
+    finally:
+        for d in reversed(held):
+            _release_lock(d)
+
+
+STALE_PATTERNS = (".orbax-checkpoint-tmp", f"{META}.tmp.")
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Removes what an interrupted save left in a unit directory (Orbax's `<step>.orbax-checkpoint-tmp*`
+    directories, `meta.json.tmp.<pid>` files). Call only while holding the unit's lock: no save is in flight then.
+    Returns the names removed."""
+    gone = []
+    for name in sorted(os.listdir(directory)):
+        if any(p in name for p in STALE_PATTERNS):
+            path = os.path.join(directory, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            gone.append(name)
+    if gone:
+        logs.log.info("removed %d interrupted save(s) from %s: %s", len(gone), directory, ", ".join(gone))
+    return gone
+
+
 # -- integrity of a restored step ----------------------------------------------------------------------------------
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
@@ -170,7 +234,7 @@ def state_problems(state: Any, abstract: Any, step: int) -> list[str]:
         return p[:5]
     if isinstance(state, dict) and "step" in state and int(state["step"]) != step:
         p.append(f"its step counter says {int(state['step'])}")
-    if not bool(_all_finite(state)):
+    if not bool(all_finite(state)):
         p.append("it holds NaN or inf values")
     return p
 
@@ -213,11 +277,12 @@ class UnitCheckpoint:
                 os.makedirs(self.directory, exist_ok=True)
             except OSError as e:
                 raise self._write_error(e, "create") from None
-        self._check_existing_meta()
+        self._carried, self._change = _record_so_far(self.directory, meta, check_config=not read_only)
         self._locked = not read_only and jax.process_index() == 0
         if self._locked:
             try:
                 _acquire_lock(self.directory)
+                remove_stale_temporaries(self.directory)
             except OSError as e:
                 if isinstance(e, UnitBusyError) or not is_write_error(e):
                     raise
@@ -235,9 +300,6 @@ class UnitCheckpoint:
         except BaseException:
             self._unlock()
             raise
-
-    def _check_existing_meta(self) -> None:
-        check_compatible(self.directory, self.meta)
 
     def _check_steps_against_meta(self) -> None:
         """meta.json says training got to step N > 0, but no checkpoint is on disk: refuse to start from zero."""
@@ -259,9 +321,15 @@ class UnitCheckpoint:
                                     f"and have free space; {kept}. Rerun the same command once it is fixed.")
 
     def write_meta(self, **extra) -> None:
+        """meta.json = this run's meta, what earlier runs recorded (history), and `extra` (step, complete). The first
+        write after an allowed config change adds {step, changed} to the history."""
+        if self._change and "step" in extra:
+            self._carried["history"] = [*self._carried.get("history", []),
+                                        {"step": int(extra["step"]), "changed": self._change}]
+            self._change = []
         if jax.process_index() == 0 and not self.read_only:
             try:
-                write_json_atomic(os.path.join(self.directory, META), {**self.meta, **extra})
+                write_json_atomic(os.path.join(self.directory, META), {**self.meta, **self._carried, **extra})
             except OSError as e:
                 raise self._write_error(e, "write meta.json") from None
 
@@ -355,26 +423,62 @@ class UnitCheckpoint:
             _release_lock(self.directory)
 
 
-def check_compatible(directory: str, meta: dict) -> None:
-    """Refuses a unit directory whose meta.json comes from another config (or another block)."""
+# Config fields that may change between the runs of one unit: they say how and where the same computation runs, or
+# what is logged and kept, not what is computed. Any other difference changes the trained parameters.
+FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.ckpt_every_secs", "train.keep_checkpoints",
+               "train.sample_at_end", "train.plot_at_end", "train.allow_config_change", "train.microbatches",
+               "blocks.train", "parallel.", "data.data_dir", "model.remat", "model.attention")
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The differences between two configs (dicts) that change the result: 'field: old != new', FREE_FIELDS left out."""
+    return [d for d in diff_dicts(old, new) if not d.split(":")[0].startswith(FREE_FIELDS)]
+
+
+def check_compatible(directory: str, meta: dict, check_config: bool = True) -> list[str]:
+    """Refuses a unit directory whose meta.json comes from another config (or another block), and a resume whose
+    config would change the result (ConfigChangedError) unless meta's config allows it
+    (train.allow_config_change); returns the allowed changes (empty when none)."""
     path = os.path.join(directory, META)
     if not os.path.exists(path):
-        return
+        return []
     old = read_json(path)
     if old.get("signature_hash") != meta["signature_hash"] or old.get("block") != meta["block"]:
         diffs = diff_dicts(old.get("signature", {}), meta["signature"])
         raise CheckpointMismatchError(
             f"{directory} holds a checkpoint trained with a different config; refusing to resume or overwrite it. "
             f"Differences: {diffs or ['block id']}. Use another --workdir or delete that directory.")
+    # a unit that has trained no step yet (or a meta written before dblocks recorded configs) has nothing to protect
+    if not check_config or "config" not in old or "config" not in meta or not int(old.get("step") or 0):
+        return []
+    changes = config_changes(old["config"], meta["config"])
+    if changes and not meta["config"].get("train", {}).get("allow_config_change", False):
+        raise ConfigChangedError(
+            f"{directory} was trained to step {old.get('step')} with another config; resuming with this one would "
+            f"change the result. Differences (trained with != now): {changes}. Rerun with the config it was "
+            f"trained with, use another --workdir, or pass --config.train.allow_config_change=True to continue "
+            f"anyway (the change is recorded in its meta.json).")
+    return changes
+
+
+def _record_so_far(directory: str, meta: dict, check_config: bool) -> tuple[dict, list[str]]:
+    """What a unit's meta.json already records that a rewrite must keep (history, conversion source), and the
+    allowed config change to add to the history (check_compatible)."""
+    change = check_compatible(directory, meta, check_config)
+    path = os.path.join(directory, META)
+    old = read_json(path) if os.path.exists(path) else {}
+    return {k: old[k] for k in ("history", "converted_from") if k in old}, change
 
 
 def unit_meta(task, unit, config) -> dict:
-    """The meta every block writes: what assembly checks before combining blocks."""
+    """The meta every block writes: what assembly checks before combining blocks (the signature), and the full
+    config the unit trains with (a resume that would change the result is refused, check_compatible)."""
     sig = task.signature()
     part = task.partition()
     meta = {"block": unit.index if unit.is_block else None, "unit": unit.name, "num_layers": unit.num_layers,
             "train_range": list(unit.train_range), "signature": sig, "signature_hash": signature_hash(sig),
-            "steps": int(config.train.steps), "method": "dblocks" if unit.is_block else "e2e"}
+            "steps": int(config.train.steps), "method": "dblocks" if unit.is_block else "e2e",
+            "config": json.loads(config.to_json_best_effort())}
     if unit.is_block:
         meta["interval"] = list(part.interval(unit.index))
         meta["partition"] = part.to_dict()

@@ -41,7 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(steps=1000, log_every=100, ckpt_every=500, keep_checkpoints=2,
                                              ckpt_every_secs=0.0,   # also a checkpoint every N seconds (0 = off)
-                                             sample_at_end=True, plot_at_end=True))
+                                             sample_at_end=True, plot_at_end=True,
+                                             # resume a unit with a config that changes the result (recorded in
+                                             # its meta.json; refused otherwise: docs/reliability.md)
+                                             allow_config_change=False))
 
     # How the units are trained (docs/scale_out.md): 'sequential' (one after another, one device) or 'mesh' (up to
     # `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data` ways; 0 = as
@@ -103,11 +106,45 @@ def _model_problems(c) -> list[str]:
     return p
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _range_problems(c) -> list[str]:
+    """Ranges of the numeric fields every task shares (each field's allowed values; the cross-field rules follow)."""
+    e, o, t, d = c.edm, c.optim, c.train, c.data
+    checks = [  # (name, value, allowed, description)
+        ("seed", c.seed, isinstance(c.seed, int) and 0 <= c.seed < 2 ** 32, "an integer in [0, 2**32)"),
+        ("edm.sigma_max", e.sigma_max, _finite(e.sigma_max), "finite"),
+        ("edm.sigma_data", e.sigma_data, _finite(e.sigma_data), "finite"),
+        ("edm.p_mean", e.p_mean, _finite(e.p_mean), "finite"),
+        ("edm.p_std", e.p_std, _finite(e.p_std), "finite"),
+        ("edm.max_weight", e.max_weight, _finite(e.max_weight) and e.max_weight > 0, "> 0 and finite"),
+        # beyond 10 every block already covers the whole range; much larger overflows exp()
+        ("blocks.gamma", c.blocks.gamma, _finite(c.blocks.gamma) and 0 <= c.blocks.gamma <= 10, "in [0, 10]"),
+        ("optim.b1", o.b1, _finite(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
+        ("optim.b2", o.b2, _finite(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, _finite(o.weight_decay) and o.weight_decay >= 0, ">= 0"),
+        ("optim.grad_clip", o.grad_clip, _finite(o.grad_clip) and o.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+        ("optim.min_lr_ratio", o.min_lr_ratio, _finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("train.keep_checkpoints", t.keep_checkpoints, isinstance(t.keep_checkpoints, int)
+         and t.keep_checkpoints >= 1, "an integer >= 1 (the final checkpoint must stay)"),
+        ("train.ckpt_every_secs", t.get("ckpt_every_secs", 0), _finite(t.get("ckpt_every_secs", 0))
+         and t.get("ckpt_every_secs", 0) >= 0, ">= 0 (0 = off)"),
+    ]
+    # sizes a user dataset decides are 0 until dblocks.user_data fills them in ('folder:', 'npz:', 'hf:' names)
+    lowest = 0 if ":" in str(d.get("name", "")) else 1
+    for k in ("image_size", "channels", "num_classes", "seq_len"):
+        if k in d:
+            checks.append((f"data.{k}", d[k], isinstance(d[k], int) and d[k] >= lowest, f"an integer >= {lowest}"))
+    return [f"{name}={value!r} must be {what}" for name, value, ok, what in checks if not ok]
+
+
 def _generic_problems(c) -> list[str]:
     p = [f"{k}=nan must be a number" for k in _nan_fields(c)]
     if p:
         return p
-    p += _model_problems(c)
+    p += _range_problems(c) + _model_problems(c)
     if c.task not in TASK_NAMES:
         p.append(f"task={c.task!r} is unknown; choose one of {TASK_NAMES}")
     if c.method not in METHODS:
@@ -130,8 +167,6 @@ def _generic_problems(c) -> list[str]:
     elif L % B:
         p.append(f"model.num_layers={L} is not divisible by blocks.num_blocks={B}; set blocks.layers "
                  f"(e.g. '{','.join(str(L // B + (i < L % B)) for i in range(B))}') to split unevenly")
-    if c.blocks.gamma < 0:
-        p.append(f"blocks.gamma={c.blocks.gamma} must be >= 0")
     if c.blocks.partition not in partition_lib.PARTITION_KINDS:
         p.append(f"blocks.partition={c.blocks.partition!r}; choose one of {partition_lib.PARTITION_KINDS}")
     if B >= 1:
@@ -162,8 +197,6 @@ def _generic_problems(c) -> list[str]:
                  f"(no steps would be left to decay over)")
     if c.data.batch_size < 1:
         p.append(f"data.batch_size={c.data.batch_size} must be >= 1")
-    if float(t.get("ckpt_every_secs", 0) or 0) < 0:
-        p.append(f"train.ckpt_every_secs={t.ckpt_every_secs} must be >= 0 (0 = off)")
     if t.ckpt_every < 1 or t.log_every < 1:
         p.append("train.ckpt_every and train.log_every must be >= 1")
     return p + model_options.validate_options(c.model) + _parallel_problems(c)

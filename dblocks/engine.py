@@ -8,6 +8,7 @@ trained alone ends with exactly the parameters it has after an all-blocks run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
@@ -38,6 +39,24 @@ class Trainer:
         self.lr_at = steps.lr_schedule(c.optim, int(c.train.steps))
         self.writer = logs.MetricsWriter(self.workdir)
         self._compiled: dict[tuple, Callable] = {}
+        self.config_recorded = False
+
+    def record_config(self) -> None:
+        """Writes WORKDIR/config.json once, when a unit is about to train (its lock held, its checkpoint restored): a
+        refused run leaves the config of the runs before it in place."""
+        if self.config_recorded or not self.workdir:
+            return
+        if jax.process_index() == 0:
+            try:
+                ckpt_lib.write_json_atomic(os.path.join(self.workdir, "config.json"),
+                                           json.loads(self.config.to_json_best_effort()))
+            except OSError as e:
+                if not ckpt_lib.is_write_error(e):
+                    raise
+                raise ckpt_lib.CheckpointWriteError(e.errno, f"cannot write {self.workdir}/config.json: "
+                                                    f"{e.strerror or e}. The workdir must be writable and have free "
+                                                    f"space; nothing on disk was lost.") from None
+        self.config_recorded = True
 
     def model(self, unit: Unit) -> nn.Module:
         return self.task.make_model(unit)
@@ -64,8 +83,12 @@ class Trainer:
         batch = self.batch(unit, 0) if batch is None else batch
         ema = float(self.config.optim.ema_decay)
         # one compiled program: run op by op, initialisation compiles and keeps hundreds of small programs (about
-        # 165 MiB of resident memory for the CIFAR-100 ViT block, docs/performance.md)
-        init = jax.jit(lambda key, b: steps.init_state(self.task.init_params(model, key, b), self.tx, ema))
+        # 165 MiB of resident memory for the CIFAR-100 ViT block, docs/performance.md). Its output is committed to
+        # the device the step runs on, as the step's own output is: an uncommitted first state would make the step
+        # compile a second time at step 2.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        init = jax.jit(lambda key, b: steps.init_state(self.task.init_params(model, key, b), self.tx, ema),
+                       out_shardings=device)
         return init(steps.init_key(self.config.seed, unit.index), batch)
 
     def checkpoint(self, unit: Unit) -> ckpt_lib.UnitCheckpoint:
@@ -86,6 +109,7 @@ class Trainer:
                 state = ckpt.restore(self.abstract_state(unit, model), latest)
                 logs.log.info("[%s] resumed from step %d", unit.name, int(state["step"]))
             start = int(state["step"])
+            self.record_config()
             ckpt.write_meta(complete=start >= total, step=start)
             if start >= total:
                 logs.log.info("[%s] already trained (%d steps); skipping", unit.name, total)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import time
 
 import logging
@@ -78,7 +79,10 @@ class MetricsWriter:
                 log.info("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
                 self.tensorboard = False
                 return
-            self._tb = SummaryWriter(self.workdir, flush_secs=10)
+            # tensorboardX names the file by time (seconds) and host: two jobs of one host starting in the same
+            # second (blocks trained as separate jobs) would write into one file; pid and a random tag make it unique
+            suffix = f".{os.getpid()}.{secrets.token_hex(4)}"
+            self._tb = SummaryWriter(self.workdir, flush_secs=10, filename_suffix=suffix)
             atexit.register(self.close)   # events are queued to a writer thread: close() writes them all
         unit, step = str(record.get("label", record.get("unit", "run"))), int(record.get("step", 0))
         for k, v in record.items():
@@ -120,11 +124,28 @@ class Progress:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl. A line that is not a whole JSON object (a process killed while
+    appending leaves a partial line, which the next record may continue) is skipped with a warning."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records, bad = [], []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad.append(number)
+    if bad:
+        log.warning("%s: skipped %d damaged line(s) (%s), e.g. a write cut short by a kill", path, len(bad),
+                    ", ".join(map(str, bad[:5])))
+    return records
 
 
 def plot_losses(workdir: str, out: str | None = None, records: list[dict] | None = None) -> str | None:

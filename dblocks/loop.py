@@ -6,15 +6,21 @@ Both trainers use it. A *driver* says how to take one step and where the state l
   - at a log point it writes the mean over the interval for every unit (the same in both modes);
   - before any checkpoint it checks that the interval's losses are finite (`NonFiniteLossError` otherwise);
   - checkpoints every `train.ckpt_every` steps and every `train.ckpt_every_secs` seconds (0 = off);
+  - before any save it checks that each unit's state (parameters, optimizer state, EMA) is finite: a step whose loss
+    was finite but whose update was not is never saved (`NonFiniteLossError`, the last good step is kept);
   - SIGTERM / SIGINT: the current step finishes, every unit is saved, and `TrainingInterrupted` is raised (a rerun of
-    the same command resumes). Several processes agree on the step through JAX's preemption sync point.
+    the same command resumes). Several processes agree on the step through JAX's preemption sync point. Before the
+    first step of a loop is done (restoring, compiling) there is nothing new to save, and the process stops at once,
+    even from inside a long compile (a watcher thread woken through `signal.set_wakeup_fd`).
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import contextlib
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Protocol
@@ -23,6 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dblocks import checkpoint as ckpt_lib
 from dblocks import logs
 from dblocks.steps import NonFiniteLossError
 
@@ -32,9 +39,13 @@ _allow_transfers = lambda: jax.transfer_guard_device_to_host("allow")  # noqa: E
 class TrainingInterrupted(RuntimeError):
     """A stop signal arrived; every unit in training was saved at `step` (rerun the same command to resume)."""
 
-    def __init__(self, message: str, step: int, signum: int):
+    def __init__(self, message: str, step: int | None, signum: int):
         super().__init__(message)
         self.step, self.signum = step, signum
+
+
+EXIT_INTERRUPTED = 4   # the entry points' status for a stop signal (experiments/common.py)
+STOP_GRACE_SECONDS = 2.0   # how long a signal outside a step loop waits for the main thread before the process ends
 
 
 class Driver(Protocol):
@@ -62,6 +73,8 @@ class StopSignal:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
         self._depth = 0
+        self._busy = 0          # > 0 while a loop has stepped since its start (its progress is worth saving)
+        self._wakeup: tuple[int, int, int] | None = None   # (read fd, write fd, the previous wakeup fd)
 
     @classmethod
     def shared(cls) -> "StopSignal":
@@ -72,7 +85,47 @@ class StopSignal:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if not self._busy:
+            raise TrainingInterrupted(self._idle_message(signum), None, signum)
         logs.log.warning("received %s: finishing the current step, then saving", signal.Signals(signum).name)
+
+    @staticmethod
+    def _idle_message(signum: int) -> str:
+        return (f"stopped by {signal.Signals(signum).name} before training had stepped (while restoring or compiling): "
+                f"nothing new to save; run the same command again to resume")
+
+    def _watch(self, read_fd: int) -> None:
+        """Woken by every signal (set_wakeup_fd), also while the main thread is inside a compile and cannot run the
+        Python handler: a stop signal outside a stepping loop ends the process after a short grace period."""
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not data:   # __exit__ closed the write end
+                os.close(read_fd)
+                return
+            stops = [s for s in data if s in (signal.SIGTERM, signal.SIGINT)]
+            if not stops or self._busy:
+                continue
+            time.sleep(STOP_GRACE_SECONDS)   # the main thread's handler, if it can run, ends the process cleanly
+            if not self._busy and self._wakeup is not None:
+                sys.stdout.flush()
+                print(f"error: {self._idle_message(stops[0])}", file=sys.stderr, flush=True)
+                os._exit(EXIT_INTERRUPTED)
+
+    @contextlib.contextmanager
+    def stepping(self):
+        """Marks a loop that has taken a step: from here a stop signal waits for the step to finish and a save. A
+        signal that arrived during the loop's final save stops the process when the loop is done."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+        if self.signum is not None and not self._busy:
+            raise TrainingInterrupted(f"stopped by {signal.Signals(self.signum).name} after the units in training "
+                                      f"were saved complete; run the same command again to go on", None, self.signum)
 
     def __enter__(self):
         self._depth += 1
@@ -84,6 +137,10 @@ class StopSignal:
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handler)
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._wakeup = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
+            threading.Thread(target=self._watch, args=(r,), daemon=True, name="dblocks-stop-signal").start()
         return self
 
     def __exit__(self, *exc):
@@ -93,6 +150,11 @@ class StopSignal:
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old = {}
+        if self._wakeup is not None:
+            r, w, previous = self._wakeup
+            self._wakeup = None
+            signal.set_wakeup_fd(previous)
+            os.close(w)   # the watcher reads end-of-file, closes its end and returns
         self._active.remove(self)
         return False
 
@@ -155,15 +217,16 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
     progress = [logs.Progress(label, start, total, log_every) for label in driver.labels]
     sums, count, t0, last_save = None, 0, time.time(), time.monotonic()
     prefetch = Prefetch(driver.batch, range(start, total))
-    try:
-        with StopSignal.shared() as stop:
+    with StopSignal.shared() as stop, contextlib.ExitStack() as stepping:
+        try:
             for step in range(start, total):
                 if on_step is not None:
                     for u in driver.units:
                         on_step(u, step)
                 metrics = driver.step(next(prefetch))
                 done = step + 1
-                if step == start:
+                if step == start:   # compiled and dispatched: from here a stop signal saves this progress
+                    stepping.enter_context(stop.stepping())
                     for p in progress:
                         p.start_clock(done)
                 sums = metrics if sums is None else _accumulate(sums, metrics)   # on the device, no sync
@@ -193,12 +256,12 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
                     raise TrainingInterrupted(
                         f"stopped by {name} at step {done} of {total} ({', '.join(driver.labels)}): the checkpoint "
                         f"is saved; run the same command again to resume", done, stop.signum or signal.SIGTERM)
-    finally:
-        prefetch.close()
-    _save(driver, total, force=True)
-    _wait(driver)
-    for ck in driver.ckpts:
-        ck.write_meta(complete=True, step=total)
+        finally:
+            prefetch.close()
+        _save(driver, total, force=True)
+        _wait(driver)
+        for ck in driver.ckpts:
+            ck.write_meta(complete=True, step=total)
 
 
 def _check_finite(driver: Driver, host, count: int, done: int) -> None:
@@ -224,9 +287,19 @@ def _log(driver, progress, writer, host, count, done, t0, batch_size, lr_at) -> 
 
 
 def _save(driver: Driver, step: int, force: bool) -> None:
+    """Saves every unit at `step`, each only if its whole state is finite (a NaN in the parameters or optimizer
+    state can follow from a step whose loss was finite; such a checkpoint could never be resumed)."""
     with _allow_transfers():
         for i, ck in enumerate(driver.ckpts):
-            ck.save(step, driver.unit_state(i), force=force)
+            state = driver.unit_state(i)
+            if not bool(ckpt_lib.all_finite(state)):
+                last = ck.latest_step()
+                raise NonFiniteLossError(
+                    f"[{driver.labels[i]}] the parameters or optimizer state hold NaN/inf at step {step} (the loss "
+                    f"was still finite); nothing from that step is saved; the last good checkpoint is "
+                    f"{'step %d' % last if last is not None else 'none yet'}. Lower optim.lr, keep "
+                    f"optim.grad_clip > 0, or check the data.")
+            ck.save(step, state, force=force)
 
 
 def _wait(driver: Driver) -> None:

@@ -218,10 +218,11 @@ def _group(trainer: engine.Trainer, units: list[Unit], starts: dict[str, int]) -
 
 def _start_step(trainer: engine.Trainer, unit: Unit, ckpt) -> int:
     """The step a unit resumes from: its newest good checkpoint (an unreadable newer one is moved aside first, so
-    the wave restores exactly this step). Several processes read the latest step (each must agree without I/O)."""
+    the wave restores exactly this step). With several processes, process 0's answer is every process's."""
+    step = int(ckpt.verified_latest_step(trainer.abstract_state(unit, trainer.model(unit))) or 0)
     if jax.process_count() > 1:
-        return int(ckpt.latest_step() or 0)
-    return int(ckpt.verified_latest_step(trainer.abstract_state(unit, trainer.model(unit))) or 0)
+        step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+    return step
 
 
 def train_units(trainer: engine.Trainer, units: list[Unit], return_params: bool = False) -> dict[str, Any]:
@@ -234,6 +235,7 @@ def train_units(trainer: engine.Trainer, units: list[Unit], return_params: bool 
     finals: dict[str, Any] = {}
     try:
         starts = {u.name: _start_step(trainer, u, ckpts[u.name]) for u in units}
+        trainer.record_config()
         for u in [u for u in units if starts[u.name] >= total]:
             done = ckpts.pop(u.name)
             done.close()

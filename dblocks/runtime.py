@@ -13,7 +13,7 @@ faults), at the same peak RSS.
 tcmalloc keeps them instead, at up to 1.8x the peak RSS: `DBLOCKS_MALLOC=tcmalloc ./launch.sh ...` (opt-in).
 
 The cache directory is $DBLOCKS_CACHE (or $JAX_COMPILATION_CACHE_DIR), else ~/.cache/dblocks/jax; DBLOCKS_CACHE=off
-turns it off. It is on by default on GPU and TPU; on the CPU backend only when DBLOCKS_CACHE names a directory (a
+(or 0, none) turns it and every other dblocks cache off (`artifact_cache_dir`). It is on by default on GPU and TPU; on the CPU backend only when DBLOCKS_CACHE names a directory (a
 cached CPU executable's results differ from a fresh compile's by ~1e-8, which would break bit-identical resumes).
 Compiled programs are reused across processes: a resumed run, each job of a one-job-per-block run,
 evaluate / sample / compare re-runs. The cache holds executable code: keep it per user, never on a shared bucket.
@@ -35,11 +35,22 @@ log = logging.getLogger("dblocks")
 _done: dict = {}
 
 
+CACHE_OFF = ("off", "0", "none")
+
+
 def cache_dir() -> str | None:
     """The compilation cache directory to use, or None when turned off."""
     d = os.environ.get("DBLOCKS_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "dblocks", "jax")
-    return None if d.lower() in ("off", "0", "none", "") else d
+    return None if d.lower() in (*CACHE_OFF, "") else d
+
+
+def artifact_cache_dir() -> str | None:
+    """Where dblocks keeps what it derives once and reuses (e.g. the FID feature network): $DBLOCKS_CACHE, else
+    ~/.cache/dblocks; None when DBLOCKS_CACHE=off (every dblocks cache off: nothing is stored, a folder named
+    'off' is never made)."""
+    d = os.environ.get("DBLOCKS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dblocks")
+    return None if d.lower() in CACHE_OFF else d
 
 
 def enable_compilation_cache(path: str | None = None, min_compile_seconds: float = 1.0) -> str | None:

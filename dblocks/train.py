@@ -5,7 +5,6 @@ which imports it. Everything a user can get wrong is refused here, before anythi
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -26,10 +25,13 @@ def units_to_train(task: Task, config) -> list[Unit]:
     return [u for u in units if u.index in wanted]
 
 
-def save_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        ckpt_lib.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+def check_workdir(workdir: str) -> None:
+    """An empty --workdir, or one naming a file, is a user error (before anything is written)."""
+    if not str(workdir or "").strip():
+        raise config_lib.ConfigError("--workdir is empty: name the directory for checkpoints, metrics and samples")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a directory: name a new or existing "
+                                     f"directory")
 
 
 def check_data(config, source) -> None:
@@ -44,6 +46,7 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
           return_params: bool = False) -> dict[str, Any]:
     """Validates the config and the data, then trains this process's units (sequentially, or side by side on a
     mesh when config.parallel.mode == 'mesh'). With return_params, returns {unit name: final params} as host trees."""
+    check_workdir(workdir)
     user_data.resolve_fields(config, workdir)   # fields left to the data (classes, image size, vocabulary)
     config_lib.validate(config)
     task = get_task(config)
@@ -62,11 +65,14 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
                       "one unit at a time)", cpus, cpus)
     if mode == "mesh":
         parallel.mesh_shape(config, 1)  # a mesh that cannot fit is refused before anything is written
-    save_config(config, workdir)
-    trainer = engine.Trainer(task, config, workdir, source, on_step=on_step)
-    logs.log.info("training %s: %s", config.method, ", ".join(
-        f"{u.name} ({u.num_layers} layers, range [{u.train_range[0]:.4g}, {u.train_range[1]:.4g}])" for u in units))
-    with loop.StopSignal.shared():   # a SIGTERM while a unit restores or compiles stops at its first step
+    # every unit's lock before anything is written (a second trainer is refused with the workdir unchanged);
+    # config.json is written once a unit has restored (Trainer.record_config)
+    locks = ckpt_lib.hold_locks([os.path.join(workdir, u.subdir()) for u in units])
+    with locks, loop.StopSignal.shared():   # a stop signal while a unit restores or compiles ends the process
+        trainer = engine.Trainer(task, config, workdir, source, on_step=on_step)
+        logs.log.info("training %s: %s", config.method, ", ".join(
+            f"{u.name} ({u.num_layers} layers, range [{u.train_range[0]:.4g}, {u.train_range[1]:.4g}])"
+            for u in units))
         if mode == "mesh":
             return parallel.train_units(trainer, units, return_params=return_params)
         finals = {}

@@ -5,9 +5,12 @@ Exit statuses of every entry point (docs/reliability.md):
   1  an unexpected error (a bug: the traceback is printed; please report it)
   2  a user error, refused before anything is compiled or written: invalid config or unknown --config field,
      missing data, a workdir of another config, no readable checkpoint, a unit already being trained
-  3  the loss became NaN/inf; nothing from the bad steps was saved (the message names the last good step)
-  4  stopped by SIGTERM / SIGINT after saving every unit in training; the same command resumes
+  3  the loss or the trained state became NaN/inf; nothing from the bad steps was saved (the message names the last
+     good step)
+  4  stopped by SIGTERM / SIGINT after saving every unit in training (or before its first step); the same command
+     resumes
   5  the workdir cannot be written (read-only, full, no permission); what was on disk is intact
+  6  out of memory (device or host); what was on disk is intact
 
 Entry points call `run_main(main)` instead of `app.run(main)`: it parses the flags with the unknown-field message,
 and runs main inside `user_errors()`.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import re
 import sys
 from typing import Callable
@@ -24,13 +28,13 @@ from absl import app, flags
 
 from dblocks.assemble import AssemblyError
 from dblocks.checkpoint import (CheckpointMismatchError, CheckpointUnreadableError, CheckpointWriteError,
-                                UnitBusyError, is_write_error)
+                                UnitBusyError, is_out_of_memory, is_write_error)
 from dblocks.config import ConfigError
 from dblocks.data import DatasetMissingError
 from dblocks.loop import TrainingInterrupted
 from dblocks.steps import NonFiniteLossError
 
-EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_CANNOT_WRITE = 2, 3, 4, 5
+EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_CANNOT_WRITE, EXIT_OUT_OF_MEMORY = 2, 3, 4, 5, 6
 
 USER_ERRORS = (ConfigError, DatasetMissingError, CheckpointMismatchError, CheckpointUnreadableError, UnitBusyError,
                AssemblyError)
@@ -42,8 +46,10 @@ def _fail(message: str, status: int):
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Turns an error the user can act on into a message (no traceback) and its exit status (module docstring)."""
+def user_errors(workdir: str | None = None):
+    """Turns an error the user can act on into a message (no traceback) and its exit status (module docstring).
+    A file error outside `workdir` (default: the --workdir flag) is an input the user named (status 2); inside it,
+    or a refused write however a library reports it, the workdir cannot be written (status 5)."""
     try:
         yield
     except TrainingInterrupted as e:
@@ -54,13 +60,30 @@ def user_errors():
         _fail(str(e), EXIT_USER_ERROR)
     except CheckpointWriteError as e:
         _fail(e.strerror or str(e), EXIT_CANNOT_WRITE)
-    except Exception as e:  # noqa: BLE001 - a refused write, however a library reports it; anything else re-raised
+    except Exception as e:  # noqa: BLE001 - OOM, a file that cannot be read or written; anything else re-raised
+        if is_out_of_memory(e):
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+            _fail(f"out of memory: {line}. Lower data.batch_size, set --config.model.remat=full, or use a device "
+                  f"with more memory; the checkpoints on disk are intact.", EXIT_OUT_OF_MEMORY)
+        filename = getattr(e, "filename", None) if isinstance(e, OSError) else None
+        if filename and not _in_workdir(str(filename), workdir):   # an input the user named: config, data, a run to read
+            _fail(f"cannot read {filename}: {e.strerror or e}", EXIT_USER_ERROR)
         if not is_write_error(e):
             raise
-        what = getattr(e, "filename", None) or "the workdir"
+        what = filename or "the workdir"
         reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:400]
         _fail(f"cannot write {what}: {reason}. Free some space or fix the permissions, then rerun the same command "
               f"(the checkpoints already on disk are intact).", EXIT_CANNOT_WRITE)
+
+
+def _in_workdir(path: str, workdir: str | None = None) -> bool:
+    """Whether `path` lies in `workdir` (default: the --workdir flag; True when there is none: a write is assumed)."""
+    if workdir is None and "workdir" in flags.FLAGS and flags.FLAGS.is_parsed():
+        workdir = flags.FLAGS["workdir"].value
+    if not workdir:
+        return True
+    root = os.path.realpath(workdir)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
 
 
 # -- flags ----------------------------------------------------------------------------------------------------------
@@ -119,11 +142,22 @@ def unknown_field_message(argv: list[str]) -> str | None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with bad flags and unknown --config fields as an 'error:' line and exit status 2."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
         _fail(f"{e}\nPass --help to list the flags.", EXIT_USER_ERROR)
     except (AttributeError, KeyError) as e:  # config_flags looking up an override the config does not have
         _fail(unknown_field_message(argv) or f"bad --config override: {e}", EXIT_USER_ERROR)
+    except SyntaxError as e:   # a config file that is not Python
+        _fail(f"{e.filename}, line {e.lineno}: {e.msg}", EXIT_USER_ERROR)
+    for name in list(flags.FLAGS):   # a config file that is missing or fails to load: config_flags defers the error
+        flag = flags.FLAGS[name]
+        if type(flag).__name__ == "_ConfigFlag" and flag.present:
+            try:
+                getattr(flag.value, "keys", None)   # a config that failed to load raises on any attribute
+            except Exception as e:  # noqa: BLE001 - whatever the file raised while loading
+                detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                _fail(f"--{name}: cannot load the config file: {' '.join(detail[-2:])[:400]}", EXIT_USER_ERROR)
+    return rest
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:

@@ -61,7 +61,7 @@ def main(argv):
     parallel.init_distributed(_MULTIHOST.value)  # before anything touches a device
     logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
     runtime.setup()   # compilation cache; backend, devices and jax version in the log
-    with user_errors():
+    with user_errors(_WORKDIR.value):
         if jax.process_count() > 1 and config.parallel.mode != "mesh":
             raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
                                          f"sequential engine trains on one device of one process)")

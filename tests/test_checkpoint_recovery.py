@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -116,3 +117,19 @@ def test_a_second_process_training_the_unit_is_refused(copy):
         holder.wait()
     ckpt, _ = _unit(copy)   # free again once the holder is gone (the kernel drops a dead process's lock)
     ckpt.close()
+
+
+def test_a_step_holding_nan_is_quarantined_and_the_previous_one_restored(copy):
+    """A step whose values are not all finite (written past dblocks' save check, e.g. by an older version) reads
+    fine but is not trusted: restore moves it aside and resumes from the newest finite step."""
+    ckpt, abstract = _unit(copy, 0)
+    state = ckpt.restore(abstract)
+    bad = {**state, "step": state["step"] + 3,
+           "params": jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan), state["params"])}
+    ckpt.save(9, bad, force=True)
+    ckpt.wait_until_finished()
+    assert ckpt.latest_step() == 9
+    restored = ckpt.restore(abstract)
+    ckpt.close()
+    assert int(restored["step"]) == 6
+    assert os.listdir(os.path.join(copy, "blocks", "block_00", "quarantine")) == ["9"]

@@ -10,7 +10,7 @@ import pytest
 
 from dblocks import data as data_lib
 from dblocks import order
-from dblocks import engine, loop
+from dblocks import engine, loop, steps
 from dblocks.checkpoint import CheckpointMismatchError
 from dblocks import train as train_lib
 from dblocks.tasks import get_task
@@ -58,6 +58,29 @@ def test_every_block_trained_from_its_own_init(all_blocks):
     assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def test_each_unit_draws_its_own_randomness():
+    """fold_in(seed, b): two blocks of the same shape start from different parameters and draw different step keys
+    (with one key for every block they would start equal; their ranges and data orders alone hid that)."""
+    cfg = _cfg()
+    task = get_task(cfg)
+    trainer = engine.Trainer(task, cfg, "", task.source("train"))
+    b0, b1 = task.units("dblocks")[:2]
+    p0, p1 = (jax.tree.leaves(trainer.initial_state(u, trainer.model(u))["params"]) for u in (b0, b1))
+    drawn = [(x, y) for x, y in zip(p0, p1) if np.ptp(np.asarray(x)) > 0]   # leaves initialised at random
+    assert drawn and not any(np.array_equal(x, y) for x, y in drawn)
+    assert not np.array_equal(steps.step_base_key(cfg.seed, 0), steps.step_base_key(cfg.seed, 1))
+
+
+def test_one_unit_step_compiles_once(tmp_path):
+    """The fresh state comes out committed to the step's device like the step's own output, so the step's first and
+    later calls share one executable (an uncommitted initial state made every run compile the step twice)."""
+    cfg = _cfg(**{"blocks.train": "0"})
+    task = get_task(cfg)
+    trainer = engine.Trainer(task, cfg, str(tmp_path), task.source("train"))
+    trainer.train_unit(task.units("dblocks")[0])
+    assert [f._cache_size() for f in trainer._compiled.values()] == [1]
+
+
 class Killed(Exception):
     pass
 
@@ -73,7 +96,7 @@ def test_killed_run_resumes_to_identical_parameters(all_blocks, tmp_path):
         train_lib.train(_cfg(), str(tmp_path), on_step=kill)
     meta = json.load(open(tmp_path / "blocks" / "block_01" / "meta.json"))
     assert meta["complete"] is False
-    assert not os.path.exists(tmp_path / "blocks" / "block_02")
+    assert not os.path.exists(tmp_path / "blocks" / "block_02" / "meta.json")   # locked up front, never started
     resumed = train_lib.train(_cfg(), str(tmp_path), return_params=True)  # the same command again
     for name in ("block_00", "block_01", "block_02"):
         _assert_trees_equal(resumed[name], finals[name])

@@ -363,3 +363,119 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
             train(c, wd)
         assert not os.path.exists(wd), o
         COUNTS["bad_inputs_refused"] += 1
+
+
+# -- user errors through the command line, and a stop signal inside a compile -----------------------------------------
+
+def _cli(args: list[str], timeout: float = 300) -> tuple[int, str]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": "", "DBLOCKS_CACHE": "off"}
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_user_errors_through_the_cli_exit_2_with_one_line_and_change_nothing(tmp_path):
+    """Each bad invocation against a trained workdir: status 2, an 'error:' line naming the file or field, no
+    traceback, and the checkpoints and config.json as they were. Counted in the report."""
+    cfg = os.path.join(ROOT, "experiments", "configs", "tiny_dit.py")
+    base = str(tmp_path / "base")
+    rc, out = _cli(["experiments.train", "--config", cfg, "--workdir", base, "--config.blocks.train=0"])
+    assert rc == 0, out[-3000:]
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "a_file").write_text("")
+    train = ["experiments.train", "--config", cfg, "--workdir"]
+
+    def not_an_object(wd):
+        open(os.path.join(wd, "blocks", "block_00", "meta.json"), "w").write("[1, 2]")
+
+    def truncated_config(wd):
+        path = os.path.join(wd, "config.json")
+        open(path, "w").write(open(path).read()[:50])
+
+    def unreadable(wd):
+        for s in ("3", "6"):
+            for d, _, files in os.walk(os.path.join(wd, "blocks", "block_00", s)):
+                for f in files:
+                    open(os.path.join(d, f), "wb").write(b"garbage")
+
+    cases = [  # (name, args with {wd} for the workdir copy, damage to apply first, words the message must hold)
+        ("missing config file", ["experiments.train", "--config", "/nonexistent.py", "--workdir", "{wd}"], None,
+         "nonexistent.py"),
+        ("config file not Python", ["experiments.train", "--config", str(tmp_path / "syntax.py"), "--workdir",
+                                    "{wd}"], None, "syntax.py"),
+        ("workdir is a file", train + [str(tmp_path / "a_file")], None, "is a file"),
+        ("workdir empty", train + [""], None, "--workdir is empty"),
+        ("resume, other seed", train + ["{wd}", "--config.blocks.train=0", "--config.seed=1"], None, "seed: 0 != 1"),
+        ("resume, other lr", train + ["{wd}", "--config.blocks.train=0", "--config.optim.lr=0.002"], None,
+         "optim.lr"),
+        ("resume, other batch", train + ["{wd}", "--config.blocks.train=0", "--config.data.batch_size=4"], None,
+         "data.batch_size"),
+        ("resume, other steps", train + ["{wd}", "--config.blocks.train=0", "--config.train.steps=9"], None,
+         "train.steps"),
+        ("meta.json not an object", train + ["{wd}", "--config.blocks.train=0"], not_an_object, "not a JSON object"),
+        ("config.json truncated", ["experiments.sample", "--workdir", "{wd}"], truncated_config, "config.json"),
+        ("every step unreadable", train + ["{wd}", "--config.blocks.train=0"], unreadable, "no readable checkpoint"),
+        ("keep 0 checkpoints", train + ["{wd}", "--config.train.keep_checkpoints=0"], None, "keep_checkpoints"),
+        ("negative seed", train + ["{wd}", "--config.seed=-1"], None, "seed=-1"),
+        ("sigma_max inf", train + ["{wd}", "--config.edm.sigma_max=inf"], None, "edm.sigma_max"),
+        ("b1 1.5", train + ["{wd}", "--config.optim.b1=1.5"], None, "optim.b1"),
+        ("negative weight decay", train + ["{wd}", "--config.optim.weight_decay=-0.1"], None, "weight_decay"),
+        ("negative clip", train + ["{wd}", "--config.optim.grad_clip=-1.0"], None, "grad_clip"),
+        ("min_lr_ratio 2", train + ["{wd}", "--config.optim.min_lr_ratio=2.0"], None, "min_lr_ratio"),
+        ("huge gamma", train + ["{wd}", "--config.blocks.gamma=1e6"], None, "blocks.gamma"),
+        ("image size 0", train + ["{wd}", "--config.data.image_size=0"], None, "data.image_size"),
+        ("negative class count", train + ["{wd}", "--config.data.num_classes=-3"], None, "data.num_classes"),
+    ]
+    tally = {"bad_inputs_tried": 0, "refused_cleanly": 0, "tracebacks": 0, "silently_accepted": 0, "runs_lost": 0}
+    failures = []
+    for i, (name, args, damage, words) in enumerate(cases):
+        wd = str(tmp_path / f"w{i}")
+        shutil.copytree(base, wd)
+        if damage:
+            damage(wd)
+        before, config_before = ckpt_listing(wd), open(os.path.join(wd, "config.json")).read()
+        rc, out = _cli([a.replace("{wd}", wd) for a in args])
+        errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+        lost = ckpt_listing(wd) != before or open(os.path.join(wd, "config.json")).read() != config_before
+        tally["bad_inputs_tried"] += 1
+        tally["tracebacks"] += "Traceback" in out
+        tally["silently_accepted"] += rc == 0
+        tally["runs_lost"] += lost
+        ok = rc == 2 and len(errors) == 1 and words in errors[0] and "Traceback" not in out and not lost
+        tally["refused_cleanly"] += ok
+        if not ok:
+            failures.append((name, rc, lost, out[-1500:]))
+    COUNTS.update({k: COUNTS.get(k, 0) + v for k, v in tally.items()})
+    assert not failures, failures
+
+
+def test_sigterm_inside_a_long_compile_ends_the_process_promptly(tmp_path):
+    """The main thread is inside XLA's compiler (no Python handler can run there); the stop-signal watcher ends the
+    process with status 4 a grace period after SIGTERM, instead of when the compile is done."""
+    marker = str(tmp_path / "compiling")
+    script = (
+        "import time, jax, jax.numpy as jnp\n"
+        "from dblocks import loop\n"
+        "def f(x):\n"
+        "    for i in range(400):\n"
+        "        x = jnp.sin(x @ x.T + i) * 1.01\n"
+        "    return x\n"
+        "with loop.StopSignal():\n"
+        "    lowered = jax.jit(f).lower(jnp.ones((64, 64)))\n"
+        f"    open({marker!r}, 'w').close()\n"
+        "    t0 = time.time(); lowered.compile()\n"
+        "    print('compiled in', time.time() - t0, flush=True)\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": "",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert wait_for(marker, proc, timeout=120)
+    time.sleep(1.0)   # well inside the compile
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    took = time.time() - t0
+    COUNTS["faults_injected"] += 1
+    assert proc.returncode == 4 and "before training had stepped" in out and "compiled in" not in out, out[-2000:]
+    assert took < 10, took
+    COUNTS["refusals_clean"] += 1

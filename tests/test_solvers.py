@@ -101,6 +101,24 @@ def test_every_call_is_made_by_the_block_that_owns_its_level(solver):
     assert [b for b, _ in seen] == sorted(b for b, _ in seen)
 
 
+def test_heun_corrector_is_run_by_the_owner_of_its_level_when_steps_cross_boundaries():
+    """Steps that cross a boundary (80 -> 0.3 crosses 0.505, 0.3 -> 0.05 crosses 0.18, gamma 0 so no overlap hides
+    it): the corrector at grid[i+1] must be evaluated by the block that owns that level, not by the step's block."""
+    part = partition_lib.make_partition(3, EDM, gamma=0.0)
+    grid = np.array([80.0, 0.3, 0.05, 0.002])
+    assert list(part.block_of(grid[1:])) != list(partition_lib.step_blocks(grid, part))  # the steps do cross
+    seen = []
+
+    def denoise(b, z, s):
+        seen.append((b, float(s[0])))
+        return jnp.zeros_like(z), None
+    sampling.sample(denoise, jnp.ones((2, 3)), grid, part, "heun")
+    assert len(seen) == 7   # predictor and corrector of 3 steps, and the final denoise
+    for b, s in seen:
+        lo, hi = part.interval(b)
+        assert lo * (1 - 1e-6) <= s <= hi * (1 + 1e-6), (b, s)
+
+
 def test_cdf_grids_of_kB_plus_1_points_share_steps_equally():
     """Grid points that land on a boundary only up to round-off no longer decide the shares by round-off."""
     for n, shares in ((4, [1, 1, 1]), (7, [2, 2, 2]), (10, [3, 3, 3]), (50, [17, 16, 16])):

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dblocks import augment, config as config_lib, targets
@@ -147,3 +148,26 @@ def test_validate_reports_bad_values():
         config_lib.validate(c)
     msg = str(e.value)
     assert "model.patch=3" in msg and "sample.grid_points=2" in msg and "sample.bridge='mean'" in msg
+
+
+def test_vit_loss_is_the_mean_of_lambda_times_ce_per_sample():
+    """The weighting is per sample, mean(lambda_i * CE_i), not mean(lambda) * mean(CE) (the authors' broadcast bug,
+    which the 'edm > 10 * none' check above does not tell apart): recomputed by hand from the same draws."""
+    from dblocks import edm as edm_lib, images as images_lib
+    c = tiny_vit.get_config()
+    c.edm.loss_weighting = "edm"
+    task = get_task(c)
+    model = task.make_model(task.units("dblocks")[0])
+    batch = {k: jnp.asarray(v) for k, v in task.make_batch(task.source("train").get(np.arange(16)), True).items()}
+    params = _randomise(task.init_params(model, jax.random.PRNGKey(0), batch), seed=3)
+    rng, lo, hi = jax.random.PRNGKey(3), 0.05, 5.0
+    loss, _ = task.loss(model, params, batch, rng, jnp.asarray([lo, hi]), train=False)
+    _, k_sigma, k_eps, _ = jax.random.split(rng, 4)
+    n = batch["label"].shape[0]
+    sigma = edm_lib.sample_sigma(k_sigma, (n,), lo, hi, task.edm.p_mean, task.edm.p_std)
+    z = task.E[batch["label"]] + sigma[:, None] * jax.random.normal(k_eps, (n, task.target_dim))
+    logits = task.logits(model, params, images_lib.to_model_range(batch["image"]), z, sigma)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    lam = (sigma ** 2 + 0.25) / (0.25 * sigma ** 2)
+    np.testing.assert_allclose(float(loss), float(jnp.mean(lam * ce)), rtol=1e-4)
+    assert abs(float(loss) - float(jnp.mean(lam) * jnp.mean(ce))) > 1e-3 * float(loss)

@@ -77,8 +77,10 @@ class Task:
     def signature(self) -> dict:
         """Config fields that every block of one run must share; hashed into each block's meta."""
         c = self.config
-        return {"task": self.name, "model": c.model.to_dict(), "edm": c.edm.to_dict(),
-                "blocks": {k: c.blocks[k] for k in ("num_blocks", "gamma", "partition", "layers")},
+        blocks = {k: c.blocks[k] for k in ("num_blocks", "gamma", "partition", "layers")}
+        if float(c.blocks.get("sigma_floor", 0.0) or 0.0):   # changes every block's range; 0 (none) keeps old hashes
+            blocks["sigma_floor"] = float(c.blocks.sigma_floor)
+        return {"task": self.name, "model": c.model.to_dict(), "edm": c.edm.to_dict(), "blocks": blocks,
                 "data": {k: c.data[k] for k in self.data_signature_fields() if k in c.data},
                 "batch_order": order.BATCH_ORDER}
 

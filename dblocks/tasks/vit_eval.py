@@ -109,7 +109,10 @@ def write_samples(task, run, out_path, grid_points=None, per_class=None, seed=0,
     labels = np.asarray(src.get(np.arange(min(len(src), 50 * k * per_class)))["label"])
     idx = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(k)])
     if len(idx) != k * per_class:
-        raise ValueError(f"the test split has fewer than {per_class} images of some class")
+        from dblocks.config import ConfigError   # here, not at import: dblocks.config imports the tasks
+        short = [class_names(task.config)[c] for c in range(k) if np.sum(labels == c) < per_class]
+        raise ConfigError(f"sample.per_class={per_class}: the test split has fewer images of class(es) {short[:5]} "
+                          f"for the sample grid; lower --config.sample.per_class (the training itself is saved)")
     batch = task.make_batch(src.get(idx), train=False)
     res = classify(task, run, batch["image"], grid_points, seed=seed)
     pred = np.asarray(jnp.argmax(res.aux, -1))
