@@ -13,8 +13,9 @@ faults), at the same peak RSS.
 tcmalloc keeps them instead, at up to 1.8x the peak RSS: `DBLOCKS_MALLOC=tcmalloc ./launch.sh ...` (opt-in).
 
 The cache directory is $DBLOCKS_CACHE (or $JAX_COMPILATION_CACHE_DIR), else ~/.cache/dblocks/jax; DBLOCKS_CACHE=off
-(or 0, none) turns it and every other dblocks cache off (`artifact_cache_dir`). It is on by default on GPU and TPU; on the CPU backend only when DBLOCKS_CACHE names a directory (a
-cached CPU executable's results differ from a fresh compile's by ~1e-8, which would break bit-identical resumes).
+(or 0, none) turns it and every other dblocks cache off (`artifact_cache_dir`). It is on by default on GPU and TPU;
+on the CPU backend only when DBLOCKS_CACHE names a directory (a cached CPU executable's results differ from a fresh
+compile's by ~1e-8, which would break bit-identical resumes).
 Compiled programs are reused across processes: a resumed run, each job of a one-job-per-block run,
 evaluate / sample / compare re-runs. The cache holds executable code: keep it per user, never on a shared bucket.
 """

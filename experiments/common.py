@@ -66,7 +66,7 @@ def user_errors(workdir: str | None = None):
             _fail(f"out of memory: {line}. Lower data.batch_size, set --config.model.remat=full, or use a device "
                   f"with more memory; the checkpoints on disk are intact.", EXIT_OUT_OF_MEMORY)
         filename = getattr(e, "filename", None) if isinstance(e, OSError) else None
-        if filename and not _in_workdir(str(filename), workdir):   # an input the user named: config, data, a run to read
+        if filename and not _in_workdir(str(filename), workdir):   # an input the user named: data, a run to read
             _fail(f"cannot read {filename}: {e.strerror or e}", EXIT_USER_ERROR)
         if not is_write_error(e):
             raise
