@@ -75,6 +75,7 @@ class StopSignal:
         self._depth = 0
         self._busy = 0          # > 0 while a loop has stepped since its start (its progress is worth saving)
         self._wakeup: tuple[int, int, int] | None = None   # (read fd, write fd, the previous wakeup fd)
+        self._stopped_by_signal = False   # a TrainingInterrupted left the `with`: the process is on its way out
 
     @classmethod
     def shared(cls) -> "StopSignal":
@@ -106,12 +107,23 @@ class StopSignal:
                 os.close(read_fd)
                 return
             stops = [s for s in data if s in (signal.SIGTERM, signal.SIGINT)]
-            if not stops or self._busy:
-                continue
-            time.sleep(STOP_GRACE_SECONDS)   # the main thread's handler, if it can run, ends the process cleanly
-            if not self._busy and self._wakeup is not None:
+            if stops and not self._busy:
+                self._end_if_stuck(stops[0])
+
+    def _end_if_stuck(self, signum: int) -> None:
+        """Ends the process when, STOP_GRACE_SECONDS after an idle stop signal, the handler is still installed (the
+        main thread never ran it: it is inside a compile), or when the stop left this StopSignal as an exception and
+        the main thread has finished while the interpreter waits for a thread (a compile still running) instead of
+        exiting. A caller that caught the stop inside the `with` and went on is left alone."""
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while time.monotonic() < deadline + 60 and not self._busy:
+            time.sleep(0.1)
+            installed = self._wakeup is not None
+            ended = self._stopped_by_signal and not threading.main_thread().is_alive()
+            if (installed and time.monotonic() >= deadline) or ended:
+                if installed:   # the main thread never got to report it
+                    print(f"error: {self._idle_message(signum)}", file=sys.stderr, flush=True)
                 sys.stdout.flush()
-                print(f"error: {self._idle_message(stops[0])}", file=sys.stderr, flush=True)
                 os._exit(EXIT_INTERRUPTED)
 
     @contextlib.contextmanager
@@ -143,10 +155,11 @@ class StopSignal:
             threading.Thread(target=self._watch, args=(r,), daemon=True, name="dblocks-stop-signal").start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self._depth -= 1
         if self._depth:
             return False
+        self._stopped_by_signal = exc_type is not None and issubclass(exc_type, TrainingInterrupted)
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old = {}
