@@ -1,14 +1,18 @@
 """Transformer layers conditioned through AdaLN-Zero (DiT), shared by every model family.
 
-Shapes: tokens x [N, T, H] (H = hidden), conditioning c [N, H], attention mask [N or 1, 1, T, T] (True = may attend).
+Shapes: tokens x [N, T, H] (H = hidden), conditioning c [N, H], attention mask [N or 1, 1, T, T] (True = may attend)
+or a `MaskSpec` (the same mask as a rule of row and column indices).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
@@ -46,11 +50,53 @@ def rope(x: Array, positions: Array, base: float = 10_000.0) -> Array:
     return out.astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None, implementation: str = "xla",
-           dropout: nn.Module | None = None) -> Array:
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """A [rows, cols] boolean attention mask (True = may attend) given by a rule of the row and column indices
+    instead of an array, so the chunked attention builds one query chunk's [chunk, cols] slice at a time and never
+    the whole mask (which is quadratic in the sequence). rule(i, j, n) works elementwise on broadcast integer
+    arrays, NumPy or JAX; n is the rule's one parameter (e.g. the AR layout's T). A static pytree (no leaves), so it
+    passes through jit, scan and remat as a constant."""
+    rule: Callable[[Any, Any, int], Any]
+    rows: int
+    cols: int
+    n: int = 0
+
+    def dense(self) -> np.ndarray:
+        """The whole mask, [rows, cols] bool."""
+        return np.asarray(self.rule(np.arange(self.rows)[:, None], np.arange(self.cols)[None], self.n), bool)
+
+    def block(self, i: Array) -> Array:
+        """Rows i [c] of the mask: [c, cols] bool (rows past the end: whatever the rule gives; callers drop them)."""
+        return self.rule(i[:, None], jnp.arange(self.cols)[None], self.n)
+
+
+def _causal_rule(i, j, n):
+    return i >= j
+
+
+def causal(T: int) -> MaskSpec:
+    """The causal mask on T rows as a MaskSpec: row i may attend to rows j <= i."""
+    return MaskSpec(_causal_rule, T, T)
+
+
+Mask = Array | MaskSpec | None
+Dropout = nn.Module | tuple[float, Array] | None
+
+
+def attend(q: Array, k: Array, v: Array, mask: Mask, implementation: str = "xla", dropout: Dropout = None,
+           chunk: int = 128) -> Array:
     """softmax(q k^T / sqrt(d) + mask) v on [N, T, heads, d] (keys [N, S, heads, d]); mask bool, broadcastable to
-    [N, heads, T, S]. 'xla' / 'cudnn' go through jax.nn.dot_product_attention (logits and softmax in float32);
-    'einsum', or a `dropout` on the probabilities, takes the explicit path (also float32 softmax)."""
+    [N, heads, T, S], or a MaskSpec. 'xla' / 'cudnn' go through jax.nn.dot_product_attention (logits and softmax in
+    float32); 'einsum', or a `dropout` module on the probabilities, takes the explicit path (also float32 softmax);
+    'chunked' is `chunked_attention` (O(T) memory; its dropout is (rate, key))."""
+    if implementation == "chunked":
+        if isinstance(dropout, nn.Module):
+            raise TypeError("chunked attention takes dropout as (rate, key), not a module")
+        return chunked_attention(q, k, v, mask, chunk, dropout)
+    if isinstance(mask, MaskSpec):
+        mask = mask.dense()
     if mask is not None:
         mask = jnp.asarray(mask)
         mask = mask if mask.ndim == 4 else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -63,6 +109,85 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, implementation: str
     if dropout is not None:
         probs = dropout(probs)
     return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+
+
+def _balanced(total: int, chunk: int) -> tuple[int, int]:
+    """(number of chunks, rows per chunk) covering `total` rows with chunks of at most `chunk` rows, as equal as
+    possible, so the padding is under one row per chunk (257 rows in chunks of 128: 3 x 86, not 3 x 128)."""
+    count = -(-total // max(1, min(chunk, total)))
+    return count, -(-total // count)
+
+
+def chunked_attention(q: Array, k: Array, v: Array, mask: Mask, chunk: int = 128,
+                      dropout: tuple[float, Array] | None = None) -> Array:
+    """`attend` in O(T) memory: the queries in chunks of at most `chunk` rows under `lax.map`, each chunk's body
+    under `jax.checkpoint`. Rows are independent, so each chunk is the einsum path on its rows (float32 softmax);
+    the checkpoint makes the backward pass recompute a chunk's probabilities instead of saving every chunk's, which
+    would add up to the whole [N, heads, T, S] tensor again. Peak transient: one chunk's [N, heads, chunk, S].
+
+    T not divisible by the chunk: the chunks are balanced (ceil(T / chunk) chunks of equal size) and the queries
+    padded by fewer rows than there are chunks; the padded rows are computed and dropped. mask: a MaskSpec (each
+    chunk builds its rows from the rule), a dense bool array broadcastable to [N, heads, T, S] (sliced per chunk
+    when it has T rows, e.g. a padding mask [N, 1, 1, S] is used whole), or None. dropout: (rate, key) on the
+    probabilities, each chunk's key folded from the chunk index.
+    """
+    N, T, heads, d = q.shape
+    count, rows = _balanced(T, chunk)
+    pad = count * rows - T
+    qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(N, count, rows, heads, d).swapaxes(0, 1)
+    dense = None
+    if mask is not None and not isinstance(mask, MaskSpec):
+        dense = jnp.asarray(mask)
+        dense = dense.reshape((1,) * (4 - dense.ndim) + dense.shape)          # [Nm, Hm, Tm, S]
+    per_chunk = dense is not None and dense.shape[2] != 1
+    if per_chunk:   # [count, Nm, Hm, rows, S]
+        dense = jnp.pad(dense, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        dense = jnp.moveaxis(dense.reshape(*dense.shape[:2], count, rows, dense.shape[-1]), 2, 0)
+    scale = 1.0 / math.sqrt(d)
+
+    def body(qc: Array, index: Array, mc: Array | None) -> Array:   # qc [N, rows, heads, d] -> same
+        logits = jnp.einsum("nqhd,nkhd->nhqk", qc, k, preferred_element_type=jnp.float32) * scale
+        if isinstance(mask, MaskSpec):
+            allowed = mask.block(index * rows + jnp.arange(rows))             # [rows, S]
+        else:
+            allowed = mc if per_chunk else dense
+        if allowed is not None:
+            logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        if dropout is not None:
+            rate, key = dropout
+            keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - rate, probs.shape)
+            probs = jnp.where(keep, probs / (1.0 - rate), jnp.zeros((), probs.dtype))
+        return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+
+    body = jax.checkpoint(body)
+    out = jax.lax.map(lambda a: body(*a), (qs, jnp.arange(count), dense if per_chunk else None))
+    return out.swapaxes(0, 1).reshape(N, count * rows, heads, d)[:, :T]
+
+
+def map_rows(f: Callable[[Array], Array], x: Array, chunk: int) -> Array:
+    """f applied to the rows of x [..., H] in chunks of at most `chunk` rows (the leading axes flattened into rows,
+    chunks balanced as in `chunked_attention`) under `lax.map`, each chunk under `jax.checkpoint`: the peak is one
+    chunk's working set, and the backward pass keeps only the chunks' inputs. f must act on each row alone."""
+    lead, width = x.shape[:-1], x.shape[-1]
+    flat = x.reshape(-1, width)
+    count, rows = _balanced(flat.shape[0], chunk)
+    flat = jnp.pad(flat, ((0, count * rows - flat.shape[0]), (0, 0))).reshape(count, rows, width)
+    out = jax.lax.map(jax.checkpoint(f), flat)                                 # [count, rows, out]
+    return out.reshape(count * rows, -1)[:math.prod(lead)].reshape(*lead, -1)
+
+
+def mlp(owner: nn.Module, fc1: nn.Dense, fc2: nn.Dense, h: Array, chunk: int = 0) -> Array:
+    """fc2(fc1(h)) (fc2 takes fc1's pre-activation, `dense(gelu_input=True)`), the MLP of every layer class.
+    chunk > 0: in row chunks through `map_rows`, so the wide [rows, mlp_ratio * hidden] activations exist for one
+    chunk at a time (also in the backward pass and under remat). The same parameters (the modules are declared by
+    the caller as before and applied with their own variables) and the same values to float rounding. `owner`: the
+    calling module (at initialisation the modules run whole, creating their parameters)."""
+    if chunk <= 0 or owner.is_initializing():
+        return fc2(fc1(h))
+    p1, p2 = fc1.variables["params"], fc2.variables["params"]
+    f1, f2 = fc1.clone(parent=None), fc2.clone(parent=None)
+    return map_rows(lambda r: f2.apply({"params": p2}, f1.apply({"params": p1}, r)), h, chunk)
 
 
 def attend_cached(q: Array, k: Array, v: Array, cache: tuple[Array, Array], mask: Array | None) -> Array:
@@ -254,18 +379,21 @@ class Attention(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    chunk: int = 128   # query rows per chunk of attention='chunked'
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None = None, positions: Array | None = None,
-                 train: bool = False) -> Array:
+    def __call__(self, x: Array, mask: Mask = None, positions: Array | None = None, train: bool = False) -> Array:
         N, T, _ = x.shape
         hd = self.hidden // self.heads
         qkv = dense(3 * self.hidden, self.dtype)(x)
         q, k, v = jnp.split(qkv.reshape(N, T, 3 * self.heads, hd), 3, axis=2)
         if positions is not None:
             q, k = rope(q, positions), rope(k, positions)
-        drop = nn.Dropout(self.dropout, deterministic=False) if (train and self.dropout > 0) else None
-        out = attend(q, k, v, mask, self.attention, drop).reshape(N, T, self.hidden)
+        drop = None
+        if train and self.dropout > 0:
+            drop = ((self.dropout, self.make_rng("dropout")) if self.attention == "chunked"
+                    else nn.Dropout(self.dropout, deterministic=False))
+        out = attend(q, k, v, mask, self.attention, drop, self.chunk).reshape(N, T, self.hidden)
         return dense(self.hidden, self.dtype)(out)
 
 
@@ -284,21 +412,23 @@ class AdaLNZeroLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
+    attention_chunk: int = 128    # query rows per chunk of attention='chunked'
+    mlp_chunk: int = 0            # rows per MLP chunk (`mlp`); 0: the whole MLP at once
 
     @nn.compact
-    def __call__(self, x: Array, c: Array, mask: Array | None = None, positions: Array | None = None,
+    def __call__(self, x: Array, c: Array, mask: Mask = None, positions: Array | None = None,
                  train: bool = False) -> Array:
         lin = dense(6 * self.hidden, self.dtype, nn.initializers.zeros, bias_init=nn.initializers.zeros)
         mod = lin(nn.silu(c))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
         ln = lambda: layer_norm(self.dtype)  # noqa: E731
-        h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(
+        h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention, self.attention_chunk)(
             checkpoint_name(modulate(ln()(x), shift_a, scale_a), "attn_in"), mask, positions, train)
         x = x + gate_a[:, None] * nn.Dropout(self.dropout)(checkpoint_name(h, "attn_out"), deterministic=not train)
-        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(
-            checkpoint_name(modulate(ln()(x), shift_m, scale_m), "mlp_in"))
-        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=True,
-                                     recompute_gelu=self.recompute_gelu)(h), "mlp_out")
+        h_in = checkpoint_name(modulate(ln()(x), shift_m, scale_m), "mlp_in")
+        fc1 = dense(int(self.hidden * self.mlp_ratio), self.dtype)
+        fc2 = dense(self.hidden, self.dtype, gelu_input=True, recompute_gelu=self.recompute_gelu)
+        h = checkpoint_name(mlp(self, fc1, fc2, h_in, self.mlp_chunk), "mlp_out")
         return x + gate_m[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
 
 
