@@ -57,8 +57,9 @@ def model_defaults() -> dict:
     overridden from the command line: scan_layers (one compiled layer under nn.scan), remat (none / full / dots /
     narrow / a jax.checkpoint_policies name), dtype (float32 / bfloat16 compute; parameters and loss stay float32),
     attention (xla / cudnn / einsum / chunked), attention_chunk (query rows per chunk of 'chunked'), mlp_chunk
-    (rows per MLP chunk, 0: off)."""
-    return dict(scan_layers=False, remat="none", dtype="float32", attention="xla", attention_chunk=128, mlp_chunk=0)
+    (rows per MLP chunk, 0: off), layer_chunk (samples per chunk of each layer, 0: off)."""
+    return dict(scan_layers=False, remat="none", dtype="float32", attention="xla", attention_chunk=128, mlp_chunk=0,
+                layer_chunk=0)
 
 
 def parse_blocks(spec: str, num_blocks: int) -> list[int]:

@@ -102,7 +102,8 @@ def test_chunked_temporaries_grow_linearly(mask):
 
 def test_options_validated():
     assert validate_options({"attention": "chunked", "attention_chunk": 64, "mlp_chunk": 0}) == []
-    for bad in ({"attention_chunk": 0}, {"mlp_chunk": -1}, {"mlp_chunk": 1.5}, {"attention_chunk": True}):
+    for bad in ({"attention_chunk": 0}, {"mlp_chunk": -1}, {"mlp_chunk": 1.5}, {"attention_chunk": True},
+                {"layer_chunk": -2}):
         assert len(validate_options(bad)) == 1, bad
 
 
@@ -135,9 +136,9 @@ def _task_loss_and_grad(name, **options):
                                   pytest.param("tiny_recurrent", marks=pytest.mark.slow)])
 def test_tiny_models_same_loss(name):
     """A block of each tiny config: the same loss and gradients with chunked attention (chunks that do not divide
-    T) and a chunked MLP as with the default, from the same parameters (same tree)."""
+    T), a chunked MLP and layers in chunks of samples as with the default, from the same parameters (same tree)."""
     y0, g0 = _task_loss_and_grad(name)
-    y, g = _task_loss_and_grad(name, attention="chunked", attention_chunk=3, mlp_chunk=5)
+    y, g = _task_loss_and_grad(name, attention="chunked", attention_chunk=3, mlp_chunk=5, layer_chunk=3)
     assert jax.tree.structure(g) == jax.tree.structure(g0)
     np.testing.assert_allclose(y, y0, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
@@ -175,3 +176,29 @@ def test_chunked_mlp_lowers_temporaries_under_remat():
     below the whole MLP's (one chunk's [256, 512] instead of [4096, 512] in the recomputation)."""
     whole, chunked = _vit_stack_temps(0), _vit_stack_temps(256)
     assert chunked < 0.6 * whole, (chunked, whole)
+
+
+def _dit_stack_temps(**options):
+    """Compiled temporaries of the gradient of a scanned, fully rematerialised DiT (4 layers, 32 samples)."""
+    from dblocks.models.dit import DiT
+    model = DiT(num_layers=4, hidden=32, heads=2, patch=2, image_size=16, channels=3, num_classes=4,
+                scan_layers=True, remat="full", **options)
+    img, c, y = jnp.zeros((32, 16, 16, 3)), jnp.zeros(32), jnp.zeros(32, jnp.int32)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), img, c, y)["params"])
+    fn = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply({"params": p}, x, c, y) ** 2)))
+    return fn.lower(params, jax.ShapeDtypeStruct(img.shape, img.dtype)).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_layer_chunk_same_values_with_dropout_and_lower_temporaries():
+    """layer_chunk: a DiT layer's working set for 4 samples at a time instead of 32 lowers the rematerialised
+    step's temporaries toward the per-layer carries; with dropout active each chunk draws its own keys (finite,
+    deterministic). Values: test_tiny_models_same_loss."""
+    whole, chunked = _dit_stack_temps(attention="chunked"), _dit_stack_temps(attention="chunked", layer_chunk=4)
+    assert chunked < 0.6 * whole, (chunked, whole)
+    x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), (1, 7, 16)), (5, 7, 16))   # 5 equal samples
+    layer = ViTLayer(16, 2, dropout=0.5, attention="chunked", layer_chunk=3)
+    params = layer.init(jax.random.PRNGKey(1), x)["params"]
+    run = jax.jit(lambda k: layer.apply({"params": params}, x, True, rngs={"dropout": k}))
+    a = run(jax.random.PRNGKey(2))
+    assert np.isfinite(a).all() and np.array_equal(a, run(jax.random.PRNGKey(2)))
+    assert not np.allclose(a[0], a[3])   # chunks 0 and 1 (samples 0-2, 3-4) draw different dropout patterns

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from dblocks.models.layers import MaskSpec, NoiseEmbedder, attend, attend_cached, causal, dense, layer_norm, mlp, rope
+from dblocks.models.layers import (MaskSpec, NoiseEmbedder, attend, attend_cached, causal, dense, layer_norm,
+                                   map_samples, mlp, rope)
 from dblocks.models.stack import apply_layers
 
 Array = jax.Array
@@ -98,10 +99,13 @@ class CausalLayer(nn.Module):
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
     attention_chunk: int = 128    # query rows per chunk of attention='chunked'
     mlp_chunk: int = 0            # rows per MLP chunk (layers.mlp); 0: the whole MLP at once
+    layer_chunk: int = 0          # samples per chunk of the whole layer (layers.map_samples); 0: all at once
 
     @nn.compact
     def __call__(self, x: Array, conds: Sequence[Array], mask: Array | MaskSpec, positions: Array,
                  prefix: KV | None = None) -> tuple[Array, KV]:
+        if 0 < self.layer_chunk < x.shape[0] and prefix is None and not self.is_initializing():
+            return map_samples(self, self.layer_chunk, (x, tuple(conds)), (mask, positions))
         N, S, H = x.shape
         hd = H // self.heads
         mod = _rows(conds, self.sizes, dense(6 * H, self.dtype, nn.initializers.zeros, name="adaln"), N)
@@ -137,13 +141,14 @@ class LayerStack(nn.Module):
     attention: str = "xla"
     attention_chunk: int = 128
     mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: Array, conds: Sequence[Cond], mask: Array | MaskSpec, positions: Array,
                  prefixes: Sequence[KV] | None = None) -> tuple[Array, list[KV]]:
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio,
                   sizes=tuple(int(s) for _, s in conds), dtype=self.dtype, attention=self.attention,
-                  attention_chunk=self.attention_chunk, mlp_chunk=self.mlp_chunk)
+                  attention_chunk=self.attention_chunk, mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         per_layer = None if prefixes is None else [(kv,) for kv in prefixes]
         x, kvs = apply_layers(CausalLayer, self.num_layers, kw, x, (tuple(c for c, _ in conds), mask, positions),
                               per_layer, scan=self.scan_layers, remat=self.remat)
@@ -188,12 +193,14 @@ class ARModel(nn.Module):
     prev_token: bool = False   # noisy row i also reads token i-1 (its own table; config model.prev_token)
     attention_chunk: int = 128
     mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
         self.noise = NoiseEmbedder(self.hidden, dtype=self.dtype)
         self.stack = LayerStack(self.num_layers, self.hidden, self.heads, self.mlp_ratio, self.scan_layers,
-                                self.remat, self.dtype, self.attention, self.attention_chunk, self.mlp_chunk)
+                                self.remat, self.dtype, self.attention, self.attention_chunk, self.mlp_chunk,
+                                self.layer_chunk)
         self.head = RowHead(self.hidden, self.vocab, self.dtype)
         if self.diffusion:
             self.z_in = dense(self.hidden, self.dtype)

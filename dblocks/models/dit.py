@@ -36,6 +36,7 @@ class DiT(nn.Module):
     attention: str = "xla"
     attention_chunk: int = 128
     mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: Array, c_noise: Array, label: Array, train: bool = False) -> Array:
@@ -49,7 +50,7 @@ class DiT(nn.Module):
                          dtype=self.dtype)(label)
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
                   dtype=self.dtype, attention=self.attention, attention_chunk=self.attention_chunk,
-                  mlp_chunk=self.mlp_chunk)
+                  mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, None), scan=self.scan_layers,
                             remat=self.remat, static={"train": train}, static_argnum=5)
         out = FinalLayer(self.hidden, p * p * C, self.dtype)(h, c)  # [N, g*g, p*p*C] float32

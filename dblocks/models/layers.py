@@ -177,6 +177,34 @@ def map_rows(f: Callable[[Array], Array], x: Array, chunk: int) -> Array:
     return out.reshape(count * rows, -1)[:math.prod(lead)].reshape(*lead, -1)
 
 
+def map_samples(layer: nn.Module, chunk: int, batched: tuple, shared: tuple = (), dropout: bool = False,
+                **kwargs) -> Any:
+    """layer(*batched, *shared, **kwargs) computed on chunks of at most `chunk` samples under `lax.map`, each chunk
+    under `jax.checkpoint`: the layer's whole working set (attention, MLP, LayerNorms, their gradients) exists for
+    one chunk at a time, while its input and output stay whole. Samples are independent inside a layer, so the
+    result is the same to float rounding. The arrays in `batched` (at any depth) whose leading axis is N (x's) are
+    split, the others there (e.g. a [1, 1, H] conditioning) and everything in `shared` (masks, positions) are used
+    whole; chunks balanced, padded samples computed and dropped. The layer runs as a clone with layer_chunk=0 and
+    its own parameters; dropout=True: each chunk's dropout key is folded from the chunk index."""
+    n = batched[0].shape[0]
+    count, size = _balanced(n, chunk)
+    flat, tree = jax.tree.flatten(batched)
+    split = [a.ndim >= 1 and a.shape[0] == n for a in flat]
+    pad = lambda a: jnp.pad(a, [(0, count * size - n)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+    xs = [pad(a).reshape(count, size, *a.shape[1:]) for a, s in zip(flat, split) if s]
+    inner, params = layer.clone(parent=None, layer_chunk=0), layer.variables["params"]
+    key = layer.make_rng("dropout") if dropout else None
+
+    def body(chunked: list, index: Array) -> Any:
+        it = iter(chunked)
+        call = jax.tree.unflatten(tree, [next(it) if s else a for a, s in zip(flat, split)])
+        rngs = {"dropout": jax.random.fold_in(key, index)} if dropout else {}
+        return inner.apply({"params": params}, *call, *shared, rngs=rngs, **kwargs)
+
+    out = jax.lax.map(lambda a: jax.checkpoint(body)(*a), (xs, jnp.arange(count)))
+    return jax.tree.map(lambda a: a.reshape(count * size, *a.shape[2:])[:n], out)
+
+
 def mlp(owner: nn.Module, fc1: nn.Dense, fc2: nn.Dense, h: Array, chunk: int = 0) -> Array:
     """fc2(fc1(h)) (fc2 takes fc1's pre-activation, `dense(gelu_input=True)`), the MLP of every layer class.
     chunk > 0: in row chunks through `map_rows`, so the wide [rows, mlp_ratio * hidden] activations exist for one
@@ -414,10 +442,14 @@ class AdaLNZeroLayer(nn.Module):
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
     attention_chunk: int = 128    # query rows per chunk of attention='chunked'
     mlp_chunk: int = 0            # rows per MLP chunk (`mlp`); 0: the whole MLP at once
+    layer_chunk: int = 0          # samples per chunk of the whole layer (`map_samples`); 0: all at once
 
     @nn.compact
     def __call__(self, x: Array, c: Array, mask: Mask = None, positions: Array | None = None,
                  train: bool = False) -> Array:
+        if 0 < self.layer_chunk < x.shape[0] and not self.is_initializing():
+            return map_samples(self, self.layer_chunk, (x, c), (mask, positions), train and self.dropout > 0,
+                               train=train)
         lin = dense(6 * self.hidden, self.dtype, nn.initializers.zeros, bias_init=nn.initializers.zeros)
         mod = lin(nn.silu(c))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)

@@ -36,6 +36,7 @@ class MDMTransformer(nn.Module):
     attention: str = "xla"
     attention_chunk: int = 128
     mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @property
     def mask_id(self) -> int:
@@ -50,7 +51,7 @@ class MDMTransformer(nn.Module):
         positions = jnp.arange(length)[None]                                          # [1, L]
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
                   dtype=self.dtype, attention=self.attention, attention_chunk=self.attention_chunk,
-                  mlp_chunk=self.mlp_chunk)
+                  mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, positions), scan=self.scan_layers,
                             remat=self.remat, static={"train": train}, static_argnum=5)
         return FinalLayer(self.hidden, self.vocab_size, self.dtype)(h, c)             # [N, L, V] float32

@@ -50,11 +50,13 @@ class RecurrentModel(nn.Module):
     noisy_prelude: bool = False    # DiffusionBlocks: the noisy row also runs the prelude (recurrent.noisy_prelude)
     attention_chunk: int = 128
     mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
         self.noise = NoiseEmbedder(self.hidden, dtype=self.dtype)
-        opts = (self.scan_layers, self.remat, self.dtype, self.attention, self.attention_chunk, self.mlp_chunk)
+        opts = (self.scan_layers, self.remat, self.dtype, self.attention, self.attention_chunk, self.mlp_chunk,
+                self.layer_chunk)
         self.prelude_stack = LayerStack(self.prelude, self.hidden, self.heads, self.mlp_ratio, *opts)
         self.core_stack = LayerStack(self.core, self.hidden, self.heads, self.mlp_ratio, *opts)
         self.coda_stack = LayerStack(self.coda, self.hidden, self.heads, self.mlp_ratio, *opts)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder, dense, mlp
+from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder, dense, map_samples, mlp
 from dblocks.models.stack import apply_layers
 
 Array = jax.Array
@@ -56,6 +56,7 @@ class ViTDenoiser(nn.Module):
     attention: str = "xla"
     attention_chunk: int = 128
     mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @nn.compact
     def __call__(self, image: Array, z_in: Array, c_noise: Array, train: bool = False) -> Array:
@@ -67,7 +68,7 @@ class ViTDenoiser(nn.Module):
         c = NoiseEmbedder(self.hidden, dtype=self.dtype)(c_noise)                      # [N, H]
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
                   dtype=self.dtype, attention=self.attention, attention_chunk=self.attention_chunk,
-                  mlp_chunk=self.mlp_chunk)
+                  mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, None), scan=self.scan_layers,
                             remat=self.remat, static={"train": train}, static_argnum=5)
         return FinalLayer(self.hidden, self.num_classes, self.dtype, name="head")(h[:, :1], c)[:, 0]  # [N, K]
@@ -84,9 +85,12 @@ class ViTLayer(nn.Module):
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
     attention_chunk: int = 128    # query rows per chunk of attention='chunked'
     mlp_chunk: int = 0            # rows per MLP chunk (layers.mlp); 0: the whole MLP at once
+    layer_chunk: int = 0          # samples per chunk of the whole layer (layers.map_samples); 0: all at once
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        if 0 < self.layer_chunk < x.shape[0] and not self.is_initializing():
+            return map_samples(self, self.layer_chunk, (x,), (), train and self.dropout > 0, train=train)
         def drop(a):
             return nn.Dropout(self.dropout)(a, deterministic=not train)
 
@@ -116,6 +120,7 @@ class ViTClassifier(nn.Module):
     attention: str = "xla"
     attention_chunk: int = 128
     mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @nn.compact
     def __call__(self, image: Array, train: bool = False) -> Array:
@@ -125,7 +130,7 @@ class ViTClassifier(nn.Module):
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
                   dtype=self.dtype, attention=self.attention, attention_chunk=self.attention_chunk,
-                  mlp_chunk=self.mlp_chunk)
+                  mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(ViTLayer, self.num_layers, kw, h, (), scan=self.scan_layers, remat=self.remat,
                             static={"train": train}, static_argnum=2)
         h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(h[:, 0])
