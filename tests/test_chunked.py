@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dblocks.models import ar, layers
+from dblocks.models import ar, chunked, layers
 from dblocks.models.options import validate_options
 from dblocks.models.vit import ViTLayer
 
@@ -30,7 +30,7 @@ def _padding(T):   # [N, 1, 1, T]: sample 0 sees every key, sample 1 the first T
     return (jnp.arange(T)[None] < jnp.array([[T], [T - 5]]))[:, None, None]
 
 
-MASKS = {"none": lambda T: None, "causal": layers.causal, "causal_dense": ar.causal_mask,
+MASKS = {"none": lambda T: None, "causal": chunked.causal, "causal_dense": ar.causal_mask,
          "ar": lambda T: ar.ar_mask_spec(T // 2), "ar_dense": lambda T: ar.ar_mask(T // 2), "padding": _padding}
 
 
@@ -61,7 +61,7 @@ def test_mask_specs_equal_the_arrays():
     """The rules the models pass equal the arrays of the other paths (ar_mask changes must update ar_mask_spec)."""
     for T in (1, 5, 8):
         np.testing.assert_array_equal(ar.ar_mask_spec(T).dense(), ar.ar_mask(T))
-        np.testing.assert_array_equal(layers.causal(T).dense(), ar.causal_mask(T))
+        np.testing.assert_array_equal(chunked.causal(T).dense(), ar.causal_mask(T))
         rows = jnp.arange(T, 2 * T)
         np.testing.assert_array_equal(ar.ar_mask_spec(T).block(rows), ar.ar_mask(T)[T:])
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from dblocks.models.layers import (MaskSpec, NoiseEmbedder, attend, attend_cached, causal, dense, layer_norm,
-                                   map_samples, mlp, rope)
+from dblocks.models.chunked import MaskSpec, causal, map_samples, mlp
+from dblocks.models.layers import NoiseEmbedder, attend, attend_cached, dense, layer_norm, rope
 from dblocks.models.stack import apply_layers
 
 Array = jax.Array
@@ -98,8 +98,8 @@ class CausalLayer(nn.Module):
     attention: str = "xla"
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
     attention_chunk: int = 128    # query rows per chunk of attention='chunked'
-    mlp_chunk: int = 0            # rows per MLP chunk (layers.mlp); 0: the whole MLP at once
-    layer_chunk: int = 0          # samples per chunk of the whole layer (layers.map_samples); 0: all at once
+    mlp_chunk: int = 0            # rows per MLP chunk (chunked.mlp); 0: the whole MLP at once
+    layer_chunk: int = 0          # samples per chunk of the whole layer (chunked.map_samples); 0: all at once
 
     @nn.compact
     def __call__(self, x: Array, conds: Sequence[Array], mask: Array | MaskSpec, positions: Array,

@@ -7,16 +7,16 @@
                      ('cudnn' needs a GPU and bf16/fp16); 'einsum' is the explicit two-einsum path (always used
                      when attention dropout is active in training); 'chunked' is pure JAX in O(T) memory on every
                      backend: queries in chunks, each rematerialised, masks built per chunk, attention dropout
-                     supported (dblocks.models.layers.chunked_attention)
+                     supported (dblocks.models.chunked.chunked_attention)
   model.attention_chunk  int >= 1 (128)   query rows per chunk of 'chunked' (T not divisible: balanced chunks,
                      the queries padded by less than one row per chunk)
   model.mlp_chunk    int >= 0 (0)   rows (batch x sequence) per chunk of every layer's MLP, each chunk
                      rematerialised, so the wide [rows, mlp_ratio * hidden] activations exist one chunk at a time;
-                     0: off. The same parameters either way (dblocks.models.layers.mlp)
+                     0: off. The same parameters either way (dblocks.models.chunked.mlp)
   model.layer_chunk  int >= 0 (0)   samples per chunk of every layer's whole computation, each chunk
                      rematerialised, so one layer's working set (attention, MLP, their gradients) exists for one
                      chunk at a time; with remat the peak falls toward the per-layer carries. 0: off; same
-                     parameters (dblocks.models.layers.map_samples)
+                     parameters (dblocks.models.chunked.map_samples)
 
 The options change the parameter tree (scan_layers) or the numerics (dtype), so they belong to the model config,
 which is part of every checkpoint's signature: a checkpoint of one layout is refused by the other.

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from dblocks.models.ar import KV, LayerStack, RowHead, ar_mask_spec, ar_positions
-from dblocks.models.layers import NoiseEmbedder, causal, dense
+from dblocks.models.chunked import causal
+from dblocks.models.layers import NoiseEmbedder, dense
 
 Array = jax.Array
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder, dense, map_samples, mlp
+from dblocks.models.chunked import map_samples, mlp
+from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder, dense
 from dblocks.models.stack import apply_layers
 
 Array = jax.Array
@@ -84,8 +85,8 @@ class ViTLayer(nn.Module):
     attention: str = "xla"
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
     attention_chunk: int = 128    # query rows per chunk of attention='chunked'
-    mlp_chunk: int = 0            # rows per MLP chunk (layers.mlp); 0: the whole MLP at once
-    layer_chunk: int = 0          # samples per chunk of the whole layer (layers.map_samples); 0: all at once
+    mlp_chunk: int = 0            # rows per MLP chunk (chunked.mlp); 0: the whole MLP at once
+    layer_chunk: int = 0          # samples per chunk of the whole layer (chunked.map_samples); 0: all at once
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
