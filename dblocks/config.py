@@ -59,8 +59,10 @@ def model_defaults() -> dict:
     """How every model computes (dblocks.models.options), the same defaults in every config file so each can be
     overridden from the command line: scan_layers (one compiled layer under nn.scan), remat (none / full / dots /
     narrow / a jax.checkpoint_policies name), dtype (float32 / bfloat16 compute; parameters and loss stay float32),
-    attention (xla / cudnn / einsum)."""
-    return dict(scan_layers=False, remat="none", dtype="float32", attention="xla")
+    attention (xla / cudnn / einsum / chunked), attention_chunk (query rows per chunk of 'chunked'), mlp_chunk
+    (rows per MLP chunk, 0: off), layer_chunk (samples per chunk of each layer, 0: off)."""
+    return dict(scan_layers=False, remat="none", dtype="float32", attention="xla", attention_chunk=128, mlp_chunk=0,
+                layer_chunk=0)
 
 
 def parse_blocks(spec: str, num_blocks: int) -> list[int]:

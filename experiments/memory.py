@@ -5,10 +5,12 @@ r"""Compiled memory and FLOPs of the end-to-end and the block training step, eac
       [--remat full|dots] [--time [--time_steps 3]] [--vocab_size 32000]
 
 Four rows: e2e, e2e + remat, block (the largest), block + remat. "remat" = scanned layers + the policy --remat
-(model.scan_layers=True, model.remat=...). Memory is split into state (parameters, optimizer state, EMA, batch:
-arguments + outputs - donated aliases) and temporaries (activations and workspaces). Works on a CPU for paper-sized
-configs: XLA's memory and cost analyses of the compiled step are exact on any backend. --time also runs each step
-on zero data on this machine (slow for paper configs).
+(model.scan_layers=True, model.remat=...). Other model options given as --config.model.x=v (e.g. attention=chunked,
+mlp_chunk=256: docs/performance.md, "Attention and MLP in O(T) memory") apply to all four rows. Memory is split
+into state (parameters, optimizer state, EMA, batch: arguments + outputs - donated aliases) and temporaries
+(activations and workspaces). Works on a CPU for paper-sized configs: XLA's memory and cost analyses of the
+compiled step are exact on any backend. --time also runs each step on zero data on this machine (slow for paper
+configs).
 """
 import json
 
@@ -37,10 +39,15 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:11.1f}"
 
 
-def table(report: dict) -> str:
-    """The four-row table as text (MiB, GFLOP, seconds)."""
+def table(report: dict, model=None) -> str:
+    """The four-row table as text (MiB, GFLOP, seconds); `model` (config.model): its attention and chunk options
+    are named in the header."""
+    chunks = ""
+    if model is not None:
+        chunks = (f"; attention {model.get('attention', 'xla')} (chunk {model.get('attention_chunk', 128)}), "
+                  f"mlp_chunk {model.get('mlp_chunk', 0)}")
     lines = [f"compiled training-step memory, batch {report['batch_size']}, {report['num_layers']} layers, "
-             f"B={report['num_blocks']}{'; V=' + str(report['vocab_size']) if report.get('vocab_size') else ''}; remat = scanned layers + policy '{report['remat_policy']}' (MiB)",
+             f"B={report['num_blocks']}{'; V=' + str(report['vocab_size']) if report.get('vocab_size') else ''}; remat = scanned layers + policy '{report['remat_policy']}'{chunks} (MiB)",
              f"{'':26s}{'params':>11s}{'opt state':>11s}{'state':>11s}{'temps':>11s}{'total':>11s}"
              f"{'GFLOP/step':>12s}{'s/step':>9s}"]
     for key, label in (("e2e", "end-to-end ({})"), ("e2e_remat", "end-to-end + remat ({})"),
@@ -68,7 +75,7 @@ def main(argv):
         config_lib.validate(config)
         report = memory.memory_report(get_task(config), _BATCH.value, _REMAT.value,
                                       _TIME_STEPS.value if _TIME.value else 0, vocab_size=_VOCAB.value)
-    print(json.dumps(report) if _JSON.value else table(report))
+    print(json.dumps(report) if _JSON.value else table(report, config.model))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from dblocks.models.chunked import MaskSpec, causal, map_samples, mlp
 from dblocks.models.layers import NoiseEmbedder, attend, attend_cached, dense, layer_norm, rope
 from dblocks.models.stack import apply_layers
 
@@ -48,6 +49,17 @@ def ar_mask(T: int) -> np.ndarray:
     top = np.concatenate([i[:, None] >= i[None, :], np.zeros((T, T), bool)], axis=1)
     bottom = np.concatenate([i[:, None] > i[None, :], np.eye(T, dtype=bool)], axis=1)
     return np.concatenate([top, bottom], axis=0)
+
+
+def _ar_rule(i, j, T):
+    """`ar_mask` elementwise on row and column indices (NumPy or JAX arrays)."""
+    clean_col = j < T
+    return ((i < T) & clean_col & (i >= j)) | ((i >= T) & ((clean_col & (i - T > j)) | (i == j)))
+
+
+def ar_mask_spec(T: int) -> MaskSpec:
+    """`ar_mask(T)` as a MaskSpec (built per query chunk by attention='chunked'; the same array otherwise)."""
+    return MaskSpec(_ar_rule, 2 * T, 2 * T, T)
 
 
 def ar_positions(T: int) -> np.ndarray:
@@ -85,10 +97,15 @@ class CausalLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
+    attention_chunk: int = 128    # query rows per chunk of attention='chunked'
+    mlp_chunk: int = 0            # rows per MLP chunk (chunked.mlp); 0: the whole MLP at once
+    layer_chunk: int = 0          # samples per chunk of the whole layer (chunked.map_samples); 0: all at once
 
     @nn.compact
-    def __call__(self, x: Array, conds: Sequence[Array], mask: Array, positions: Array,
+    def __call__(self, x: Array, conds: Sequence[Array], mask: Array | MaskSpec, positions: Array,
                  prefix: KV | None = None) -> tuple[Array, KV]:
+        if 0 < self.layer_chunk < x.shape[0] and prefix is None and not self.is_initializing():
+            return map_samples(self, self.layer_chunk, (x, tuple(conds)), (mask, positions))
         N, S, H = x.shape
         hd = H // self.heads
         mod = _rows(conds, self.sizes, dense(6 * H, self.dtype, nn.initializers.zeros, name="adaln"), N)
@@ -98,15 +115,15 @@ class CausalLayer(nn.Module):
         q, k, v = jnp.split(qkv.reshape(N, S, 3 * self.heads, hd), 3, axis=2)
         q, k = rope(q, positions), rope(k, positions)
         if prefix is None:
-            out = attend(q, k, v, mask, self.attention)
+            out = attend(q, k, v, mask, self.attention, chunk=self.attention_chunk)
         else:   # generation: the cache is read in place, never concatenated or transposed
             out = attend_cached(q, k, v, prefix, mask)
         out = out.reshape(N, S, H)
         x = x + gate_a * checkpoint_name(dense(H, self.dtype, name="proj")(out), "attn_out")
         h = checkpoint_name(_layer_norm(self.dtype)(x) * (1 + scale_m) + shift_m, "mlp_in")
-        h = dense(int(H * self.mlp_ratio), self.dtype, name="fc1")(h)
-        h = checkpoint_name(dense(H, self.dtype, name="fc2", gelu_input=True,
-                                     recompute_gelu=self.recompute_gelu)(h), "mlp_out")
+        fc1 = dense(int(H * self.mlp_ratio), self.dtype, name="fc1")
+        fc2 = dense(H, self.dtype, name="fc2", gelu_input=True, recompute_gelu=self.recompute_gelu)
+        h = checkpoint_name(mlp(self, fc1, fc2, h, self.mlp_chunk), "mlp_out")
         return x + gate_m * h, (k, v)
 
 
@@ -122,12 +139,16 @@ class LayerStack(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    attention_chunk: int = 128
+    mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @nn.compact
-    def __call__(self, x: Array, conds: Sequence[Cond], mask: Array, positions: Array,
+    def __call__(self, x: Array, conds: Sequence[Cond], mask: Array | MaskSpec, positions: Array,
                  prefixes: Sequence[KV] | None = None) -> tuple[Array, list[KV]]:
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio,
-                  sizes=tuple(int(s) for _, s in conds), dtype=self.dtype, attention=self.attention)
+                  sizes=tuple(int(s) for _, s in conds), dtype=self.dtype, attention=self.attention,
+                  attention_chunk=self.attention_chunk, mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         per_layer = None if prefixes is None else [(kv,) for kv in prefixes]
         x, kvs = apply_layers(CausalLayer, self.num_layers, kw, x, (tuple(c for c, _ in conds), mask, positions),
                               per_layer, scan=self.scan_layers, remat=self.remat)
@@ -170,12 +191,16 @@ class ARModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     prev_token: bool = False   # noisy row i also reads token i-1 (its own table; config model.prev_token)
+    attention_chunk: int = 128
+    mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
         self.noise = NoiseEmbedder(self.hidden, dtype=self.dtype)
         self.stack = LayerStack(self.num_layers, self.hidden, self.heads, self.mlp_ratio, self.scan_layers,
-                                self.remat, self.dtype, self.attention)
+                                self.remat, self.dtype, self.attention, self.attention_chunk, self.mlp_chunk,
+                                self.layer_chunk)
         self.head = RowHead(self.hidden, self.vocab, self.dtype)
         if self.diffusion:
             self.z_in = dense(self.hidden, self.dtype)
@@ -198,14 +223,14 @@ class ARModel(nn.Module):
         """Logits [N, T, V] float32; features=True: the head's input rows [N, T, H] instead (chunked loss)."""
         T = tokens.shape[1]
         if not self.diffusion:
-            x, _ = self.stack(self.embed(tokens), ((self.sentinel(), T),), causal_mask(T), jnp.arange(T)[None])
+            x, _ = self.stack(self.embed(tokens), ((self.sentinel(), T),), causal(T), jnp.arange(T)[None])
             return self.head(x, ((self.sentinel(), T),), features)
         c = self.noisy_cond(c_noise)
         e, noisy = self.embed(tokens), self.z_in(z)
         if self.prev_token:   # row i gets token i-1 (row 0: nothing), as the LM's row i-1 has it in its stream
             noisy = noisy + jnp.pad(self.prev_embed(tokens[:, :-1]), ((0, 0), (1, 0), (0, 0)))
         x = jnp.concatenate([e, noisy], axis=1)
-        x, _ = self.stack(x, ((self.sentinel(), T), (c, T)), ar_mask(T), ar_positions(T)[None])
+        x, _ = self.stack(x, ((self.sentinel(), T), (c, T)), ar_mask_spec(T), ar_positions(T)[None])
         return self.head(x[:, T:], ((c, T),), features)
 
     # -- cached generation: clean rows write the cache, noisy rows only read it --------------------------------------

@@ -34,6 +34,9 @@ class DiT(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    attention_chunk: int = 128
+    mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: Array, c_noise: Array, label: Array, train: bool = False) -> Array:
@@ -46,7 +49,8 @@ class DiT(nn.Module):
         c = c + nn.Embed(self.num_classes + 1, self.hidden, embedding_init=nn.initializers.normal(0.02),
                          dtype=self.dtype)(label)
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
-                  dtype=self.dtype, attention=self.attention)
+                  dtype=self.dtype, attention=self.attention, attention_chunk=self.attention_chunk,
+                  mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, None), scan=self.scan_layers,
                             remat=self.remat, static={"train": train}, static_argnum=5)
         out = FinalLayer(self.hidden, p * p * C, self.dtype)(h, c)  # [N, g*g, p*p*C] float32

@@ -1,6 +1,7 @@
 """Transformer layers conditioned through AdaLN-Zero (DiT), shared by every model family.
 
-Shapes: tokens x [N, T, H] (H = hidden), conditioning c [N, H], attention mask [N or 1, 1, T, T] (True = may attend).
+Shapes: tokens x [N, T, H] (H = hidden), conditioning c [N, H], attention mask [N or 1, 1, T, T] (True = may attend)
+or a `MaskSpec` (the same mask as a rule of row and column indices, dblocks.models.chunked).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from dblocks.models.chunked import Mask, MaskSpec, chunked_attention, map_samples, mlp
 
 Array = jax.Array
 
@@ -46,11 +49,21 @@ def rope(x: Array, positions: Array, base: float = 10_000.0) -> Array:
     return out.astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None, implementation: str = "xla",
-           dropout: nn.Module | None = None) -> Array:
+Dropout = nn.Module | tuple[float, Array] | None
+
+
+def attend(q: Array, k: Array, v: Array, mask: Mask, implementation: str = "xla", dropout: Dropout = None,
+           chunk: int = 128) -> Array:
     """softmax(q k^T / sqrt(d) + mask) v on [N, T, heads, d] (keys [N, S, heads, d]); mask bool, broadcastable to
-    [N, heads, T, S]. 'xla' / 'cudnn' go through jax.nn.dot_product_attention (logits and softmax in float32);
-    'einsum', or a `dropout` on the probabilities, takes the explicit path (also float32 softmax)."""
+    [N, heads, T, S], or a MaskSpec. 'xla' / 'cudnn' go through jax.nn.dot_product_attention (logits and softmax in
+    float32); 'einsum', or a `dropout` module on the probabilities, takes the explicit path (also float32 softmax);
+    'chunked' is `chunked_attention` (O(T) memory; its dropout is (rate, key))."""
+    if implementation == "chunked":
+        if isinstance(dropout, nn.Module):
+            raise TypeError("chunked attention takes dropout as (rate, key), not a module")
+        return chunked_attention(q, k, v, mask, chunk, dropout)
+    if isinstance(mask, MaskSpec):
+        mask = mask.dense()
     if mask is not None:
         mask = jnp.asarray(mask)
         mask = mask if mask.ndim == 4 else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -254,18 +267,21 @@ class Attention(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    chunk: int = 128   # query rows per chunk of attention='chunked'
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None = None, positions: Array | None = None,
-                 train: bool = False) -> Array:
+    def __call__(self, x: Array, mask: Mask = None, positions: Array | None = None, train: bool = False) -> Array:
         N, T, _ = x.shape
         hd = self.hidden // self.heads
         qkv = dense(3 * self.hidden, self.dtype)(x)
         q, k, v = jnp.split(qkv.reshape(N, T, 3 * self.heads, hd), 3, axis=2)
         if positions is not None:
             q, k = rope(q, positions), rope(k, positions)
-        drop = nn.Dropout(self.dropout, deterministic=False) if (train and self.dropout > 0) else None
-        out = attend(q, k, v, mask, self.attention, drop).reshape(N, T, self.hidden)
+        drop = None
+        if train and self.dropout > 0:
+            drop = ((self.dropout, self.make_rng("dropout")) if self.attention == "chunked"
+                    else nn.Dropout(self.dropout, deterministic=False))
+        out = attend(q, k, v, mask, self.attention, drop, self.chunk).reshape(N, T, self.hidden)
         return dense(self.hidden, self.dtype)(out)
 
 
@@ -284,21 +300,27 @@ class AdaLNZeroLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
+    attention_chunk: int = 128    # query rows per chunk of attention='chunked'
+    mlp_chunk: int = 0            # rows per MLP chunk (chunked.mlp); 0: the whole MLP at once
+    layer_chunk: int = 0          # samples per chunk of the whole layer (chunked.map_samples); 0: all at once
 
     @nn.compact
-    def __call__(self, x: Array, c: Array, mask: Array | None = None, positions: Array | None = None,
+    def __call__(self, x: Array, c: Array, mask: Mask = None, positions: Array | None = None,
                  train: bool = False) -> Array:
+        if 0 < self.layer_chunk < x.shape[0] and not self.is_initializing():
+            return map_samples(self, self.layer_chunk, (x, c), (mask, positions), train and self.dropout > 0,
+                               train=train)
         lin = dense(6 * self.hidden, self.dtype, nn.initializers.zeros, bias_init=nn.initializers.zeros)
         mod = lin(nn.silu(c))
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
         ln = lambda: layer_norm(self.dtype)  # noqa: E731
-        h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(
+        h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention, self.attention_chunk)(
             checkpoint_name(modulate(ln()(x), shift_a, scale_a), "attn_in"), mask, positions, train)
         x = x + gate_a[:, None] * nn.Dropout(self.dropout)(checkpoint_name(h, "attn_out"), deterministic=not train)
-        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(
-            checkpoint_name(modulate(ln()(x), shift_m, scale_m), "mlp_in"))
-        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=True,
-                                     recompute_gelu=self.recompute_gelu)(h), "mlp_out")
+        h_in = checkpoint_name(modulate(ln()(x), shift_m, scale_m), "mlp_in")
+        fc1 = dense(int(self.hidden * self.mlp_ratio), self.dtype)
+        fc2 = dense(self.hidden, self.dtype, gelu_input=True, recompute_gelu=self.recompute_gelu)
+        h = checkpoint_name(mlp(self, fc1, fc2, h_in, self.mlp_chunk), "mlp_out")
         return x + gate_m[:, None] * nn.Dropout(self.dropout)(h, deterministic=not train)
 
 

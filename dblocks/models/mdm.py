@@ -34,6 +34,9 @@ class MDMTransformer(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    attention_chunk: int = 128
+    mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @property
     def mask_id(self) -> int:
@@ -47,7 +50,8 @@ class MDMTransformer(nn.Module):
         c = NoiseEmbedder(self.hidden, dtype=self.dtype)(t * self.t_scale)            # [N, H]
         positions = jnp.arange(length)[None]                                          # [1, L]
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
-                  dtype=self.dtype, attention=self.attention)
+                  dtype=self.dtype, attention=self.attention, attention_chunk=self.attention_chunk,
+                  mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, positions), scan=self.scan_layers,
                             remat=self.remat, static={"train": train}, static_argnum=5)
         return FinalLayer(self.hidden, self.vocab_size, self.dtype)(h, c)             # [N, L, V] float32

@@ -24,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dblocks.models.ar import KV, LayerStack, RowHead, ar_mask, ar_positions, causal_mask
+from dblocks.models.ar import KV, LayerStack, RowHead, ar_mask_spec, ar_positions
+from dblocks.models.chunked import causal
 from dblocks.models.layers import NoiseEmbedder, dense
 
 Array = jax.Array
@@ -48,11 +49,15 @@ class RecurrentModel(nn.Module):
     attention: str = "xla"
     prev_token: bool = False       # DiffusionBlocks: the noisy row also reads token i-1 (as dblocks.models.ar)
     noisy_prelude: bool = False    # DiffusionBlocks: the noisy row also runs the prelude (recurrent.noisy_prelude)
+    attention_chunk: int = 128
+    mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
         self.noise = NoiseEmbedder(self.hidden, dtype=self.dtype)
-        opts = (self.scan_layers, self.remat, self.dtype, self.attention)
+        opts = (self.scan_layers, self.remat, self.dtype, self.attention, self.attention_chunk, self.mlp_chunk,
+                self.layer_chunk)
         self.prelude_stack = LayerStack(self.prelude, self.hidden, self.heads, self.mlp_ratio, *opts)
         self.core_stack = LayerStack(self.core, self.hidden, self.heads, self.mlp_ratio, *opts)
         self.coda_stack = LayerStack(self.coda, self.hidden, self.heads, self.mlp_ratio, *opts)
@@ -96,7 +101,7 @@ class RecurrentModel(nn.Module):
         prelude, core iteration 1, ..., core iteration K, coda)."""
         S = tokens.shape[1]
         positions = jnp.arange(S)[None] if positions is None else positions
-        mask = causal_mask(S) if mask is None else mask
+        mask = causal(S) if mask is None else mask
         pre = (lambda a, b: None) if prefixes is None else (lambda a, b: prefixes[a:b])  # noqa: E731
         e, kvs = self.prelude_rows(tokens, positions, mask, pre(0, self.prelude))
         s, at = s0, self.prelude
@@ -119,13 +124,13 @@ class RecurrentModel(nn.Module):
         if self.prev_token:   # row i gets token i-1 (row 0: nothing)
             noisy = noisy + jnp.pad(self.prev_embed(tokens[:, :-1]), ((0, 0), (1, 0), (0, 0)))
         if self.noisy_prelude:   # the clean rows' prelude is unchanged (they never attend to noisy rows)
-            x, _ = self.prelude_stack(jnp.concatenate([self.embed(tokens), noisy], axis=1), conds, ar_mask(T),
+            x, _ = self.prelude_stack(jnp.concatenate([self.embed(tokens), noisy], axis=1), conds, ar_mask_spec(T),
                                       ar_positions(T)[None])
         else:
-            e, _ = self.prelude_rows(tokens, jnp.arange(T)[None], causal_mask(T))
+            e, _ = self.prelude_rows(tokens, jnp.arange(T)[None], causal(T))
             x = jnp.concatenate([e, noisy], axis=1)
-        x, _ = self.core_stack(x, conds, ar_mask(T), ar_positions(T)[None])
-        x, _ = self.coda_stack(x, conds, ar_mask(T), ar_positions(T)[None])
+        x, _ = self.core_stack(x, conds, ar_mask_spec(T), ar_positions(T)[None])
+        x, _ = self.coda_stack(x, conds, ar_mask_spec(T), ar_positions(T)[None])
         return self.head(x[:, T:], ((c, T),))
 
     def clean_rows(self, tokens, positions, mask, prefixes=None) -> tuple[Array, list[KV]]:

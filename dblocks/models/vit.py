@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from dblocks.models.chunked import map_samples, mlp
 from dblocks.models.layers import AdaLNZeroLayer, Attention, FinalLayer, NoiseEmbedder, dense
 from dblocks.models.stack import apply_layers
 
@@ -54,6 +55,9 @@ class ViTDenoiser(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    attention_chunk: int = 128
+    mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @nn.compact
     def __call__(self, image: Array, z_in: Array, c_noise: Array, train: bool = False) -> Array:
@@ -64,7 +68,8 @@ class ViTDenoiser(nn.Module):
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         c = NoiseEmbedder(self.hidden, dtype=self.dtype)(c_noise)                      # [N, H]
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
-                  dtype=self.dtype, attention=self.attention)
+                  dtype=self.dtype, attention=self.attention, attention_chunk=self.attention_chunk,
+                  mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, None), scan=self.scan_layers,
                             remat=self.remat, static={"train": train}, static_argnum=5)
         return FinalLayer(self.hidden, self.num_classes, self.dtype, name="head")(h[:, :1], c)[:, 0]  # [N, K]
@@ -79,19 +84,25 @@ class ViTLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     recompute_gelu: bool = True   # MLP keeps only its first output for backward; off under remat (stack.apply_layers)
+    attention_chunk: int = 128    # query rows per chunk of attention='chunked'
+    mlp_chunk: int = 0            # rows per MLP chunk (chunked.mlp); 0: the whole MLP at once
+    layer_chunk: int = 0          # samples per chunk of the whole layer (chunked.map_samples); 0: all at once
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        if 0 < self.layer_chunk < x.shape[0] and not self.is_initializing():
+            return map_samples(self, self.layer_chunk, (x,), (), train and self.dropout > 0, train=train)
         def drop(a):
             return nn.Dropout(self.dropout)(a, deterministic=not train)
 
         ln = lambda: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)  # noqa: E731
-        h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention)(
+        h = Attention(self.hidden, self.heads, self.dropout, self.dtype, self.attention, self.attention_chunk)(
             checkpoint_name(ln()(x), "attn_in"), train=train)
         x = x + drop(checkpoint_name(h, "attn_out"))
-        h = dense(int(self.hidden * self.mlp_ratio), self.dtype)(checkpoint_name(ln()(x), "mlp_in"))
-        h = checkpoint_name(dense(self.hidden, self.dtype, gelu_input=True,
-                                     recompute_gelu=self.recompute_gelu)(h), "mlp_out")
+        h_in = checkpoint_name(ln()(x), "mlp_in")
+        fc1 = dense(int(self.hidden * self.mlp_ratio), self.dtype)
+        fc2 = dense(self.hidden, self.dtype, gelu_input=True, recompute_gelu=self.recompute_gelu)
+        h = checkpoint_name(mlp(self, fc1, fc2, h_in, self.mlp_chunk), "mlp_out")
         return x + drop(h)
 
 
@@ -108,6 +119,9 @@ class ViTClassifier(nn.Module):
     remat: str = "none"
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    attention_chunk: int = 128
+    mlp_chunk: int = 0
+    layer_chunk: int = 0
 
     @nn.compact
     def __call__(self, image: Array, train: bool = False) -> Array:
@@ -116,7 +130,8 @@ class ViTClassifier(nn.Module):
         h = jnp.concatenate([jnp.broadcast_to(cls, (h.shape[0], 1, self.hidden)), h], axis=1)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
-                  dtype=self.dtype, attention=self.attention)
+                  dtype=self.dtype, attention=self.attention, attention_chunk=self.attention_chunk,
+                  mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(ViTLayer, self.num_layers, kw, h, (), scan=self.scan_layers, remat=self.remat,
                             static={"train": train}, static_argnum=2)
         h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(h[:, 0])
