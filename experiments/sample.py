@@ -12,7 +12,7 @@ import json
 
 from absl import app, flags
 
-from dblocks import assemble, export, logs, sampling
+from dblocks import assemble, export, logs, paths, sampling
 from experiments.common import run_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir")
@@ -35,6 +35,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "use the raw weights instead of their EMA")
 _PROMPT = flags.DEFINE_string("prompt", None, "text tasks: the prompt (default: passages of the test split)")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "text tasks: tokens to generate per sample")
+paths.refuse_remote_flags(_WORKDIR, _MODEL, _OUT, _NPZ)
 
 
 def load(workdir: str | None, model: str | None, method: str | None, use_ema: bool) -> assemble.Run:

@@ -20,7 +20,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from dblocks import assemble, logs, parallel, runtime
+from dblocks import assemble, logs, parallel, paths, runtime
 from dblocks import train as train_lib
 from dblocks import config as config_lib
 from experiments.common import run_main, user_errors
@@ -30,6 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and 
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one process per host; "
                                 "also done when JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set)")
 flags.mark_flags_as_required(["config", "workdir"])
+paths.refuse_remote_flags(_WORKDIR)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
