@@ -18,7 +18,6 @@ shard once); only process 0 logs and writes meta, metrics and config.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -27,7 +26,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from dblocks import checkpoint as ckpt_lib
 from dblocks import engine, logs, loop, steps
 from dblocks.config import ConfigError
 from dblocks.tasks import Unit

@@ -5,7 +5,7 @@ partition, without optimizer state. Load it with `dblocks.load_model(path)`.
 """
 import json
 
-from absl import app, flags
+from absl import flags
 
 from dblocks import export, logs, paths
 from experiments.common import run_main
