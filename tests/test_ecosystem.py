@@ -36,3 +36,55 @@ def test_url_paths_are_refused_before_anything_is_written(tmp_path, module, args
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Mount the bucket" in proc.stderr and "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []   # no local 'gs:' / 's3:' folder, nothing else
+
+
+# -- 6. lighter dependencies ----------------------------------------------------------------------------------------
+
+def test_hf_data_is_loaded_offline_without_changing_the_process_environment(tmp_path, monkeypatch):
+    """hf: data loads in HF offline mode, and the mode is put back afterwards (a stand-in `datasets` module records
+    what the load saw; the real package is optional)."""
+    import types
+
+    from dblocks import data as data_lib
+    seen = {}
+
+    class DatasetDict(dict):
+        pass
+
+    def load_from_disk(path):
+        seen["env"] = (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
+        seen["flags"] = (config.HF_DATASETS_OFFLINE, config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE)
+        return DatasetDict(train=[1, 2, 3])
+
+    config = types.SimpleNamespace(HF_DATASETS_OFFLINE=False, HF_HUB_OFFLINE=False)
+    hub = types.ModuleType("huggingface_hub.constants")
+    hub.HF_HUB_OFFLINE = False
+    fake = types.ModuleType("datasets")
+    fake.config, fake.DatasetDict, fake.load_from_disk = config, DatasetDict, load_from_disk
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    parent = types.ModuleType("huggingface_hub")
+    parent.constants = hub
+    monkeypatch.setitem(sys.modules, "huggingface_hub", parent)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.constants", hub)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    data_lib.hf_dataset.cache_clear()
+    assert data_lib.hf_dataset(str(tmp_path)) == {"train": [1, 2, 3]}
+    data_lib.hf_dataset.cache_clear()
+    assert seen == {"env": ("1", "1"), "flags": (True, True, True)}        # offline while loading
+    assert "HF_DATASETS_OFFLINE" not in os.environ and os.environ["HF_HUB_OFFLINE"] == "0"   # and restored after
+    assert (config.HF_DATASETS_OFFLINE, config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE) == (False, False, False)
+
+
+def test_mauve_is_an_extra_and_skipped_with_a_message_when_missing(monkeypatch, caplog):
+    import tomllib
+
+    from dblocks import text_metrics
+    proj = tomllib.loads(open(os.path.join(ROOT, "pyproject.toml")).read())["project"]
+    assert not any(d.startswith("mauve") for d in proj["dependencies"])
+    assert proj["optional-dependencies"]["mauve"] == ["mauve-text>=0.4"]
+    assert not [ln for ln in open(os.path.join(ROOT, "requirements.txt")) if ln.startswith("mauve")]
+    monkeypatch.setitem(sys.modules, "mauve", None)   # import mauve -> ImportError
+    with caplog.at_level("WARNING", logger="dblocks"):
+        assert text_metrics.mauve_score([[0.0]], [[1.0]]) is None
+    assert "pip install 'dblocks[mauve]'" in caplog.text
