@@ -88,3 +88,28 @@ def test_mauve_is_an_extra_and_skipped_with_a_message_when_missing(monkeypatch, 
     with caplog.at_level("WARNING", logger="dblocks"):
         assert text_metrics.mauve_score([[0.0]], [[1.0]]) is None
     assert "pip install 'dblocks[mauve]'" in caplog.text
+
+
+# -- 7. the `dblocks` console script ----------------------------------------------------------------------------------
+
+def test_console_script_runs_the_entry_points_from_any_folder(tmp_path):
+    """`dblocks` as pip installs it ([project.scripts] -> dblocks.cli:main, a wrapper script outside the repo), run
+    from a folder that has its own `experiments/` package: the real entry points run, not the user's folder."""
+    import tomllib
+    scripts = tomllib.loads(open(os.path.join(ROOT, "pyproject.toml")).read())["project"]["scripts"]
+    assert scripts == {"dblocks": "dblocks.cli:main"}
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "dblocks").write_text("import sys\nfrom dblocks.cli import main\nsys.exit(main())\n")
+    project = tmp_path / "my_project"
+    (project / "experiments").mkdir(parents=True)
+    (project / "experiments" / "__init__.py").write_text("raise SystemExit('the user folder was imported')\n")
+    run = lambda *a: subprocess.run([sys.executable, str(tmp_path / "bin" / "dblocks"), *a], cwd=project,  # noqa: E731
+                                    env=ENV, capture_output=True, text=True, timeout=120)
+    top = run("--help")
+    assert top.returncode == 0 and all(f"  {c} " in top.stdout for c in
+                                       ("train", "sample", "evaluate", "export", "convert", "memory", "bench",
+                                        "compare"))
+    sub = run("export", "--help")
+    assert "allow_incomplete: export blocks" in sub.stdout and "user folder" not in sub.stderr
+    bad = run("trian")
+    assert bad.returncode == 2 and "unknown subcommand 'trian'" in bad.stderr
