@@ -57,11 +57,12 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     cpus = int(asked.get("cpu_devices", 1))
     if cpus > 1 and jax.default_backend() != "cpu":
         logs.log.info("parallel.cpu_devices=%d ignored: the backend is %s", cpus, jax.default_backend())
-    elif cpus > 1 and mode == "mesh" and asked.get("mode", "sequential") == "sequential":
+    elif cpus > 1 and mode == "mesh" and parallel.requested_mode(config) == "sequential":
         logs.log.info("parallel.cpu_devices=%d: each step's batch is split over %d CPU devices (the mesh trainer, "
                       "one unit at a time)", cpus, cpus)
     if mode == "mesh":
         parallel.mesh_shape(config, 1)  # a mesh that cannot fit is refused before anything is written
+    logs.log.info("%s", parallel.device_plan(config))   # devices visible and used; for parallel.mode=auto, why
     save_config(config, workdir)
     trainer = engine.Trainer(task, config, workdir, source, on_step=on_step)
     logs.log.info("training %s: %s", config.method, ", ".join(

@@ -63,7 +63,7 @@ def main(argv):
     logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
     runtime.setup()   # compilation cache; backend, devices and jax version in the log
     with user_errors():
-        if jax.process_count() > 1 and config.parallel.mode != "mesh":
+        if jax.process_count() > 1 and parallel.settings(config)[0] != "mesh":
             raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
                                          f"sequential engine trains on one device of one process)")
         train_and_evaluate(config, _WORKDIR.value)

@@ -1,8 +1,11 @@
-"""What users of a JAX trainer expect: local-path refusal of URLs, ..."""
+"""What users of a JAX trainer expect: URLs refused as paths, light dependencies, a `dblocks` command, FLOP/s and a
+profiler window, the held-out loss during training, and all devices used by default."""
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dblocks import paths
@@ -113,3 +116,118 @@ def test_console_script_runs_the_entry_points_from_any_folder(tmp_path):
     assert "allow_incomplete: export blocks" in sub.stdout and "user folder" not in sub.stderr
     bad = run("trian")
     assert bad.returncode == 2 and "unknown subcommand 'trian'" in bad.stderr
+
+
+# -- 3 and 4. FLOP/s, a profiler window, and the held-out loss during training ---------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Block 0 of tiny_dit for 6 steps, logging every 2, the held-out loss every 3, a trace of steps 2-3."""
+    from dblocks import train as train_lib
+    from experiments.configs import tiny_dit
+    c = tiny_dit.get_config()
+    c.blocks.train = "0"
+    c.train.log_every, c.train.eval_every, c.train.profile_steps = 2, 3, "2,3"
+    workdir = str(tmp_path_factory.mktemp("eco") / "run")
+    params = train_lib.train(c, workdir, return_params=True)["block_00"]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return c, workdir, params, records
+
+
+def test_metrics_have_flops_per_second(tiny_run):
+    from dblocks import profiling
+    _, _, _, records = tiny_run
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(r["flops_per_s"] > 0 and "mfu" not in r for r in records)   # a CPU: FLOP/s, no peak, no MFU
+    assert profiling.describe({"flops_per_s": 2.5e13, "mfu": 0.41}) == "  25 TFLOP/s  MFU 41.0%"
+    assert profiling.throughput(1e9, 2.0, 4e9) == {"flops_per_s": 2e9, "mfu": 0.5}
+
+
+def test_profile_steps_write_a_trace(tiny_run):
+    _, workdir, _, _ = tiny_run
+    traces = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(workdir, "profile", "block_00")) for f in fs
+              if f.endswith(".xplane.pb")]
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+def test_held_out_loss_at_the_eval_steps(tiny_run):
+    """val_loss at the log points that pass a multiple of eval_every (4 and 6, not 2), and at step 6 exactly the
+    task's loss of the final parameters on the held-out batch with the unit's fixed noise."""
+    c, _, params, records = tiny_run
+    assert ["val_loss" in r for r in records] == [False, True, True]
+    np.testing.assert_allclose(records[-1]["val_loss"], _expected_val_loss(c, params, 0), rtol=1e-5)
+    assert records[-1]["val_loss"] != records[1]["val_loss"]
+
+
+def _expected_val_loss(c, params, index):
+    import jax
+
+    from dblocks import validation
+    from dblocks.tasks import get_task
+    task = get_task(c)
+    unit = task.units("dblocks")[index]
+    return float(validation.make_eval_loss(task, task.make_model(unit))(
+        params, validation.heldout_batch(task, int(c.data.batch_size)), validation.eval_key(c.seed, unit.index),
+        jax.numpy.asarray(unit.train_range, jax.numpy.float32)))
+
+
+def test_held_out_loss_of_blocks_trained_side_by_side_on_the_mesh(tmp_path):
+    from dblocks import train as train_lib
+    from experiments.configs import tiny_dit
+    c = tiny_dit.get_config()
+    c.blocks.train, c.parallel.mode = "0,1", "mesh"
+    c.train.steps, c.train.log_every, c.train.eval_every, c.optim.warmup_steps = 3, 3, 3, 1
+    params = train_lib.train(c, str(tmp_path), return_params=True)
+    records = {r["unit"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl"))}
+    for i, name in enumerate(("block_00", "block_01")):
+        np.testing.assert_allclose(records[name]["val_loss"], _expected_val_loss(c, params[name], i), rtol=1e-5)
+    assert records["block_00"]["val_loss"] != records["block_01"]["val_loss"]
+
+
+def test_profile_steps_and_eval_every_are_validated():
+    from dblocks import config as config_lib
+    from experiments.configs import tiny_dit
+    for field, value, message in (("profile_steps", "3", "use 'a,b'"), ("profile_steps", "4,2", "1 <= a <= b"),
+                                  ("eval_every", -1, "eval_every=-1")):
+        c = tiny_dit.get_config()
+        c.train[field] = value
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.validate(c)
+
+
+# -- 2. all devices by default ----------------------------------------------------------------------------------------
+
+def test_auto_mode_uses_the_mesh_with_several_accelerators_and_says_why_not(monkeypatch):
+    import jax
+
+    from dblocks import config as config_lib
+    from dblocks import parallel
+    from experiments.configs import tiny_dit
+    c = tiny_dit.get_config()
+    assert c.parallel.mode == "auto"
+    config_lib.validate(c)
+    assert jax.device_count() == 8 and parallel.auto_mode(c)[0] == "sequential"   # 8 forced CPU devices
+    assert "host CPU devices" in parallel.auto_mode(c)[1] and "cpu_devices" in parallel.auto_mode(c)[1]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")   # 8 accelerators, as auto_mode sees them
+    assert parallel.auto_mode(c) == ("mesh", "3 blocks to train on 8 gpu devices")
+    assert parallel.settings(c)[0] == "mesh"
+    c.blocks.train = "1"
+    mode, why = parallel.auto_mode(c)
+    assert mode == "sequential" and "--config.parallel.data=8" in why
+    c.blocks.train, c.method = "all", "e2e"
+    assert parallel.auto_mode(c)[0] == "sequential"
+
+
+def test_a_run_on_two_cpu_devices_names_them_and_says_why_it_uses_one(tmp_path):
+    """The default (parallel.mode=auto) on 2 forced CPU devices: the start-up log names the devices and says why
+    it trains on one of them, and how to use both."""
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config",
+                           os.path.join(ROOT, "experiments/configs/tiny_dit.py"), "--workdir", str(tmp_path / "w"),
+                           "--config.blocks.train=0", "--config.train.steps=2", "--config.optim.warmup_steps=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = [ln for ln in proc.stdout.splitlines() if "device(s) visible" in ln]   # the log goes to stdout
+    assert len(plan) == 1, proc.stdout[-3000:]
+    assert "2 cpu device(s) visible" in plan[0] and "parallel.mode=auto -> sequential" in plan[0]
+    assert "--config.parallel.cpu_devices=N" in plan[0] and "training on cpu:0" in plan[0]
