@@ -62,7 +62,8 @@ class Trainer:
         return self._compiled[key]
 
     def heldout(self) -> dict:
-        """The fixed held-out batch every unit is evaluated on (host arrays), loaded at the first evaluation."""
+        """The fixed held-out batch every unit is evaluated on (host arrays; {} when there is none), loaded at the
+        first evaluation."""
         if self._heldout is None:
             self._heldout = validation.heldout_batch(self.task, int(self.config.data.batch_size))
         return self._heldout
@@ -137,8 +138,11 @@ class _OneUnit:
         self.state, metrics = self.step_fn(self.state, batch, self.base_key, self.train_range)
         return metrics
 
-    def eval_loss(self) -> dict:
-        """{'val_loss': the unit's held-out loss} on the device (dblocks.validation); not fetched here."""
+    def eval_loss(self) -> dict | None:
+        """{'val_loss': the unit's held-out loss} on the device (dblocks.validation); not fetched here. None without
+        held-out data."""
+        if not self.trainer.heldout():
+            return None
         if self._eval is None:
             t, unit = self.trainer, self.units[0]
             self._eval = (t.compiled_eval(self.model), jax.device_put(t.heldout(), self.device),

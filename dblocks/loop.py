@@ -43,6 +43,7 @@ class Driver(Protocol):
     labels: list[str]
     ckpts: list                      # dblocks.checkpoint.UnitCheckpoint per unit
     devices: list                    # the jax devices the step runs on
+    step_fn: Any                     # the compiled step (one per shape; dblocks.profiling caches its FLOPs)
 
     def batch(self, step: int) -> Any: ...              # the device batch of `step` (runs on the prefetch thread)
     def step(self, batch: Any) -> Any: ...              # one step; returns the metrics tree (on the device)

@@ -369,8 +369,11 @@ class _Wave:
         self.state, metrics = self.step_fn(self.state, batch, self.base_keys, self.ranges)
         return metrics
 
-    def eval_loss(self) -> dict:
-        """{'val_loss': [K]} every block's held-out loss on the device (dblocks.validation); not fetched here."""
+    def eval_loss(self) -> dict | None:
+        """{'val_loss': [K]} every block's held-out loss on the device (dblocks.validation); not fetched here. None
+        without held-out data."""
+        if not self.trainer.heldout():
+            return None
         if self._eval is None:
             st, t, k = stacked_sharding(self.mesh), self.trainer, len(self.padded)
             fn = jax.jit(jax.vmap(validation.make_eval_loss(t.task, self.model)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from typing import Any
 
 import jax
@@ -27,6 +28,9 @@ PEAK_BF16_FLOPS = (
     ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
     ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
 )
+
+
+_FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # compiled step -> FLOPs of one call
 
 
 def peak_flops(device) -> float | None:
@@ -44,11 +48,13 @@ def step_cost(driver, batch, config) -> tuple[float, float | None]:
         log.info("FLOP/s not reported: with model.scan_layers XLA counts the scanned layer once")
         return 0.0, None
     from dblocks.memory import flops_of   # imports the tasks: only when a loop starts
-    try:
-        flops = flops_of(driver.lower(batch))
-    except Exception as e:  # noqa: BLE001 - a backend without cost analysis: the run goes on without FLOP/s
-        log.info("FLOP/s not reported: no cost analysis (%s)", e)
-        return 0.0, None
+    flops = _FLOPS.get(driver.step_fn)   # units of one shape share a compiled step: lower (trace) it once
+    if flops is None:
+        try:
+            flops = _FLOPS[driver.step_fn] = flops_of(driver.lower(batch))
+        except Exception as e:  # noqa: BLE001 - a backend without cost analysis: the run goes on without FLOP/s
+            log.info("FLOP/s not reported: no cost analysis (%s)", e)
+            return 0.0, None
     slots = len(getattr(driver, "padded", driver.units))
     peak = peak_flops(driver.devices[0])
     return flops / slots, (peak * len(driver.devices) / slots if peak else None)

@@ -8,6 +8,8 @@ is computed on the device at a log point and fetched with that log point's metri
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 
@@ -49,7 +51,14 @@ def make_eval_loss(task, model):
 
 
 def heldout_batch(task, batch_size: int) -> dict:
-    """The first `batch_size` held-out examples (repeated when the split is smaller), as an evaluation batch."""
-    source = task.source(HELDOUT_SPLIT)
+    """The first `batch_size` held-out examples (repeated when the split is smaller), as an evaluation batch; {}
+    with a warning when the data has no held-out split (the run goes on without val_loss)."""
+    from dblocks.data import DatasetMissingError
+    try:
+        source = task.source(HELDOUT_SPLIT)
+    except (DatasetMissingError, ValueError, FileNotFoundError) as e:
+        logging.getLogger("dblocks").warning("no held-out loss during training: the %r split cannot be read (%s)",
+                                             HELDOUT_SPLIT, e)
+        return {}
     idx = np.arange(batch_size) % len(source)
     return task.make_batch(source.get(idx), train=False)

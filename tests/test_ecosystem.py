@@ -184,6 +184,19 @@ def test_held_out_loss_of_blocks_trained_side_by_side_on_the_mesh(tmp_path):
     assert records["block_00"]["val_loss"] != records["block_01"]["val_loss"]
 
 
+def test_no_held_out_split_means_no_val_loss_not_a_crash(caplog):
+    from dblocks import validation
+    from dblocks.data import DatasetMissingError
+
+    class NoTestSplit:
+        def source(self, split):
+            raise DatasetMissingError(f"no {split} split")
+
+    with caplog.at_level("WARNING", logger="dblocks"):
+        assert validation.heldout_batch(NoTestSplit(), 8) == {}
+    assert "no held-out loss during training" in caplog.text
+
+
 def test_profile_steps_and_eval_every_are_validated():
     from dblocks import config as config_lib
     from experiments.configs import tiny_dit
