@@ -2,7 +2,7 @@
 # dblocks launcher. Run `./launch.sh help` for the subcommands.
 #
 #   ./launch.sh demo     set up, then train the Fashion-MNIST DiT as B=3 DiffusionBlocks and write a sample grid
-#   ./launch.sh test     set up, then run the test suite (what .ci/run runs)
+#   ./launch.sh test     set up, then lint (ruff) and run the test suite (what .ci/run runs)
 #   ./launch.sh tpu up   create a Cloud TPU pod slice, copy the code to every worker and set it up (docs/scale_out.md)
 #
 # Sourcing it (`source launch.sh`) defines the functions without running a subcommand (tests/test_launch.py).
@@ -266,6 +266,7 @@ case "$cmd" in
     setup
     use_tcmalloc
     use_hugepages
+    "$(python_bin)" -m ruff check dblocks experiments tests   # the rules: [tool.ruff] in pyproject.toml
     "$(python_bin)" -m pytest -q tests "$@" ;;
   train|sample|evaluate|compare|memory|bench|bench_parallel|export|convert)
     setup
@@ -280,7 +281,7 @@ case "$cmd" in
 subcommands:
   setup [--cuda|--tpu]       pip install -e . (into .venv; with the CUDA 12 or TPU jax build) and the embedded data
   demo [WORKDIR]             set up, train experiments/configs/fashion_mnist_dit.py, write WORKDIR/samples.png
-  test [PYTEST ARGS]         set up, run the tests (what .ci/run runs); add `-m slow` for the heavy ones
+  test [PYTEST ARGS]         set up, ruff check, run the tests (what .ci/run runs); `-m slow` for the heavy ones
   train|sample|evaluate|compare|memory|bench_parallel|export ARGS
                              set up, then python -m experiments.<subcommand> ARGS
   tpu ACTION [--dry-run]     Cloud TPU pod slice: up, create, copy, setup, train, logs, stop, delete (tpu help)

@@ -7,6 +7,7 @@ import ml_collections
 
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
+from dblocks import profiling, validation
 from dblocks.models import options as model_options
 from dblocks.tasks import TASK_NAMES, get_task
 from dblocks.tasks.base import METHODS
@@ -45,13 +46,16 @@ def base_config() -> ml_collections.ConfigDict:
                                              # resume a unit with a config that changes the result (recorded in
                                              # its meta.json; refused otherwise: docs/reliability.md)
                                              allow_config_change=False))
+    c.train.profile_steps = ""   # 'a,b': a jax.profiler trace of steps a..b in WORKDIR/profile/ (dblocks.profiling)
+    c.train.eval_every = 500     # each unit's held-out loss every N steps, at a log point (0 = off; dblocks.validation)
 
-    # How the units are trained (docs/scale_out.md): 'sequential' (one after another, one device) or 'mesh' (up to
-    # `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data` ways; 0 = as
-    # many blocks as the devices allow). cpu_devices (CPU backend only; ignored on GPU / TPU): split the host CPU into
+    # How the units are trained (docs/scale_out.md): 'auto' (the default: 'mesh' with several GPUs / TPUs and several
+    # blocks to train, else 'sequential'; dblocks.parallel.auto_mode), 'sequential' (one after another, one device) or
+    # 'mesh' (up to `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data`
+    # ways; 0 = as many blocks as the devices allow). cpu_devices (CPU backend only; ignored on GPU / TPU): split the host CPU into
     # this many JAX devices and each step's batch over them; with mode 'sequential' the units then train one at a
     # time on a (1 block x cpu_devices) mesh. Faster steps on a multi-core CPU (docs/performance.md "Two CPU devices").
-    c.parallel = ml_collections.ConfigDict(dict(mode="sequential", data=1, blocks=0, cpu_devices=1))
+    c.parallel = ml_collections.ConfigDict(dict(mode="auto", data=1, blocks=0, cpu_devices=1))
     return c
 
 
@@ -201,10 +205,11 @@ def _generic_problems(c) -> list[str]:
         p.append(f"data.batch_size={c.data.batch_size} must be >= 1")
     if t.ckpt_every < 1 or t.log_every < 1:
         p.append("train.ckpt_every and train.log_every must be >= 1")
+    p += profiling.config_problems(t) + validation.config_problems(t)
     return p + model_options.validate_options(c.model) + _parallel_problems(c)
 
 
-PARALLEL_MODES = ("sequential", "mesh")
+PARALLEL_MODES = ("auto", "sequential", "mesh")
 
 
 def _parallel_problems(c) -> list[str]:
@@ -216,13 +221,13 @@ def _parallel_problems(c) -> list[str]:
         p.append(f"parallel.mode={q.mode!r}; choose one of {PARALLEL_MODES}")
     if int(q.data) < 1 or int(q.blocks) < 0:
         p.append(f"parallel.data={q.data} must be >= 1 and parallel.blocks={q.blocks} >= 0 (0: as many as fit)")
-    elif q.mode == "mesh" and int(c.data.batch_size) % int(q.data):
+    elif q.mode in ("mesh", "auto") and int(c.data.batch_size) % int(q.data):
         p.append(f"data.batch_size={c.data.batch_size} must be divisible by parallel.data={q.data}: each block's "
                  f"batch is split evenly over its data group")
     cpus = q.get("cpu_devices", 1)
     if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
         p.append(f"parallel.cpu_devices={cpus!r} must be an integer >= 1 (1: the host CPU is one device)")
-    elif cpus > 1 and q.mode == "sequential" and int(c.data.batch_size) % cpus:
+    elif cpus > 1 and q.mode in ("sequential", "auto") and int(c.data.batch_size) % cpus:
         p.append(f"data.batch_size={c.data.batch_size} must be divisible by parallel.cpu_devices={cpus}: each "
                  f"step's batch is split evenly over the CPU devices")
     return p

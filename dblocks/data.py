@@ -18,6 +18,7 @@ dblocks.user_data.resolve_fields fills data.num_classes / image_size / channels 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import gzip
@@ -304,30 +305,48 @@ def npz_images(path: str, split: str, test_fraction: float = TEST_FRACTION) -> A
 @functools.lru_cache(maxsize=4)
 def hf_dataset(spec: str) -> Any:
     """A HuggingFace dataset as a DatasetDict: `spec` is a folder written by `save_to_disk`, or NAME[:CONFIG] in the
-    local cache. HF_DATASETS_OFFLINE=1 is set: dblocks never downloads at run time."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    local cache. The load runs in HF offline mode (dblocks never downloads at run time); the mode is restored after
+    it, so the rest of the process (a user's own datasets / hub calls) is not made offline."""
     try:
         import datasets
     except ImportError as e:
         raise DatasetMissingError("hf: data needs the HuggingFace `datasets` package: pip install datasets "
                                   "(or pip install -e '.[hf]')") from e
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True   # when imported before us
-    import huggingface_hub.constants
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    path = os.path.expanduser(spec)
-    try:
-        if os.path.isdir(path):
-            ds = datasets.load_from_disk(path)
-        else:
-            name, _, cfg = spec.partition(":")
-            ds = datasets.load_dataset(name, cfg or None)
-    except Exception as e:  # datasets raises several types for "not on disk / not cached"
-        raise DatasetMissingError(
-            f"HuggingFace dataset {spec!r} is neither a save_to_disk folder nor in the local cache ({type(e).__name__}:"
-            f" {e}). dblocks never downloads at run time: fetch it once with  python -c \"import datasets; "
-            f"datasets.load_dataset('{spec.partition(':')[0]}').save_to_disk('DIR')\"  and use hf:DIR") from e
+    with _hf_offline(datasets):
+        path = os.path.expanduser(spec)
+        try:
+            if os.path.isdir(path):
+                ds = datasets.load_from_disk(path)
+            else:
+                name, _, cfg = spec.partition(":")
+                ds = datasets.load_dataset(name, cfg or None)
+        except Exception as e:  # datasets raises several types for "not on disk / not cached"
+            raise DatasetMissingError(
+                f"HuggingFace dataset {spec!r} is neither a save_to_disk folder nor in the local cache "
+                f"({type(e).__name__}: {e}). dblocks never downloads at run time: fetch it once with  python -c "
+                f"\"import datasets; datasets.load_dataset('{spec.partition(':')[0]}').save_to_disk('DIR')\"  "
+                f"and use hf:DIR") from e
     return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
+
+
+@contextlib.contextmanager
+def _hf_offline(datasets):
+    """HF_DATASETS_OFFLINE / HF_HUB_OFFLINE on (environment and the libraries' already-read copies) while inside;
+    every one of them back as it was afterwards."""
+    import huggingface_hub.constants as hub
+    env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    flags = (datasets.config.HF_DATASETS_OFFLINE, datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE)
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        datasets.config.HF_DATASETS_OFFLINE, datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = flags
 
 
 def open_hf(spec: str, split: str, test_fraction: float = TEST_FRACTION, stratify: str = "") -> Any:

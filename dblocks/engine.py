@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dblocks import checkpoint as ckpt_lib
-from dblocks import logs, loop, order, steps
+from dblocks import logs, loop, order, steps, validation
 from dblocks.tasks import Task, Unit
 
 State = steps.State
@@ -57,6 +57,7 @@ class Trainer:
                                                     f"{e.strerror or e}. The workdir must be writable and have free "
                                                     f"space; nothing on disk was lost.") from None
         self.config_recorded = True
+        self._heldout: dict | None = None
 
     def model(self, unit: Unit) -> nn.Module:
         return self.task.make_model(unit)
@@ -71,6 +72,20 @@ class Trainer:
         if key not in self._compiled:
             self._compiled[key] = jax.jit(self.train_step(model), donate_argnums=0)
         return self._compiled[key]
+
+    def compiled_eval(self, model: nn.Module) -> Callable:
+        """The jitted held-out loss (dblocks.validation), one per model shape."""
+        key = ("eval", type(model).__name__, repr(model))
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(validation.make_eval_loss(self.task, model))
+        return self._compiled[key]
+
+    def heldout(self) -> dict:
+        """The fixed held-out batch every unit is evaluated on (host arrays; {} when there is none), loaded at the
+        first evaluation."""
+        if self._heldout is None:
+            self._heldout = validation.heldout_batch(self.task, int(self.config.data.batch_size))
+        return self._heldout
 
     def batch(self, unit: Unit, step: int) -> dict:
         """The unit's host batch at `step` (a pure function of seed, unit and step)."""
@@ -134,9 +149,11 @@ class _OneUnit:
         self.trainer, self.units, self.ckpts, self.state = trainer, [unit], [ckpt], state
         self.labels = [unit.name if unit.is_block else "e2e"]
         self.device = jax.local_devices()[0]
+        self.devices = [self.device]
         self.base_key = steps.step_base_key(trainer.config.seed, unit.index)
         self.train_range = jnp.asarray(unit.train_range, jnp.float32)
         self.step_fn = trainer.compiled_step(model)
+        self.model, self._eval = model, None
 
     def batch(self, step: int):
         return jax.device_put(self.trainer.batch(self.units[0], step), self.device)
@@ -144,6 +161,22 @@ class _OneUnit:
     def step(self, batch):
         self.state, metrics = self.step_fn(self.state, batch, self.base_key, self.train_range)
         return metrics
+
+    def eval_loss(self) -> dict | None:
+        """{'val_loss': the unit's held-out loss} on the device (dblocks.validation); not fetched here. None without
+        held-out data."""
+        if not self.trainer.heldout():
+            return None
+        if self._eval is None:
+            t, unit = self.trainer, self.units[0]
+            self._eval = (t.compiled_eval(self.model), jax.device_put(t.heldout(), self.device),
+                          validation.eval_key(t.config.seed, unit.index))
+        fn, batch, key = self._eval
+        return {"val_loss": fn(self.state["params"], batch, key, self.train_range)}
+
+    def lower(self, batch):
+        """The step lowered for these arguments (its cost analysis gives FLOPs; dblocks.profiling)."""
+        return self.step_fn.lower(self.state, batch, self.base_key, self.train_range)
 
     def to_host(self, tree):
         return jax.device_get(tree)

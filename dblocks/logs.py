@@ -18,6 +18,8 @@ import sys
 import jax
 import numpy as np
 
+from dblocks import profiling
+
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger("dblocks")
 
@@ -102,6 +104,7 @@ class Progress:
     def __init__(self, label: str, start: int, total: int, every: int):
         self.label, self.total, self.every = label, total, every
         self.t_mark, self.s_mark = None, start
+        self.flops_per_step, self.peak_flops = 0.0, None   # set by the loop (dblocks.profiling.step_cost)
 
     def start_clock(self, step: int) -> None:
         """Call once the first step of this process has been dispatched (it compiles): the rate excludes it."""
@@ -118,9 +121,11 @@ class Progress:
         eta = (self.total - step) / rate if rate and np.isfinite(rate) and rate > 0 else float("nan")
         vals = {k: float(v) for k, v in metrics.items()}
         extra = "  ".join(f"{k} {v:.4g}" for k, v in vals.items() if k != "loss")
-        log.info("[%s] step %d/%d  loss %.4f  %s  %.2f steps/s  ETA %s", self.label, step, self.total,
-                     vals.get("loss", float("nan")), extra, rate, fmt_duration(eta) if np.isfinite(eta) else "?")
-        return {"steps_per_s": rate, **vals}
+        speed = profiling.throughput(self.flops_per_step, rate, self.peak_flops)   # FLOP/s and MFU
+        log.info("[%s] step %d/%d  loss %.4f  %s  %.2f steps/s%s  ETA %s", self.label, step, self.total,
+                     vals.get("loss", float("nan")), extra, rate, profiling.describe(speed),
+                     fmt_duration(eta) if np.isfinite(eta) else "?")
+        return {"steps_per_s": rate, **vals, **speed}
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dblocks import checkpoint as ckpt_lib
-from dblocks import logs
+from dblocks import logs, profiling, validation
 from dblocks.steps import NonFiniteLossError
 
 _allow_transfers = lambda: jax.transfer_guard_device_to_host("allow")  # noqa: E731  (deliberate reads)
@@ -53,9 +53,13 @@ class Driver(Protocol):
     units: list                      # dblocks.tasks.Unit, one per lockstep slot that is saved
     labels: list[str]
     ckpts: list                      # dblocks.checkpoint.UnitCheckpoint per unit
+    devices: list                    # the jax devices the step runs on
+    step_fn: Any                     # the compiled step (one per shape; dblocks.profiling caches its FLOPs)
 
     def batch(self, step: int) -> Any: ...              # the device batch of `step` (runs on the prefetch thread)
     def step(self, batch: Any) -> Any: ...              # one step; returns the metrics tree (on the device)
+    def lower(self, batch: Any) -> Any: ...             # the step lowered for its arguments (FLOPs; dblocks.profiling)
+    def eval_loss(self) -> Any: ...                     # {'val_loss'} per unit, on the device (dblocks.validation)
     def to_host(self, tree: Any) -> Any: ...
     def unit_metrics(self, host: Any, i: int) -> dict: ...   # unit i's metrics from a host tree
     def unit_state(self, i: int) -> Any: ...            # unit i's state, as its checkpoint stores it
@@ -228,7 +232,9 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
     batch_size = int(config.data.batch_size)
     multi = jax.process_count() > 1
     progress = [logs.Progress(label, start, total, log_every) for label in driver.labels]
+    window = profiling.ProfileWindow(config, writer.workdir, "+".join(driver.labels))   # train.profile_steps
     sums, count, t0, last_save = None, 0, time.time(), time.monotonic()
+    eval_every, last_eval = validation.eval_every(config), start   # held-out loss at log points (train.eval_every)
     prefetch = Prefetch(driver.batch, range(start, total))
     with StopSignal.shared() as stop, contextlib.ExitStack() as stepping:
         try:
@@ -236,11 +242,16 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
                 if on_step is not None:
                     for u in driver.units:
                         on_step(u, step)
-                metrics = driver.step(next(prefetch))
+                window.before(step)
+                batch = next(prefetch)
+                metrics = driver.step(batch)
                 done = step + 1
+                window.after(done, metrics)
                 if step == start:   # compiled and dispatched: from here a stop signal saves this progress
                     stepping.enter_context(stop.stepping())
+                    cost = profiling.step_cost(driver, batch, config)   # FLOPs per step, off the clock
                     for p in progress:
+                        p.flops_per_step, p.peak_flops = cost
                         p.start_clock(done)
                 sums = metrics if sums is None else _accumulate(sums, metrics)   # on the device, no sync
                 count += 1
@@ -251,11 +262,14 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
                 interrupted = stop.requested(done)
                 save = (done % ckpt_every == 0 or timed or interrupted) and done != total
                 if at_log or save:   # the only place the host reads the device between steps
+                    val = None
+                    if at_log and validation.due(done, last_eval, eval_every):
+                        val, last_eval = driver.eval_loss(), done   # dispatched; fetched with the metrics below
                     with _allow_transfers():
-                        host = driver.to_host(sums)
+                        host, val = driver.to_host((sums, val))
                         _check_finite(driver, host, count, done)
                         if at_log:
-                            _log(driver, progress, writer, host, count, done, t0, batch_size, lr_at)
+                            _log(driver, progress, writer, host, count, done, t0, batch_size, lr_at, val)
                     if at_log:
                         sums, count = None, 0
                 if save:
@@ -271,6 +285,7 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
                         f"is saved; run the same command again to resume", done, stop.signum or signal.SIGTERM)
         finally:
             prefetch.close()
+            window.close()
         _save(driver, total, force=True)
         _wait(driver)
         for ck in driver.ckpts:
@@ -288,9 +303,10 @@ def _check_finite(driver: Driver, host, count: int, done: int) -> None:
                 f"optim.grad_clip > 0, or check the data.")
 
 
-def _log(driver, progress, writer, host, count, done, t0, batch_size, lr_at) -> None:
+def _log(driver, progress, writer, host, count, done, t0, batch_size, lr_at, val=None) -> None:
     for i, label in enumerate(driver.labels):
-        record = progress[i].update(done, _mean(driver.unit_metrics(host, i), count))
+        held_out = {} if val is None else driver.unit_metrics(val, i)   # val_loss, beside the interval means
+        record = progress[i].update(done, {**_mean(driver.unit_metrics(host, i), count), **held_out})
         if record is None:
             continue
         extra = {"examples_per_s": record["steps_per_s"] * batch_size}

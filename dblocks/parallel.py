@@ -18,7 +18,6 @@ shard once); only process 0 logs and writes meta, metrics and config.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -27,9 +26,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from dblocks import checkpoint as ckpt_lib
-from dblocks import engine, logs, loop, steps
-from dblocks.config import ConfigError
+from dblocks import engine, logs, loop, steps, validation
+from dblocks.config import ConfigError, parse_blocks
 from dblocks.tasks import Unit
 
 BLOCK, DATA = "block", "data"
@@ -51,12 +49,51 @@ def init_distributed(enabled: bool = False) -> bool:
     return True
 
 
+def auto_mode(config) -> tuple[str, str]:
+    """What parallel.mode='auto' (the default) means on this machine: ('mesh' | 'sequential', why). Several
+    accelerators and several blocks to train: the blocks train side by side on a mesh of all devices. A CPU's
+    devices stay sequential: forced host devices (XLA_FLAGS, parallel.cpu_devices) share the same cores."""
+    n, backend = jax.device_count(), jax.default_backend()
+    units = 1 if config.method == "e2e" else len(parse_blocks(config.blocks.train, int(config.blocks.num_blocks)))
+    if jax.process_count() > 1:
+        return "mesh", f"{jax.process_count()} processes train one mesh"
+    if n < 2:
+        return "sequential", "one device"
+    if backend == "cpu":
+        return "sequential", (f"the {n} devices are host CPU devices that share the same cores, not separate "
+                              f"accelerators; --config.parallel.cpu_devices=N splits each step's batch over N of "
+                              f"them, --config.parallel.mode=mesh trains blocks side by side on them")
+    if units < 2:
+        what = "the end-to-end network" if config.method == "e2e" else "one block"
+        return "sequential", (f"one unit to train ({what}), on 1 of the {n} devices: --config.parallel.mode=mesh "
+                              f"--config.parallel.data={n} splits its batch over all of them")
+    return "mesh", f"{units} blocks to train on {n} {backend} devices"
+
+
+def requested_mode(config) -> str:
+    """config.parallel.mode with 'auto' resolved (absent in configs saved before it existed: sequential)."""
+    mode = str((config.get("parallel") or {}).get("mode", "sequential"))
+    return auto_mode(config)[0] if mode == "auto" else mode
+
+
+def device_plan(config) -> str:
+    """One start-up log line: the devices visible, the mode (and for 'auto', why), and the devices that train."""
+    devices, asked = jax.devices(), str((config.get("parallel") or {}).get("mode", "sequential"))
+    mode = settings(config)[0]
+    kinds = ", ".join(sorted({d.device_kind for d in devices}))
+    line = f"{len(devices)} {jax.default_backend()} device(s) visible ({kinds}); parallel.mode={asked}"
+    if asked == "auto":
+        line += f" -> {requested_mode(config)} ({auto_mode(config)[1]})"
+    used = "the mesh's devices (below)" if mode == "mesh" else str(jax.local_devices()[0])
+    return f"{line}; training on {used}"
+
+
 def settings(config) -> tuple[str, int, int]:
-    """(mode, data axis size, block axis size; 0 = as many as fit) from config.parallel (absent: sequential).
-    A sequential run with parallel.cpu_devices = n > 1 on the CPU backend is a mesh of 1 block x n data devices:
-    the same units one after another, each step's batch split over the host's n CPU devices."""
+    """(mode, data axis size, block axis size; 0 = as many as fit) from config.parallel (absent: sequential;
+    'auto': auto_mode). A sequential run with parallel.cpu_devices = n > 1 on the CPU backend is a mesh of 1 block x
+    n data devices: the same units one after another, each step's batch split over the host's n CPU devices."""
     p = config.get("parallel") or {}
-    mode, data, blocks = str(p.get("mode", "sequential")), int(p.get("data", 1)), int(p.get("blocks", 0))
+    mode, data, blocks = requested_mode(config), int(p.get("data", 1)), int(p.get("blocks", 0))
     cpus = int(p.get("cpu_devices", 1))
     if mode == "sequential" and cpus > 1 and jax.default_backend() == "cpu":
         return "mesh", cpus, 1
@@ -69,8 +106,7 @@ def mesh_shape(config, group_size: int) -> tuple[int, int]:
     mode, data, blocks = settings(config)
     n, procs = jax.device_count(), jax.process_count()
     if data > n:
-        what = "parallel.data" if (config.get("parallel") or {}).get("mode", "sequential") == mode \
-            else "parallel.cpu_devices"
+        what = "parallel.data" if requested_mode(config) == mode else "parallel.cpu_devices"
         raise ConfigError(f"{what}={data} exceeds the {n} devices")
     if blocks == 0:
         blocks = n // data if procs > 1 else min(n // data, group_size)
@@ -291,9 +327,11 @@ class _Wave:
                  start: int, inits: dict):
         k = mesh.shape[BLOCK]
         self.trainer, self.stack, self.step_fn, self.start = trainer, stack, step_fn, start
+        self.model, self.mesh, self._eval = model, mesh, None
         self.units, self.ckpts = wave, ckpts
         self.labels = [u.name if u.is_block else "e2e" for u in wave]
         self.padded = wave + [wave[-1]] * (k - len(wave))
+        self.devices = list(mesh.devices.flat)
         st = stacked_sharding(mesh)
         self.batch_sharding = batch_sharding(mesh)
         if len(wave) < k:
@@ -332,6 +370,27 @@ class _Wave:
     def step(self, batch):
         self.state, metrics = self.step_fn(self.state, batch, self.base_keys, self.ranges)
         return metrics
+
+    def eval_loss(self) -> dict | None:
+        """{'val_loss': [K]} every block's held-out loss on the device (dblocks.validation); not fetched here. None
+        without held-out data."""
+        if not self.trainer.heldout():
+            return None
+        if self._eval is None:
+            st, t, k = stacked_sharding(self.mesh), self.trainer, len(self.padded)
+            fn = jax.jit(jax.vmap(validation.make_eval_loss(t.task, self.model)),
+                         in_shardings=(st, self.batch_sharding, st, st), out_shardings=st)
+            batch = jax.tree.map(lambda x: put_global(np.broadcast_to(x, (k, *x.shape)), self.batch_sharding),
+                                 t.heldout())
+            keys = put_global(np.stack([np.asarray(validation.eval_key(t.config.seed, u.index)) for u in self.padded]),
+                              st)
+            self._eval = fn, batch, keys
+        fn, batch, keys = self._eval
+        return {"val_loss": fn(self.state["params"], batch, keys, self.ranges)}
+
+    def lower(self, batch):
+        """The step lowered for these arguments (its cost analysis gives FLOPs; dblocks.profiling)."""
+        return self.step_fn.lower(self.state, batch, self.base_keys, self.ranges)
 
     def to_host(self, tree):
         return to_host(tree)

@@ -6,6 +6,7 @@ measure spelling; word n-grams measure what a reader sees as repetition).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from typing import Sequence
@@ -83,10 +84,16 @@ def char_entropy_bits(texts: Sequence[str]) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = 1, scaling: float = 5.0) -> float:
+def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = 1, scaling: float = 5.0) -> float | None:
     """MAUVE (Pillutla et al. 2021) between reference features p [n, d] and sample features q [m, d], from the PyPI
-    package `mauve-text` (imported here only: an optional dependency; it needs no torch when given features)."""
-    import mauve   # noqa: PLC0415 (optional third-party dependency)
+    package `mauve-text` (the optional extra `dblocks[mauve]`: GPL-3.0, with faiss and scikit-learn; it needs no
+    torch when given features). None, with a warning, when it is not installed: the other metrics still run."""
+    try:
+        import mauve   # noqa: PLC0415 (optional third-party dependency)
+    except ImportError:
+        logging.getLogger("dblocks").warning("MAUVE skipped: the optional package mauve-text is not installed "
+                                             "(pip install 'dblocks[mauve]', or pip install mauve-text)")
+        return None
     out = mauve.compute_mauve(p_features=np.asarray(p_features, np.float32), q_features=np.asarray(q_features,
                               np.float32), seed=seed, mauve_scaling_factor=scaling, verbose=False,
                               num_buckets="auto")

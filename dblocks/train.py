@@ -60,11 +60,12 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     cpus = int(asked.get("cpu_devices", 1))
     if cpus > 1 and jax.default_backend() != "cpu":
         logs.log.info("parallel.cpu_devices=%d ignored: the backend is %s", cpus, jax.default_backend())
-    elif cpus > 1 and mode == "mesh" and asked.get("mode", "sequential") == "sequential":
+    elif cpus > 1 and mode == "mesh" and parallel.requested_mode(config) == "sequential":
         logs.log.info("parallel.cpu_devices=%d: each step's batch is split over %d CPU devices (the mesh trainer, "
                       "one unit at a time)", cpus, cpus)
     if mode == "mesh":
         parallel.mesh_shape(config, 1)  # a mesh that cannot fit is refused before anything is written
+    logs.log.info("%s", parallel.device_plan(config))   # devices visible and used; for parallel.mode=auto, why
     # every unit's lock before anything is written (a second trainer is refused with the workdir unchanged);
     # config.json is written once a unit has restored (Trainer.record_config)
     locks = ckpt_lib.hold_locks([os.path.join(workdir, u.subdir()) for u in units])

@@ -46,7 +46,7 @@ def measure(trainer: engine.Trainer, units: list, mesh, steps: int, warmup: int)
     keys = parallel.put_global(np.stack([np.asarray(steps_lib.step_base_key(0, u.index)) for u in units]), st)
     ranges = parallel.put_global(np.asarray([u.train_range for u in units], np.float32), st)
     times = []
-    for i in range(warmup + steps):
+    for _ in range(warmup + steps):
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch, keys, ranges)
         jax.block_until_ready((state, metrics))

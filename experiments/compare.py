@@ -25,15 +25,15 @@ import platform
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dblocks import checkpoint as ckpt_lib
 from dblocks import config as config_lib
-from dblocks import logs, memory
+from dblocks import logs, memory, paths
 from dblocks import train as train_lib
 from dblocks.tasks import get_task
-from experiments.common import user_errors
+from experiments.common import run_main, user_errors
 from experiments import lm_compare
 from dblocks.evaluation import evaluate_workdir
 from experiments.options import define_option_flags
@@ -236,4 +236,5 @@ if __name__ == "__main__":
     _WORKDIR = flags.DEFINE_string("workdir", None, "where both runs, the table and the plots go")
     _OPTIONS = define_option_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    paths.refuse_remote_flags(_WORKDIR)
+    run_main(main)

@@ -15,13 +15,14 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
-from dblocks import convert, logs
+from dblocks import convert, logs, paths
 from experiments.common import run_main
 
 _FROM = flags.DEFINE_string("from", None, "a trained end-to-end workdir")
 _TO = flags.DEFINE_string("to", None, "the new DiffusionBlocks workdir")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the blocks' config (default: the e2e run's)")
 flags.mark_flags_as_required(["from", "to"])
+paths.refuse_remote_flags(_FROM, _TO)
 
 
 def main(argv):

@@ -15,7 +15,7 @@ import json
 
 from absl import flags
 
-from dblocks import logs, runtime
+from dblocks import logs, paths, runtime
 from dblocks.evaluation import evaluate_workdir
 from experiments.common import run_main, user_errors
 from experiments.options import define_option_flags
@@ -26,6 +26,7 @@ _OUT = flags.DEFINE_string("out", None, "output JSON (default WORKDIR/eval.json)
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "use the raw weights instead of their EMA")
 _OPTIONS = define_option_flags()
 flags.mark_flags_as_required(["workdir"])
+paths.refuse_remote_flags(_WORKDIR, _OUT)
 
 
 def main(argv):

@@ -5,9 +5,9 @@ partition, without optimizer state. Load it with `dblocks.load_model(path)`.
 """
 import json
 
-from absl import app, flags
+from absl import flags
 
-from dblocks import export, logs
+from dblocks import export, logs, paths
 from experiments.common import run_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir")
@@ -16,6 +16,7 @@ _METHOD = flags.DEFINE_enum("method", None, ["dblocks", "e2e"], "which run of th
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "export the raw weights instead of their EMA")
 _ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "export blocks that have not finished training")
 flags.mark_flags_as_required(["workdir", "out"])
+paths.refuse_remote_flags(_WORKDIR, _OUT)
 
 
 def main(argv):

@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags
 
-from dblocks import assemble
+from dblocks import assemble, paths
 from dblocks.checkpoint import write_json_atomic
 from dblocks.tasks import ar_eval, ar_infer
 
@@ -28,6 +28,7 @@ _LIMIT = flags.DEFINE_integer("limit", 64, "windows scored")
 _DRAWS = flags.DEFINE_integer("draws", 8, "chain draws averaged per position")
 _ELBO = flags.DEFINE_bool("elbo", True, "also compute the ELBO (once)")
 _OUT = flags.DEFINE_string("out", None, "JSON output")
+paths.refuse_remote_flags(_WORKDIR, _OUT)
 
 
 def parse_arm(spec: str) -> tuple[str, dict]:

@@ -20,7 +20,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from dblocks import assemble, logs, parallel, runtime
+from dblocks import assemble, logs, parallel, paths, runtime
 from dblocks import train as train_lib
 from dblocks import config as config_lib
 from experiments.common import run_main, user_errors
@@ -30,6 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and 
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one process per host; "
                                 "also done when JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set)")
 flags.mark_flags_as_required(["config", "workdir"])
+paths.refuse_remote_flags(_WORKDIR)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -62,7 +63,7 @@ def main(argv):
     logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
     runtime.setup()   # compilation cache; backend, devices and jax version in the log
     with user_errors(_WORKDIR.value):
-        if jax.process_count() > 1 and config.parallel.mode != "mesh":
+        if jax.process_count() > 1 and parallel.settings(config)[0] != "mesh":
             raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
                                          f"sequential engine trains on one device of one process)")
         train_and_evaluate(config, _WORKDIR.value)

@@ -16,7 +16,6 @@ from dblocks import train as train_lib
 from dblocks import config as config_lib
 from dblocks.models import ar as ar_model
 from dblocks.tasks import get_task
-from dblocks.train import train
 from experiments.configs import tiny_ar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

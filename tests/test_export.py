@@ -1,5 +1,5 @@
 """Exported models: experiments.export + dblocks.load_model give the same samples as sampling from the workdir; the
-file holds no optimizer state; experiments.sample --npz writes arrays for FID tools. The run trains on a folder of
+file holds no optimizer state; experiments.sample --npz / --png_dir write arrays / PNGs for FID tools. The run trains on a folder of
 PNG files (folder: data) so the whole path of a user's own images is exercised once."""
 import json
 import os
@@ -71,16 +71,25 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def test_sample_npz_for_fid_tools(trained, monkeypatch):
+def test_sample_npz_and_pngs_for_fid_tools(trained, monkeypatch):
+    from PIL import Image
+
     from experiments import sample
     tmp, workdir = trained
-    out = str(tmp / "samples.npz")
-    summary = sample.write_npz(sample.load(workdir, None, None, True), out, num=5, seed=0, batch_size=5,
-                               steps=None, solver=None, guidance=None)
+    out, pngs = str(tmp / "samples.npz"), tmp / "samples_png"
+    summary = sample.write_images(sample.load(workdir, None, None, True), num=5, seed=0, batch_size=5, npz=out,
+                                  png_dir=str(pngs), steps=None, solver=None, guidance=None)
     with np.load(out) as z:
         assert z["arr_0"].shape == (5, 8, 8, 1) and z["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(z["arr_1"], [0, 1, 0, 1, 0])
+        images = z["arr_0"]
     assert summary["images"] == 5
+    files = sorted(pngs.iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]   # one PNG per sample, the .npz's order
+    for f, img in zip(files, images):
+        with Image.open(f) as im:
+            assert im.size == (8, 8) and im.mode == "L"
+            np.testing.assert_array_equal(np.asarray(im), img[..., 0])   # lossless
 
 
 def test_load_model_refuses_other_npz(tmp_path):

@@ -186,7 +186,7 @@ def test_setup_installs_the_package_with_the_accelerator_extra(tmp_path):
     log = tmp_path / "pip.log"
     d = fake_bin(tmp_path, fakepy=f'echo "$*" >> {log}')
     env = {**os.environ, "VENV": str(tmp_path), "DBLOCKS_VENV": str(tmp_path)}
-    for args, extra in (("", ""), ("--cuda", "cuda"), ("--tpu", "tpu")):
+    for args in ("", "--cuda", "--tpu"):
         p = sourced(f"python_packages {d}/fakepy $(accel_extra {args})", env)
         assert p.returncode == 0, p.stderr
     calls = log.read_text().splitlines()

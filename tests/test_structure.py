@@ -97,7 +97,7 @@ def test_requirements_and_pyproject_agree():
     """requirements.txt (pip install -r) and pyproject.toml (pip install -e .) name the same packages."""
     import re
     import tomllib
-    name = lambda spec: re.split(r"[<>=!\[ ;]", spec.strip(), 1)[0].lower()  # noqa: E731
+    name = lambda spec: re.split(r"[<>=!\[ ;]", spec.strip(), maxsplit=1)[0].lower()  # noqa: E731
     req = {name(ln) for ln in (ROOT / "requirements.txt").read_text().splitlines()
            if ln.strip() and not ln.startswith("#")}
     proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dblocks import data as data_lib
 from dblocks import edm as edm_lib

@@ -56,7 +56,7 @@ class LMTask(Task):
                 p.append("data.tokenizer (a SentencePiece model) is only used with tfds text data (e.g. tfds:lm1b)")
             else:
                 try:
-                    self.vocab
+                    self.vocab  # noqa: B018 - loading the vocabulary is the check
                 except DatasetMissingError as e:
                     p.append(f"data.tokenizer: {e}")
         if d.seq_len < 2:
