@@ -94,3 +94,32 @@ def test_sampler_runs_blocks_in_order_with_oracle():
     assert res.block_calls == 50 and len(res.trace) == 50
     for b, s in seen:
         assert int(part.block_of(s)) == b
+
+
+def test_output_convolution_mixes_pixels_across_patch_borders():
+    """model.out_conv: the final layer writes features per pixel and a k x k convolution maps them to the image, so
+    a pixel's value reads its neighbours in the adjacent patch (no patch grid in the samples; docs/classification.md).
+    The model still starts at output 0 (zero final layer), the convolution is really applied (its kernel changes
+    the output), and a size the convolution cannot centre is refused."""
+    from dblocks.config import ConfigError, validate
+    from dblocks.models.dit import CONV_FEATURES
+
+    config = tiny_dit.get_config()
+    with config.unlocked():
+        config.model.out_conv = 3
+    task = get_task(config)
+    model = task.make_model(task.units("dblocks")[0])
+    params = task.init_params(model, jax.random.PRNGKey(0), task.dummy_batch(2))
+    assert params["out_conv"]["kernel"].shape == (3, 3, CONV_FEATURES, 1)
+    z = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+    c, label = jnp.zeros((2,)), jnp.array([0, 1])
+    np.testing.assert_array_equal(model.apply({"params": params}, z, c, label), 0.0)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(7), p.shape), params)
+    f = model.apply({"params": params}, z, c, label)
+    doubled = {**params, "out_conv": {**params["out_conv"], "kernel": 2 * params["out_conv"]["kernel"]}}
+    assert float(jnp.abs(model.apply({"params": doubled}, z, c, label) - f).max()) > 1e-4
+    for bad in (2, -1):
+        with config.unlocked():
+            config.model.out_conv = bad
+        with pytest.raises(ConfigError, match="out_conv"):
+            validate(config)

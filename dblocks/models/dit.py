@@ -13,6 +13,7 @@ from dblocks.models.layers import AdaLNZeroLayer, FinalLayer, NoiseEmbedder, sin
 from dblocks.models.stack import apply_layers
 
 Array = jax.Array
+CONV_FEATURES = 16   # channels per pixel ahead of the output convolution (DiT.out_conv)
 
 
 class DiT(nn.Module):
@@ -37,6 +38,7 @@ class DiT(nn.Module):
     attention_chunk: int = 128
     mlp_chunk: int = 0
     layer_chunk: int = 0
+    out_conv: int = 0              # kernel size of a convolution over the unpatchified output (0: none, as DiT)
 
     @nn.compact
     def __call__(self, x: Array, c_noise: Array, label: Array, train: bool = False) -> Array:
@@ -53,6 +55,13 @@ class DiT(nn.Module):
                   mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, None), scan=self.scan_layers,
                             remat=self.remat, static={"train": train}, static_argnum=5)
-        out = FinalLayer(self.hidden, p * p * C, self.dtype)(h, c)  # [N, g*g, p*p*C] float32
-        out = out.reshape(N, g, g, p, p, C).transpose(0, 1, 3, 2, 4, 5)
-        return out.reshape(N, S, S, C)
+        # with out_conv the final layer writes CONV_FEATURES channels per pixel and a convolution across patch
+        # borders maps them to the image: each patch's pixels otherwise come from one token only, and a small,
+        # briefly trained DiT shows its patch grid. The final layer is zero-initialised, so either way the model
+        # starts at output 0.
+        k = CONV_FEATURES if self.out_conv else C
+        out = FinalLayer(self.hidden, p * p * k, self.dtype)(h, c)  # [N, g*g, p*p*k] float32
+        out = out.reshape(N, g, g, p, p, k).transpose(0, 1, 3, 2, 4, 5).reshape(N, S, S, k)
+        if self.out_conv:
+            out = nn.Conv(C, (self.out_conv, self.out_conv), padding="SAME", name="out_conv")(out)
+        return out

@@ -35,6 +35,9 @@ class DiTTask(LabelledImages, Task):
             p.append(f"data.image_size={d.image_size} is not divisible by model.patch={m.patch}")
         if m.hidden % m.heads or m.hidden % 4:
             p.append(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads} and by 4")
+        oc = m.get("out_conv", 0)
+        if not (isinstance(oc, int) and oc >= 0 and (oc == 0 or oc % 2 == 1)):
+            p.append(f"model.out_conv={oc!r} must be 0 (none) or an odd kernel size such as 3")
         if not 0 <= m.class_dropout < 1:
             p.append(f"model.class_dropout={m.class_dropout} must be in [0, 1)")
         s = c.sample
@@ -59,7 +62,8 @@ class DiTTask(LabelledImages, Task):
         m, d = self.config.model, self.config.data
         return DiT(num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads, patch=m.patch,
                    image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
-                   mlp_ratio=m.mlp_ratio, dropout=m.dropout, **model_options(m))
+                   mlp_ratio=m.mlp_ratio, dropout=m.dropout, out_conv=int(m.get("out_conv", 0)),
+                   **model_options(m))
 
     def init_params(self, model, rng, batch):
         n = batch["image"].shape[0]
