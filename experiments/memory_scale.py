@@ -14,10 +14,12 @@ import glob
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from dblocks import logs
+from dblocks.config import ConfigError
 from dblocks import memory_scale as ms
+from experiments.common import run_main
 from experiments.configs import cifar10_dit, lm1b_ar
 
 FAMILIES = {"dit": (cifar10_dit.get_config, None), "lm": (lm1b_ar.get_config, ms.LM_VOCAB)}
@@ -27,6 +29,7 @@ _OUT = flags.DEFINE_string("out", None, "directory of the per-size JSON files (w
 _FAMILY = flags.DEFINE_list("family", ["dit", "lm"], "families to sweep: dit, lm")
 _SIZES = flags.DEFINE_list("sizes", None, "indices into dblocks.memory_scale.LADDER (default: all)")
 _BLOCKS = flags.DEFINE_list("blocks", [str(b) for b in ms.BLOCKS], "numbers of blocks B")
+_BATCH = flags.DEFINE_integer("batch_size", ms.BATCH_SIZE, "batch of every row (images or sequences)")
 _VARIANTS = flags.DEFINE_list("variants", list(ms.VARIANTS), "row variants (dblocks.memory_scale.VARIANTS; '' is "
                               "the model as configured, '_remat' scanned layers + full remat)")
 _REPORT = flags.DEFINE_string("report", None, "print the Markdown tables of this directory's results instead")
@@ -41,6 +44,8 @@ def _usage_problems() -> list[str]:
         blocks = [int(b) for b in _BLOCKS.value]
     except ValueError:
         return p + ["--sizes and --blocks take comma-separated integers"]
+    if _BATCH.value < 1:
+        p.append(f"--batch_size {_BATCH.value}: must be >= 1")
     p += [f"--sizes {s}: indices 0..{len(ms.LADDER) - 1}" for s in sizes if not 0 <= s < len(ms.LADDER)]
     p += [f"--blocks {b}: must divide every depth of the ladder" for b in blocks
           if b < 1 or any(s.layers % b for s in ms.LADDER)]
@@ -55,9 +60,9 @@ def load_results(directory: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["family"], r["params"]))
 
 
-def markdown(results: list[dict], variant: str = "_remat") -> str:
-    """One table per family: parameters, the e2e step (state | temporaries | total, GiB), and per B the block step's
-    total and its ratio to e2e."""
+def markdown(results: list[dict], variant: str = "_remat", detail: int = 4) -> str:
+    """One table per family: parameters, the e2e step (state | temporaries | total, GiB), per B the block step's
+    total and its ratio to e2e, and the state and temporaries of the block step at B = detail."""
     out = []
     for family in sorted({r["family"] for r in results}):
         rs = [r for r in results if r["family"] == family and "e2e" + variant in r]
@@ -65,9 +70,9 @@ def markdown(results: list[dict], variant: str = "_remat") -> str:
             continue
         bs = sorted({int(b) for r in rs for b in r["blocks"]})
         head = "| params | H x L | e2e state | e2e temps | e2e total | " + " | ".join(
-            f"B={b} block total (ratio)" for b in bs) + " |"
+            f"B={b} block total (ratio)" for b in bs) + f" | B={detail} block state | B={detail} block temps |"
         out += [f"**{family}{' + remat' if variant else ''}** (GiB; batch {rs[0]['batch_size']})", "", head,
-                "|" + "---|" * (5 + len(bs))]
+                "|" + "---|" * (7 + len(bs))]
         for r in rs:
             e = r["e2e" + variant]
             cells = []
@@ -75,6 +80,8 @@ def markdown(results: list[dict], variant: str = "_remat") -> str:
                 blk = r["blocks"].get(str(b), {})
                 cells.append(f"{blk['block' + variant]['total_bytes'] / GIB:.2f} ({blk['ratio' + variant]:.3f})"
                              if "block" + variant in blk else "-")
+            d = r["blocks"].get(str(detail), {}).get("block" + variant)
+            cells += [f"{d['state_bytes'] / GIB:.2f}", f"{d['temp_bytes'] / GIB:.2f}"] if d else ["-", "-"]
             out.append(f"| {r['params'] / 1e6:,.0f}M | {r['hidden']} x {r['layers']} | {e['state_bytes'] / GIB:.2f} | "
                        f"{e['temp_bytes'] / GIB:.2f} | {e['total_bytes'] / GIB:.2f} | " + " | ".join(cells) + " |")
         out.append("")
@@ -113,11 +120,11 @@ def main(argv):
     logs.setup()
     problems = _usage_problems()
     if problems:
-        raise app.UsageError("; ".join(problems))
+        raise ConfigError("; ".join(problems))   # exit status 2, before anything is compiled
     if _REPORT.value:
         results = load_results(_REPORT.value)
-        print(markdown(results, "_remat"))
-        print(markdown(results, ""))
+        for variant in _VARIANTS.value:
+            print(markdown(results, variant))
         if _PLOT.value:
             print(plot(results, _PLOT.value))
         return
@@ -131,7 +138,7 @@ def main(argv):
             if os.path.exists(path):
                 logs.log.info("%s exists: skipped", path)
                 continue
-            r = ms.size_report(get_config(), size, [int(b) for b in _BLOCKS.value], variants, vocab_size=vocab)
+            r = ms.size_report(get_config(), size, [int(b) for b in _BLOCKS.value], variants, _BATCH.value, vocab)
             with open(path + ".tmp", "w") as f:
                 json.dump(r, f, indent=1)
             os.replace(path + ".tmp", path)
@@ -140,4 +147,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)
