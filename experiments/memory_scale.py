@@ -24,6 +24,7 @@ from experiments.configs import cifar10_dit, lm1b_ar
 
 FAMILIES = {"dit": (cifar10_dit.get_config, None), "lm": (lm1b_ar.get_config, ms.LM_VOCAB)}
 GIB = 2 ** 30
+TITLES = {"dit": "DiT family", "ar": "LM family"}   # by config task
 
 _OUT = flags.DEFINE_string("out", None, "directory of the per-size JSON files (written one size at a time)")
 _FAMILY = flags.DEFINE_list("family", ["dit", "lm"], "families to sweep: dit, lm")
@@ -103,11 +104,11 @@ def plot(results: list[dict], path: str) -> str:
             pts = [(r["params"], r["blocks"][str(b)]["block_remat"]["total_bytes"] / GIB) for r in rs
                    if "block_remat" in r["blocks"].get(str(b), {})]
             if pts:
-                ax.plot(*zip(*pts), "o--", label=f"one block + remat, B={b}")
+                ax.plot(*zip(*pts), "o--", color=f"C{b.bit_length() - 1}", label=f"one block + remat, B={b}")
         ax.axhline(24, color="r", lw=1)
         ax.text(x[0], 24 * 1.1, "24 GiB", color="r")
         ax.set(xscale="log", yscale="log", xlabel="parameters (whole network)", ylabel="compiled step memory (GiB)",
-               title=f"{family}: training-step memory, batch {rs[0]['batch_size']}")
+               title=f"{TITLES.get(family, family)}: training-step memory, batch {rs[0]['batch_size']}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
