@@ -73,6 +73,19 @@ class _Driver:
     def unit_state(self, i):
         return self.state
 
+    # the rest of the loop's Driver protocol: no compiled step to cost, no held-out loss
+    devices = jax.devices()[:1]
+
+    @property
+    def step_fn(self):
+        return self.step
+
+    def lower(self, batch):
+        raise NotImplementedError("a fake driver has no compiled step")
+
+    def eval_loss(self):
+        return None
+
 
 def test_a_state_holding_nan_is_never_saved_and_the_last_good_step_stays(tmp_path):
     """The loss is finite at every step, but the parameters are NaN from step 5 on: the final save (step 6) is
