@@ -45,8 +45,8 @@ def image_config(name, base=tiny_vit, **fields):
     return c
 
 
-def exit_status(fn) -> tuple[int, str]:
-    """The exit status and message an entry point gives for what fn raises (experiments.common.user_errors)."""
+def exit_status(fn) -> int:
+    """The exit status an entry point gives for what fn raises (experiments.common.user_errors)."""
     with pytest.raises(SystemExit) as e, user_errors():
         fn()
     return e.value.code
