@@ -22,6 +22,7 @@ import optax
 from flax import serialization
 
 from dblocks import logs
+from dblocks.checkpoint import write_json_atomic
 
 Array = jax.Array
 
@@ -126,10 +127,14 @@ def load_or_train(cache_dir: str | None, dataset_key: dict, sources: Callable[[s
     params_file, meta_file = os.path.join(path, "params.msgpack"), os.path.join(path, "meta.json")
     if os.path.exists(params_file) and os.path.exists(meta_file):
         template = jax.eval_shape(net.init, jax.random.PRNGKey(seed), jnp.asarray(x0))["params"]
-        with open(params_file, "rb") as f:
-            params = jax.tree.map(jnp.asarray, serialization.from_bytes(template, f.read()))
-        with open(meta_file) as f:
-            return FeatureExtractor(net, params, json.load(f))
+        try:
+            with open(params_file, "rb") as f:
+                params = jax.tree.map(jnp.asarray, serialization.from_bytes(template, f.read()))
+            with open(meta_file) as f:
+                return FeatureExtractor(net, params, json.load(f))
+        except (ValueError, KeyError, TypeError, OSError) as e:   # damaged (e.g. by an older, in-place write)
+            logs.log.warning("the FID feature network in %s is unreadable (%s: %s); training it again", path,
+                             type(e).__name__, e)
     logs.log.info("training the FID feature network (%d steps) -> %s", steps, path)
     t0 = time.time()
     params = _train(net, jax.jit(net.init)(jax.random.PRNGKey(seed), jnp.asarray(x0))["params"], train_src,
@@ -147,8 +152,7 @@ def load_or_train(cache_dir: str | None, dataset_key: dict, sources: Callable[[s
     with open(tmp, "wb") as f:
         f.write(serialization.to_bytes(params))
     os.replace(tmp, params_file)
-    with open(meta_file, "w") as f:
-        json.dump(ext.meta, f, indent=1)
+    write_json_atomic(meta_file, ext.meta)   # after the params: a meta.json is never beside half a network
     logs.log.info("FID feature network: test accuracy %.4f", ext.meta["test_accuracy"])
     return ext
 

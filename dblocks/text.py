@@ -34,7 +34,8 @@ import zipfile
 import numpy as np
 
 from dblocks import data as data_lib
-from dblocks.data import ArraySource, DatasetMissingError
+from dblocks import files as files_lib
+from dblocks.data import ArraySource, DataError, DatasetMissingError
 
 TEXT_DATASETS = ("shakespeare", "text8", "synthetic_text", "tfds:<name>", "text:<path>", "jsonl:<path>[:field]",
                  "hf:<name or path>")
@@ -226,19 +227,46 @@ def _tfds_text(name: str, split: str, data_dir: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _text_files(path: str) -> list[str]:
+    """The .txt files of a file or folder (searched recursively, symbolic links followed once: a directory or file
+    reached again by its real path is skipped), refused when together larger than dblocks.files' text limit."""
     if os.path.isfile(path):
         return [path]
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
-        if files:
-            return files
+    if not os.path.isdir(path):
+        raise DatasetMissingError(f"text path {path} does not exist")
+    files, seen = [], {os.path.realpath(path)}
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            real = os.path.realpath(os.path.join(dirpath, f))
+            if f.endswith(".txt") and real not in seen:
+                seen.add(real)
+                files.append(os.path.join(dirpath, f))
+    if not files:
         raise DatasetMissingError(f"no .txt files in {path}")
-    raise DatasetMissingError(f"text path {path} does not exist")
+    total, limit = sum(os.path.getsize(f) for f in files), files_lib.max_data_bytes() // 8
+    if total > limit:
+        raise DataError(f"the .txt files under {path} hold {total / 2**30:.2f} GiB, more than the "
+                        f"{limit / 2**30:.2f} GiB dblocks reads (set DBLOCKS_MAX_DATA_BYTES to allow more)")
+    return sorted(files)
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}): convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8") from e
 
 
 def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+    """A UTF-8 text file (size-limited: dblocks.files.read_bytes); DataError when it is not UTF-8 or unreadable."""
+    return _decode(files_lib.read_bytes(path, "text file"), path)
 
 
 def _jsonl_spec(spec: str) -> tuple[str, str]:
@@ -250,19 +278,34 @@ def _jsonl_spec(spec: str) -> tuple[str, str]:
 
 
 def _jsonl_documents(spec: str, field: str) -> list[str]:
+    """The `field` of every JSON object of a JSON-lines file (size-checked, read line by line); a line that is not
+    UTF-8, not JSON, not an object or lacks the field is a DataError naming the file and line."""
     path, named = _jsonl_spec(spec)
     field = named or field or "text"
     if not os.path.isfile(path):
         raise DatasetMissingError(f"JSON-lines file {path} does not exist")
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                rec = json.loads(line)
+    limit, docs = files_lib.max_data_bytes() // 8, []
+    try:
+        if os.path.getsize(path) > limit:
+            files_lib.read_bytes(path, "JSON-lines file", limit)   # raises the size error
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path} line {n}"
+                try:
+                    rec = json.loads(_decode(raw, where))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where} is not valid JSON ({e.msg} at column {e.colno}): one JSON object "
+                                    f"per line") from e
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where} is a JSON {type(rec).__name__}, not an object with a {field!r} field")
                 if field not in rec:
-                    raise DatasetMissingError(f"{path} line {n} has no field {field!r} (fields: {sorted(rec)}); "
-                                              f"name it with jsonl:{path}:FIELD or data.text_field")
+                    raise DataError(f"{where} has no field {field!r} (fields: {sorted(rec)}); name it with "
+                                    f"jsonl:{path}:FIELD or data.text_field")
                 docs.append(str(rec[field]))
+    except OSError as e:
+        raise files_lib.cannot_read(path, e) from e
     return docs
 
 
@@ -280,20 +323,22 @@ def _hf_text_column(ds, field: str) -> str:
     return strings[0]
 
 
-def split_documents(docs: list[str], split: str) -> str:
+def split_documents(docs: list[str], split: str, keep: frozenset = frozenset()) -> str:
     """One split of a list of documents: whole documents when there are MIN_DOCUMENTS or more, else contiguous
-    characters of all of them joined (train first, then validation, then test)."""
+    characters of all of them joined (train first, then validation, then test). Held-out splits named in `keep`
+    exist elsewhere (a HuggingFace dataset's own test split): none of these documents is taken for them."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"text splits are 'train', 'validation' and 'test', not {split!r}")
+    shares = [0.0 if s in keep else f for s, f in zip(("validation", "test"), HELDOUT)]
     if len(docs) >= MIN_DOCUMENTS:
         order = np.random.default_rng(0).permutation(len(docs))
-        n_val, n_test = (max(1, int(round(f * len(docs)))) for f in HELDOUT)
+        n_val, n_test = (max(1, int(round(f * len(docs)))) if f else 0 for f in shares)
         pick = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
                 "train": order[n_val + n_test:]}[split]
         return "\n\n".join(docs[i] for i in sorted(pick))
     text = "\n\n".join(docs)
-    a = int(len(text) * (1 - sum(HELDOUT)))
-    b = int(len(text) * (1 - HELDOUT[1]))
+    a = int(len(text) * (1 - sum(shares)))
+    b = int(len(text) * (1 - shares[1]))
     return {"train": text[:a], "validation": text[a:b], "test": text[b:]}[split]
 
 
@@ -307,15 +352,14 @@ def _user_text(name: str, split: str, field: str) -> str:
     if kind == "jsonl":
         return split_documents(_jsonl_documents(spec, field), split)
     ds = data_lib.hf_dataset(spec)
-    column = _hf_text_column(ds["train"] if "train" in ds else next(iter(ds.values())), field)
-    if split in ds:
-        return "\n\n".join(ds[split][column])
-    held = [s for s in ("test", "validation", "valid", "val") if s in ds]
-    if held:  # the dataset's own held-out split stands in for the missing one
-        return "\n\n".join(ds[held[0]][column])
-    if "train" not in ds:
-        raise DatasetMissingError(f"HuggingFace dataset {spec!r} has splits {sorted(ds)}, no {split!r} or 'train'")
-    return split_documents(list(ds["train"][column]), split)
+    own = data_lib.hf_own_splits(ds)
+    if "train" not in own:
+        raise DataError(f"HuggingFace dataset {spec!r} has splits {sorted(ds)}, no 'train'")
+    column = _hf_text_column(ds[own["train"]], field)
+    if split in own and split != "train":
+        return "\n\n".join(ds[own[split]][column])
+    # a held-out split the dataset lacks is carved from its train rows (never another split standing in for it)
+    return split_documents(list(ds[own["train"]][column]), split, keep=frozenset(own) - {"train"})
 
 
 def user_text(name: str, split: str) -> str:

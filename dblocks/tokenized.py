@@ -8,10 +8,12 @@ package is a clear error. The paper uses the Llama-2 tokenizer (32K pieces): poi
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import numpy as np
 
+from dblocks import files as files_lib
 from dblocks import text as text_lib
 from dblocks.data import ArraySource, DatasetMissingError
 
@@ -52,12 +54,16 @@ def load_tokenizer(path: str) -> SentencePieceVocab:
 
 def packed_tokens(name: str, split: str, vocab, data_dir: str = "", cache_dir: str | None = None) -> np.ndarray:
     """All sentences of a tfds text dataset, tokenized and joined with EOS: int32 [num_tokens]. Cached as .npy next
-    to the tokenizer (first use tokenizes the whole split once, which takes minutes for LM1B's 30M sentences)."""
+    to the tokenizer (first use tokenizes the whole split once, which takes minutes for LM1B's 30M sentences). The
+    cache is written to a temporary name and renamed; an unreadable one is rebuilt."""
     key = hashlib.sha256(f"{name}|{split}|{getattr(vocab, 'path', '')}|{vocab.size}".encode()).hexdigest()[:12]
     cache_dir = cache_dir or os.path.dirname(os.path.abspath(getattr(vocab, "path", ".") or "."))
     path = os.path.join(cache_dir, f"{name}_{split}_{key}.npy")
     if os.path.exists(path):
-        return np.load(path, mmap_mode="r")
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:   # damaged: tokenize again and replace it
+            logging.getLogger("dblocks").warning("token cache %s is unreadable (%s); tokenizing again", path, e)
     import tensorflow_datasets as tfds
     try:
         ds = tfds.data_source(name, split=split, data_dir=data_dir or None)
@@ -74,7 +80,7 @@ def packed_tokens(name: str, split: str, vocab, data_dir: str = "", cache_dir: s
         parts += [vocab.encode(t.decode("utf-8") if isinstance(t, bytes) else str(t)), eos]
     tokens = np.concatenate(parts).astype(np.int32)
     try:
-        np.save(path, tokens)
+        files_lib.save_npy_atomic(path, tokens)   # tmp + rename: an interrupted write leaves no half cache
     except OSError:
         pass   # a read-only directory only costs the tokenization next time
     return tokens

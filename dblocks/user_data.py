@@ -5,9 +5,9 @@ filled in from the data before validation, and a clear error, before anything tr
   resolve_fields(config, workdir)   # the training dispatcher and assembly call this before config validation
 
 Image data (folder:, npz:, hf:; see dblocks.data): data.num_classes, data.image_size and data.channels left at 0 are
-taken from the data (the class folders or the largest label; the first image's shorter side; grey when every image
-looked at is grey, else RGB). Set ones must agree: folder and hf images are resized and converted to what the config
-says, npz arrays are used as they are, so their size and channels must match.
+taken from the data (the class folders or the largest label, every id below it used; the first image's shorter side;
+grey when every image looked at is grey, else RGB). Set ones must agree: folder and hf images are resized and
+converted to what the config says, npz arrays are used as they are, so their size and channels must match.
 
 Text data (text:, jsonl:, hf:; see dblocks.text): data.vocab is set to the characters of the train split, or kept
 from the run's WORKDIR/config.json, so a resumed run, its evaluation and its samples use the same vocabulary.
@@ -20,11 +20,12 @@ import os
 import numpy as np
 
 from dblocks import data as data_lib
+from dblocks import files as files_lib
 from dblocks import text as text_lib
 from dblocks.config import ConfigError
 
 IMAGE_FIELDS = ("num_classes", "image_size", "channels")
-PEEK = 16   # images opened to decide grey vs RGB
+PEEK = 16   # hf: images opened to decide grey vs RGB (a folder's every image header is read)
 
 
 def is_user_dataset(name: str) -> bool:
@@ -35,43 +36,54 @@ def _is_image_task(config) -> bool:
     return "image_size" in config.data or config.get("task") in ("dit", "vit")
 
 
-def image_info(name: str, test_fraction: float = data_lib.TEST_FRACTION) -> dict:
+def image_info(name: str, test_fraction: float = data_lib.TEST_FRACTION,
+               val_fraction: float = data_lib.VAL_FRACTION) -> dict:
     """{'num_classes', 'image_size', 'channels', 'class_names', 'exact'} of a user image dataset; exact: whether
-    image_size and channels are the data's as stored (npz) rather than what it is converted to (folder, hf)."""
-    from PIL import Image
+    image_size and channels are the data's as stored (npz) rather than what it is converted to (folder, hf).
+    The whole dataset is checked on the way (dblocks.data: array headers, lengths, label ids; every image header of
+    a folder); a problem is a DataError naming the file."""
     kind, _, spec = name.partition(":")
     if kind == "npz":
-        src = data_lib.npz_images(spec, "train", test_fraction)
-        test = data_lib.npz_images(spec, "test", test_fraction)
+        path = os.path.expanduser(spec)
+        src = data_lib.npz_images(path, "train", test_fraction, val_fraction)
+        layout = data_lib.npz_layout(path)
+        labels = np.concatenate([data_lib.check_labels(files_lib.npz_array(path, lab), f"{path}: {lab}")
+                                 for _, lab in layout.values()])
         img = src.arrays["image"]
         if img.shape[1] != img.shape[2]:
             raise ConfigError(f"{name}: images are {img.shape[1]}x{img.shape[2]}; the image tasks need square "
                               f"images (crop or pad the arrays)")
-        labels = np.concatenate([src.arrays["label"], test.arrays["label"]])
-        return {"num_classes": int(labels.max()) + 1, "image_size": int(img.shape[1]), "channels": int(img.shape[3]),
-                "class_names": "", "exact": True}
+        return {"num_classes": data_lib.check_class_ids(labels, name), "image_size": int(img.shape[1]),
+                "channels": int(img.shape[3]), "class_names": "", "exact": True}
     if kind == "folder":
-        files, _, classes = data_lib.folder_files(os.path.expanduser(spec), "train", test_fraction)
-        peek = [files[i] for i in np.linspace(0, len(files) - 1, min(PEEK, len(files))).astype(int)]
-        images = [Image.open(f) for f in peek]
-        names = ",".join(classes)
-        num_classes = len(classes)
+        scan = data_lib.scan_folder(os.path.expanduser(spec))
+        files = scan.splits["train"][0]
+        data_lib.folder_files(os.path.expanduser(spec), "train", test_fraction, val_fraction)   # splits exist
+        sizes_modes = [scan.headers[f] for f in files]
+        names = ",".join(scan.classes)
+        num_classes = len(scan.classes)
     elif kind == "hf":
-        ds = data_lib.open_hf(spec, "train")
+        stored = data_lib.hf_dataset(spec)
+        ds = data_lib.hf_train_rows(spec)
         image_col, label_col, num_classes = data_lib.hf_image_columns(ds)
-        num_classes = num_classes or int(np.max(ds[label_col])) + 1
+        labels = np.concatenate([data_lib.check_labels(stored[s][label_col], f"{name} ({s})")
+                                 for s in data_lib.hf_own_splits(stored).values()])
+        if num_classes and len(labels) and labels.max() >= num_classes:
+            raise data_lib.DataError(f"{name}: label {int(labels.max())} but the ClassLabel column {label_col!r} "
+                                     f"has {num_classes} classes")
+        num_classes = num_classes or data_lib.check_class_ids(labels, name)
         feat = ds.features[label_col]
         names = ",".join(getattr(feat, "names", None) or [])
-        rows = ds[[int(i) for i in np.linspace(0, len(ds) - 1, min(PEEK, len(ds))).astype(int)]][image_col]
-        images = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8)) for im in rows]
+        src = data_lib.HFImageSource(spec, "train", 0, 3, test_fraction, val_fraction)
+        sizes_modes = []
+        for i in np.linspace(0, len(src) - 1, min(PEEK, len(src))).astype(int):
+            with src.open_image(int(i)) as im:
+                sizes_modes.append((im.size, im.mode))
     else:
         raise ValueError(f"{name!r} is not a user image dataset (folder:, npz:, hf:)")
-    info = {"num_classes": int(num_classes), "image_size": int(min(images[0].size)),
-            "channels": 1 if all(data_lib._is_grey(im) for im in images) else 3, "class_names": names,
+    return {"num_classes": int(num_classes), "image_size": int(min(sizes_modes[0][0])),
+            "channels": 1 if all(data_lib.is_grey_mode(m) for _, m in sizes_modes) else 3, "class_names": names,
             "exact": False}
-    for im in images:
-        im.close()
-    return info
 
 
 def _saved_config(workdir: str | None) -> dict:
@@ -97,7 +109,7 @@ def resolve_fields(config, workdir: str | None = None, read_data: bool = True):
         return config
     problems, updates = [], {}
     if _is_image_task(config) and data_lib.is_image_dataset(name):
-        info = image_info(name, float(d.get("test_fraction", data_lib.TEST_FRACTION)))
+        info = image_info(name, *data_lib.split_fractions(d))
         for field in IMAGE_FIELDS:
             have = int(d.get(field, 0) or 0)
             if have == 0:

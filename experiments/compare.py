@@ -12,10 +12,18 @@ block and for the baseline) and, when the evaluation has 'per_step', WORKDIR/com
 resumes unfinished training and re-evaluates; finished runs keep their measured training time. Task-agnostic: the
 metric comes from `run.task.evaluate` (dblocks/tasks/base.py), options as in experiments.evaluate.
 
+Both runs are evaluated on the validation split by default (--split=validation): compare while choosing settings,
+then once with --split=test for the figure you report, choosing nothing by it (docs/data.md, "Splits"). The split is
+checked before anything trains; data without a validation split (Fashion-MNIST unless data.val_fraction > 0) is
+refused with what to do.
+
 Language tasks (ar, recurrent) also train capacity-matched references (experiments/lm_compare.py; --opt
-references=False skips them, --opt reference_seeds=N sets how many L/B-layer LMs), judge both methods' samples
-with the e2e run, and write compare.json's 'lm' block with stable keys (elbo_bits, first_call_bits, sampler_bits,
-final_entropy_bits, ref_e2e_bits, ref_shallow_bits, ref_ensemble_bits, and per protocol mauve, gen_ppl_ngram, ...).
+references=False skips them, --opt reference_seeds=N sets how many L/B-layer LMs) and a judge: an L-layer plain LM
+with another seed (WORKDIR/judge, trained on the train split like the others), which is neither contestant. It
+scores both methods' samples (gen_ppl_e2e) and gives MAUVE's features; the n-gram judge (gen_ppl_ngram, fitted on
+the train split) is the other neutral one. compare.json's 'lm' block has stable keys (elbo_bits, first_call_bits,
+sampler_bits, final_entropy_bits, ref_e2e_bits, ref_shallow_bits, ref_ensemble_bits, and per protocol mauve,
+gen_ppl_ngram, ...).
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ from dblocks import checkpoint as ckpt_lib
 from dblocks import config as config_lib
 from dblocks import logs, memory, paths
 from dblocks import train as train_lib
+from dblocks.data import DatasetMissingError
 from dblocks.tasks import get_task
 from experiments.common import run_main, user_errors
 from experiments import lm_compare
@@ -41,6 +50,8 @@ from experiments.options import define_option_flags
 METHODS = ("dblocks", "e2e")
 LABELS = {"dblocks": "DiffusionBlocks", "e2e": "end-to-end"}
 TIME_FILE = "train_time.json"
+JUDGE_DIR = "judge"
+JUDGE_SEED_OFFSET = 1000   # the judge's seed: the comparison's + this (its own initialisation and data order)
 
 
 def _complete(task, method: str, workdir: str) -> bool:
@@ -78,10 +89,26 @@ def steps_per_second(workdir: str) -> dict[str, float]:
     return {u: sum(v) / len(v) for u, v in rates.items()}
 
 
+def judge_config(config):
+    """The judge of generated text: the comparison's L-layer plain LM (method e2e) with another seed."""
+    c = config.copy_and_resolve_references()
+    c.method, c.seed = "e2e", int(config.seed) + JUDGE_SEED_OFFSET
+    return c
+
+
+def check_split(config, split: str) -> None:
+    """Refuses (the source's DataError, exit status 2), before anything trains, a split the data does not have."""
+    src = get_task(config).source(split)
+    if len(src) == 0:
+        raise DatasetMissingError(f"the {split} split of {config.data.name} is empty")
+
+
 def compare(config, workdir: str, options: dict | None = None, command: str = "") -> dict:
-    """The whole comparison; returns what compare.json holds."""
+    """The whole comparison; returns what compare.json holds. options['split']: the evaluation split (default
+    'validation'; 'test' for the figure to report)."""
     config_lib.validate(config)
-    options = options or {}
+    options = {"split": "validation", **(options or {})}
+    check_split(config, options["split"])
     runs = {}
     # Train both before evaluating either: some evaluations read the other run (the text tasks score the
     # DiffusionBlocks samples under the end-to-end model of the same comparison).
@@ -95,8 +122,11 @@ def compare(config, workdir: str, options: dict | None = None, command: str = ""
     if lm and options.get("references", True):   # capacity-matched plain LMs (experiments/lm_compare.py)
         lm_compare.train_references(config, workdir, train_timed, options.get("reference_seeds"))
     eval_options = {k: v for k, v in options.items() if k not in ("references", "reference_seeds")}
-    if lm:   # the e2e run of the comparison judges the generated text of both
-        eval_options.setdefault("e2e_workdir", runs["e2e"]["workdir"])
+    if lm and "e2e_workdir" not in eval_options:   # a judge that is neither contestant scores both methods' text
+        judge_wd = os.path.join(workdir, JUDGE_DIR)
+        logs.log.info("=== judge: plain LM, seed %d, into %s", int(config.seed) + JUDGE_SEED_OFFSET, judge_wd)
+        train_timed(judge_config(config), judge_wd)
+        eval_options["e2e_workdir"] = judge_wd
     for method in METHODS:
         logs.log.info("=== %s: evaluating", LABELS[method])
         runs[method]["eval"] = evaluate_workdir(runs[method]["workdir"], method=method, **eval_options)
@@ -158,7 +188,7 @@ def markdown(result: dict) -> str:
                      str(e["eval"].get("layer_evals_per_sample", ""))))
     dg, eg = d["eval"].get("generation") or {}, e["eval"].get("generation") or {}
     if "gen_ppl" in dg or "gen_ppl" in eg:
-        rows.append(("perplexity of samples under the e2e model", _fmt(dg.get("gen_ppl", "")),
+        rows.append(("perplexity of samples under the judge (a separate LM)", _fmt(dg.get("gen_ppl", "")),
                      _fmt(eg.get("gen_ppl", ""))))
     if "distinct_1" in dg:
         rows.append(("samples: distinct-1 / repetition-3", f"{dg['distinct_1']:.3f} / {dg.get('repetition_3', 0):.3f}",
@@ -166,9 +196,11 @@ def markdown(result: dict) -> str:
     if "seconds_per_image" in d["eval"]:
         rows.append(("sampling seconds per image", f"{d['eval']['seconds_per_image']:.4f}",
                      f"{e['eval']['seconds_per_image']:.4f}"))
+    split = result.get("options", {}).get("split", "test")
     lines = [f"### {result['task']}: DiffusionBlocks (B={B}) vs end-to-end", "",
              f"Config `{c.get('data', {}).get('name', '')}`, {c['model']['num_layers']} layers, seed {c['seed']}, "
-             f"batch {c['data']['batch_size']}; {result['machine']}; {result['date']}.", "",
+             f"batch {c['data']['batch_size']}; {result['machine']}; {result['date']}. Evaluated on the **{split}** "
+             f"split{' (for choosing settings)' if split == 'validation' else ''}.", "",
              f"| | DiffusionBlocks (B={B}) | end-to-end |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {cc} |" for a, b, cc in rows]
     if "lm" in result:
@@ -227,7 +259,7 @@ def main(argv):
     logs.setup()
     with user_errors():
         command = " ".join(["python -m experiments.compare", *sys.argv[1:]])
-        result = compare(_CONFIG.value, _WORKDIR.value, _OPTIONS(), command=command)
+        result = compare(_CONFIG.value, _WORKDIR.value, {**_OPTIONS(), "split": _SPLIT.value}, command=command)
     print(markdown(result))
 
 
@@ -235,6 +267,8 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "where both runs, the table and the plots go")
     _OPTIONS = define_option_flags()
+    _SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test"],
+                               "evaluation split: validation while choosing settings, test for the reported figure")
     flags.mark_flags_as_required(["config", "workdir"])
     paths.refuse_remote_flags(_WORKDIR)
     run_main(main)

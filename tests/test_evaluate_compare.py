@@ -121,15 +121,55 @@ def test_compare_trains_both_methods_before_evaluating_either(monkeypatch, tmp_p
     monkeypatch.setattr(compare_lib, "train_timed", lambda cfg, wd: calls.append(("train", cfg.method)) or
                         {"seconds": 1.0, "resumed": False})
 
-    def fake_eval(wd, method, **_):
-        calls.append(("eval", method))
+    def fake_eval(wd, method, **options):
+        calls.append(("eval", method, options["split"]))
         return {"headline": {"name": "bits_per_char", "value": 3.0 if method == "dblocks" else 2.5,
                              "higher_is_better": False}, "block_calls_per_sample": 3,
                 "generation": {"gen_ppl": 9.5 if method == "dblocks" else 4.5, "distinct_1": 0.7,
                                "repetition_3": 0.01}}
     monkeypatch.setattr(compare_lib, "evaluate_workdir", fake_eval)
     result = compare_lib.compare(_tiny_vit(), str(tmp_path), {}, command="")
-    assert calls == [("train", "dblocks"), ("train", "e2e"), ("eval", "dblocks"), ("eval", "e2e")]
+    assert calls == [("train", "dblocks"), ("train", "e2e"), ("eval", "dblocks", "validation"),
+                     ("eval", "e2e", "validation")]   # settings are chosen on validation unless test is asked for
     table = compare_lib.markdown(result)
-    assert "| perplexity of samples under the e2e model | 9.5000 | 4.5000 |" in table
+    assert "| perplexity of samples under the judge (a separate LM) | 9.5000 | 4.5000 |" in table
     assert "| samples: distinct-1 / repetition-3 | 0.700 / 0.010 | 0.700 / 0.010 |" in table
+
+
+def _stub_compare(monkeypatch, calls):
+    monkeypatch.setattr(compare_lib, "train_timed", lambda cfg, wd: calls.append(
+        ("train", cfg.method, int(cfg.seed), os.path.basename(wd))) or {"seconds": 1.0, "resumed": False})
+
+    def fake_eval(wd, method, **options):
+        calls.append(("eval", os.path.basename(wd), options.get("e2e_workdir"), options["split"]))
+        return {"headline": {"name": "bits", "value": 1.0, "higher_is_better": False}, "block_calls_per_token": 3}
+    monkeypatch.setattr(compare_lib, "evaluate_workdir", fake_eval)
+    unit = {"params_bytes": 1}
+    monkeypatch.setattr(compare_lib.memory, "memory_report", lambda task: {   # no compile: only the calls matter
+        "block_step_bytes": 1, "e2e_step_bytes": 3, "block": unit, "e2e": unit, "batch_size": 1, "ratio": 1 / 3})
+
+
+def test_a_missing_validation_split_is_refused_before_anything_trains(monkeypatch, tmp_path):
+    from dblocks import data as data_lib
+    np.savez(tmp_path / "a.npz", image=np.zeros((40, 8, 8, 1), np.uint8), label=np.arange(40) % 4)
+    c = _tiny_vit()
+    c.data.name = f"npz:{tmp_path / 'a.npz'}"
+    with c.unlocked():
+        c.data.val_fraction = 0.0
+    calls = []
+    _stub_compare(monkeypatch, calls)
+    with pytest.raises(data_lib.DataError, match="no validation split of its own and data.val_fraction=0"):
+        compare_lib.compare(c, str(tmp_path / "cmp"), {}, command="")
+    assert calls == []
+
+
+def test_generated_text_is_judged_by_neither_contestant(monkeypatch, tmp_path):
+    from experiments.configs import tiny_ar
+    c = tiny_ar.get_config()
+    calls = []
+    _stub_compare(monkeypatch, calls)
+    compare_lib.compare(c, str(tmp_path), {"references": False}, command="")
+    judge = os.path.join(str(tmp_path), "judge")
+    assert ("train", "e2e", int(c.seed) + compare_lib.JUDGE_SEED_OFFSET, "judge") in calls
+    assert [x for x in calls if x[0] == "eval"] == [("eval", "dblocks", judge, "validation"),
+                                                    ("eval", "e2e", judge, "validation")]

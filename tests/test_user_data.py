@@ -55,12 +55,13 @@ def test_folder_fields_from_the_data_and_sources(folder):
     assert c.data.class_names == "a,b,c"
     config_lib.validate(c)                                    # the image tasks accept the name
     task = get_task(c)
-    train, test = task.source("train"), task.source("test")
-    assert (len(train), len(test)) == (12, 3)
-    b = train.get(np.arange(12))
-    assert b["image"].shape == (12, 12, 12, 3) and b["image"].dtype == np.uint8
-    np.testing.assert_array_equal(b["label"], np.repeat([0, 1, 2], 4))
-    assert b["image"][8:].mean() > b["image"][:4].mean() + 60    # class c was written brighter than class a
+    train, val, test = (task.source(s) for s in data_lib.SPLITS)
+    assert (len(train), len(val), len(test)) == (9, 3, 3)      # no validation/ folder: one of each class of train
+    assert not set(train.files) & set(val.files)
+    b = train.get(np.arange(9))
+    assert b["image"].shape == (9, 12, 12, 3) and b["image"].dtype == np.uint8
+    np.testing.assert_array_equal(b["label"], np.repeat([0, 1, 2], 3))
+    assert b["image"][6:].mean() > b["image"][:3].mean() + 60    # class c was written brighter than class a
     grey = data_lib.load_images(f"folder:{folder}", "test", size=6, channels=1).get(np.arange(3))
     assert grey["image"].shape == (3, 6, 6, 1)
 
@@ -70,12 +71,14 @@ def test_folder_without_splits_holds_out_a_seeded_fraction(tmp_path):
         for i in range(10):
             png(str(tmp_path / "f" / c / f"{i}.png"), (8, 8), value=100 * k, seed=i)
     name = f"folder:{tmp_path / 'f'}"
-    train, test = (data_lib.FolderSource(name[7:], s, 8, 1, 0.2) for s in ("train", "test"))
-    assert (len(train), len(test)) == (16, 4)
-    assert not set(train.files) & set(test.files)
-    assert sorted(test.labels.tolist()) == [0, 0, 1, 1]          # per class
+    train, val, test = (data_lib.FolderSource(name[7:], s, 8, 1, 0.2, 0.25) for s in data_lib.SPLITS)
+    assert (len(train), len(val), len(test)) == (12, 4, 4)      # 20% test, then 25% of the other 16 validation
+    assert not set(train.files) & set(test.files) and not set(train.files) & set(val.files)
+    assert not set(val.files) & set(test.files)
+    assert sorted(test.labels.tolist()) == sorted(val.labels.tolist()) == [0, 0, 1, 1]          # per class
     data_lib.folder_files.cache_clear()
     assert data_lib.FolderSource(name[7:], "test", 8, 1, 0.2).files == test.files   # the same split every time
+    assert data_lib.FolderSource(name[7:], "test", 8, 1, 0.2, 0.1).files == test.files   # whatever val_fraction
 
 
 def test_disagreements_are_refused_before_training(folder, tmp_path):
@@ -98,8 +101,8 @@ def test_npz_single_and_split_arrays(tmp_path):
     assert (c.data.num_classes, c.data.image_size, c.data.channels) == (4, 8, 1)
     config_lib.validate(c)
     task = get_task(c)
-    train, test = task.source("train"), task.source("test")
-    assert len(train) + len(test) == 20 and len(test) == 4 and train.get(np.arange(2))["image"].shape == (2, 8, 8, 1)
+    train, val, test = (task.source(s) for s in data_lib.SPLITS)
+    assert (len(train), len(val), len(test)) == (12, 4, 4) and train.get(np.arange(2))["image"].shape == (2, 8, 8, 1)
     np.savez(tmp_path / "two.npz", train_image=np.zeros((5, 4, 4, 3), np.uint8), train_label=np.arange(5),
              test_image=np.ones((2, 4, 4, 3), np.uint8), test_label=np.array([0, 4]))
     src = data_lib.npz_images(str(tmp_path / "two.npz"), "test")
@@ -190,8 +193,8 @@ def test_hf_images_and_text_from_disk(tmp_path):
     user_data.resolve_fields(c)
     assert (c.data.num_classes, c.data.image_size, c.data.channels, c.data.class_names) == (2, 12, 3, "cat,dog")
     task = get_task(c)
-    train, test = task.source("train"), task.source("test")
-    assert (len(train), len(test)) == (18, 2) and train.get(np.arange(3))["image"].shape == (3, 12, 12, 3)
+    train, val, test = (task.source(s) for s in data_lib.SPLITS)
+    assert (len(train), len(val), len(test)) == (16, 2, 2) and train.get(np.arange(3))["image"].shape == (3, 12, 12, 3)
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"story": ["once upon a time"] * 30}),
                           "test": datasets.Dataset.from_dict({"story": ["the end"] * 3})}).save_to_disk(
         str(tmp_path / "txt"))
@@ -199,6 +202,7 @@ def test_hf_images_and_text_from_disk(tmp_path):
     user_data.resolve_fields(t)                                    # its only string column
     assert t.data.vocab == "".join(sorted(set("once upon a time\n")))
     assert text_lib.user_text(t.data.name, "test") == "the end\n\nthe end\n\nthe end"
+    assert text_lib.user_text(t.data.name, "validation").startswith("once upon")   # from train, not the test split
 
 
 # -- TensorBoard -------------------------------------------------------------------------------------------------

@@ -83,20 +83,22 @@ def write_samples(task, run, out_path: str, grid_points=None, solver=None, guida
 
 
 def evaluate(task, run, num_samples=10_000, repeats=3, grid_points=None, solver=None, guidance=None, seed=0,
-             batch_size=None, limit=None, cache_dir=None, fid_train_steps=1500, grid_kind=None, **_) -> dict:
-    """FID (min of `repeats` sets of num_samples class-balanced samples) against the test split, in the features of
-    a classifier trained on this dataset (dblocks.fid; NOT Inception: not comparable with the paper's FIDs), plus
-    sampling time per image and block calls per sample. `limit` caps the reference set."""
+             batch_size=None, limit=None, cache_dir=None, fid_train_steps=1500, grid_kind=None, split="test",
+             **_) -> dict:
+    """FID (min of `repeats` sets of num_samples class-balanced samples) against `split` ('test', or 'validation'
+    for choosing settings), in the features of a classifier trained on this dataset's train split (dblocks.fid; NOT
+    Inception: not comparable with the paper's FIDs), plus sampling time per image and block calls per sample.
+    `limit` caps the reference set."""
     from dblocks import fid
     d = task.config.data
     opts = sampler_options(task, grid_points, solver, guidance, grid_kind)
     to_batch = lambda ex: (data_lib.to_model_range(ex["image"]), np.asarray(ex["label"], np.int32))  # noqa: E731
-    key = {"name": d.name, "image_size": d.image_size, "channels": d.channels, "num_classes": d.num_classes}
+    key = dict(task.signature()["data"])   # the data the network trains on: with held-out fractions where they matter
     extractor = fid.load_or_train(cache_dir, key, task.source, to_batch, int(d.num_classes),
                                   steps=int(fid_train_steps))
-    test = task.source("test")
-    n_ref = len(test) if not limit else min(int(limit), len(test))
-    reference = to_batch(test.get(np.arange(n_ref)))[0]
+    ref_src = task.source(split)
+    n_ref = len(ref_src) if not limit else min(int(limit), len(ref_src))
+    reference = to_batch(ref_src.get(np.arange(n_ref)))[0]
     calls = []
 
     def sample_fn(r, start, count):
@@ -112,6 +114,6 @@ def evaluate(task, run, num_samples=10_000, repeats=3, grid_points=None, solver=
             "block_calls_per_sample": int(calls[-1]), **opts,
             "network_batch_note": "with guidance each block call runs the conditional and unconditional branch as "
                                   "one doubled batch",
-            "method": run.method, **out,
+            "method": run.method, "split": split, **out,
             "feature_net": {k: extractor.meta.get(k) for k in ("path", "test_accuracy", "steps", "features")},
             "fid_features": "dblocks.fid.FeatureNet trained on this dataset (not Inception-v3)"}

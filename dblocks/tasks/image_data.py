@@ -8,16 +8,32 @@ from dblocks import data as data_lib
 
 
 class LabelledImages:
-    """Mixin for a Task whose data is `config.data` = (name, image_size, channels, num_classes, path, data_dir)."""
+    """Mixin for a Task whose data is `config.data` = (name, image_size, channels, num_classes, path, data_dir,
+    and optionally test_fraction / val_fraction)."""
 
     def data_signature_fields(self):
         return ("name", "image_size", "channels", "num_classes")
 
+    def signature(self) -> dict:
+        """The Task signature plus the held-out fractions wherever they decide which examples train: your own
+        images (always) and a built-in dataset with a validation split carved from train (val_fraction > 0).
+        Changing them moves examples between train and the held-out splits, so blocks trained with other fractions
+        are another run. A built-in dataset at its defaults keeps the signature it always had."""
+        sig = super().signature()
+        d = self.config.data
+        test_fraction, val_fraction = data_lib.split_fractions(d)
+        if str(d.name).startswith(data_lib.USER_IMAGE_PREFIXES):
+            sig["data"] = {**sig["data"], "test_fraction": test_fraction, "val_fraction": val_fraction}
+        elif val_fraction > 0:
+            sig["data"] = {**sig["data"], "val_fraction": val_fraction}
+        return sig
+
     def source(self, split: str):
         d = self.config.data
+        test_fraction, val_fraction = data_lib.split_fractions(d)
         return data_lib.load_images(d.name, split, d.path, d.data_dir, num_classes=d.num_classes,
-                                    size=d.image_size, channels=d.channels,
-                                    test_fraction=float(d.get("test_fraction", data_lib.TEST_FRACTION)))
+                                    size=d.image_size, channels=d.channels, test_fraction=test_fraction,
+                                    val_fraction=val_fraction)
 
     def make_batch(self, examples, train):
         """Training batches keep uint8 pixels (converted on the device by the task's loss: images.to_model_range);

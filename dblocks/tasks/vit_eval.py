@@ -65,9 +65,10 @@ def block_alone_correct(task, run, b: int, image, label, key) -> int:
 
 
 def evaluate(task, run, grid_points=None, bridge=None, solver=None, seed=0, limit=None, batch_size=None,
-             **_) -> dict:
-    """Top-1 test accuracy through the sampler; per-block accuracy alone; accuracy after each block call."""
-    src = task.source("test")
+             split="test", **_) -> dict:
+    """Top-1 accuracy on `split` ('test', or 'validation' for choosing settings) through the sampler; per-block
+    accuracy alone; accuracy after each block call."""
+    src = task.source(split)
     n = len(src) if not limit else min(int(limit), len(src))
     bs = int(batch_size or 500)
     opts = sampler_options(task, grid_points, bridge, solver)
@@ -89,7 +90,7 @@ def evaluate(task, run, grid_points=None, bridge=None, solver=None, seed=0, limi
            "block_calls_per_sample": calls,
            "layer_evals_per_sample": int(sum(u.num_layers for u in run.units)) if run.method == "dblocks"
            else int(run.units[0].num_layers),
-           "num_examples": n, "method": run.method, "seconds": round(time.perf_counter() - t0, 2)}
+           "num_examples": n, "split": split, "method": run.method, "seconds": round(time.perf_counter() - t0, 2)}
     if run.method == "dblocks":
         grid = sampling.grid_for(opts["grid_points"], task.edm)
         out.update(**opts,
