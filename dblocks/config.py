@@ -24,7 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = "dblocks"          # 'dblocks' (block-wise) or 'e2e' (the end-to-end baseline)
     c.seed = 0
 
-    c.data = ml_collections.ConfigDict(dict(name="", path="", data_dir="", batch_size=128))
+    c.data = ml_collections.ConfigDict(dict(name="", path="", data_dir="", batch_size=128,
+                                            # your own data without a test / validation split: the fractions of it
+                                            # held out (validation: None = the dataset's default, docs/data.md)
+                                            test_fraction=0.1,
+                                            val_fraction=ml_collections.config_dict.placeholder(float)))
 
     c.edm = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, p_mean=-1.2,
                                            p_std=1.2, loss_weighting="edm", max_weight=10.0))
