@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
                                              # resume a unit with a config that changes the result (recorded in
                                              # its meta.json; refused otherwise: docs/reliability.md)
                                              allow_config_change=False))
+    # gradient accumulation: each step's batch in this many microbatches, one optimizer update (docs/training.md)
+    c.train.microbatches = 1
 
     # How the units are trained (docs/scale_out.md): 'sequential' (one after another, one device) or 'mesh' (up to
     # `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data` ways; 0 = as
@@ -201,7 +203,26 @@ def _generic_problems(c) -> list[str]:
         p.append(f"data.batch_size={c.data.batch_size} must be >= 1")
     if t.ckpt_every < 1 or t.log_every < 1:
         p.append("train.ckpt_every and train.log_every must be >= 1")
-    return p + model_options.validate_options(c.model) + _parallel_problems(c)
+    return p + model_options.validate_options(c.model) + _parallel_problems(c) + _train_problems(c)
+
+
+def _train_problems(c) -> list[str]:
+    """train.microbatches (absent in configs saved before it existed: 1)."""
+    t, p = c.train, []   # the field types are enforced by ConfigDict (an int, a float, a bool)
+    k, bs = int(t.get("microbatches", 1)), int(c.data.batch_size)
+    if k < 1:
+        p.append(f"train.microbatches={k} must be >= 1 (1: the whole batch at once)")
+    elif bs % k:
+        p.append(f"data.batch_size={bs} must be divisible by train.microbatches={k}")
+    elif k > 1:
+        q = c.get("parallel") or {}
+        cpus = q.get("cpu_devices", 1)
+        ways, what = ((int(q.get("data", 1)), "parallel.data") if q.get("mode", "sequential") == "mesh"
+                      else (int(cpus), "parallel.cpu_devices"))
+        if ways > 1 and (bs // k) % ways:
+            p.append(f"data.batch_size={bs} must be divisible by train.microbatches={k} x {what}={ways}: each "
+                     f"microbatch of {bs // k} is split evenly over the {ways} devices")
+    return p
 
 
 PARALLEL_MODES = ("sequential", "mesh")
