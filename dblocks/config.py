@@ -45,8 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
                                              # resume a unit with a config that changes the result (recorded in
                                              # its meta.json; refused otherwise: docs/reliability.md)
                                              allow_config_change=False))
-    # gradient accumulation: each step's batch in this many microbatches, one optimizer update (docs/training.md)
-    c.train.microbatches = 1
+    # gradient accumulation: each step's batch in this many microbatches, one optimizer update (docs/training.md);
+    # the memory preflight compiles a unit's step before training and refuses one that cannot fit
+    # (memory_limit_gb: the device's memory, 0 = ask the device / the host's available memory)
+    c.train.update(dict(microbatches=1, preflight=True, memory_limit_gb=0.0))
 
     # How the units are trained (docs/scale_out.md): 'sequential' (one after another, one device) or 'mesh' (up to
     # `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data` ways; 0 = as
@@ -207,7 +209,7 @@ def _generic_problems(c) -> list[str]:
 
 
 def _train_problems(c) -> list[str]:
-    """train.microbatches (absent in configs saved before it existed: 1)."""
+    """train.microbatches (absent in configs saved before it existed: 1) and the memory preflight's fields."""
     t, p = c.train, []   # the field types are enforced by ConfigDict (an int, a float, a bool)
     k, bs = int(t.get("microbatches", 1)), int(c.data.batch_size)
     if k < 1:
@@ -222,6 +224,8 @@ def _train_problems(c) -> list[str]:
         if ways > 1 and (bs // k) % ways:
             p.append(f"data.batch_size={bs} must be divisible by train.microbatches={k} x {what}={ways}: each "
                      f"microbatch of {bs // k} is split evenly over the {ways} devices")
+    if float(t.get("memory_limit_gb", 0.0)) < 0:
+        p.append(f"train.memory_limit_gb={t.memory_limit_gb} must be >= 0 (0: the device's own memory)")
     return p
 
 
