@@ -94,9 +94,9 @@ def compile_bytes(task: Task, unit: Unit, example: dict) -> tuple[Any, int]:
 
 def refusal(unit: Unit, config, example: dict, shared: int, need: int, have: int, where: str) -> str:
     """The refusal's message: both figures, then one line per option that would make the step smaller."""
-    lines = [f"the training step of {unit.name} needs {need / GB:.3g} GB; {where} is {have / GB:.3g} GB. "
-             f"What the step needs with each option (compiled; options combine), or --config.train.preflight=False to "
-             f"try anyway:"]
+    lines = [f"the training step of {unit.name} needs {need / GB:.3g} GB; {where} is {have / GB:.3g} GB.",
+             "What it needs with each option (compiled; options combine), or --config.train.preflight=False to try "
+             "anyway:"]
     for option, figure in suggestions(unit, config, example, shared, need, have):
         lines.append(f"  {option}" + (f"   ({figure / GB:.3g} GB)" if figure is not None else ""))
     return "\n".join(lines)
