@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
                                              allow_config_change=False))
     c.train.profile_steps = ""   # 'a,b': a jax.profiler trace of steps a..b in WORKDIR/profile/ (dblocks.profiling)
     c.train.eval_every = 500     # each unit's held-out loss every N steps, at a log point (0 = off; dblocks.validation)
+    # gradient accumulation: each step's batch in this many microbatches, one optimizer update (docs/training.md);
+    # the memory preflight compiles a unit's step before training and refuses one that cannot fit
+    # (memory_limit_gb: the device's memory, 0 = ask the device / the host's available memory)
+    c.train.update(dict(microbatches=1, preflight=True, memory_limit_gb=0.0))
 
     # How the units are trained (docs/scale_out.md): 'auto' (the default: 'mesh' with several GPUs / TPUs and several
     # blocks to train, else 'sequential'; dblocks.parallel.auto_mode), 'sequential' (one after another, one device) or
@@ -210,7 +214,28 @@ def _generic_problems(c) -> list[str]:
     if t.ckpt_every < 1 or t.log_every < 1:
         p.append("train.ckpt_every and train.log_every must be >= 1")
     p += profiling.config_problems(t) + validation.config_problems(t)
-    return p + model_options.validate_options(c.model) + _parallel_problems(c)
+    return p + model_options.validate_options(c.model) + _parallel_problems(c) + _train_problems(c)
+
+
+def _train_problems(c) -> list[str]:
+    """train.microbatches (absent in configs saved before it existed: 1) and the memory preflight's fields."""
+    t, p = c.train, []   # the field types are enforced by ConfigDict (an int, a float, a bool)
+    k, bs = int(t.get("microbatches", 1)), int(c.data.batch_size)
+    if k < 1:
+        p.append(f"train.microbatches={k} must be >= 1 (1: the whole batch at once)")
+    elif bs % k:
+        p.append(f"data.batch_size={bs} must be divisible by train.microbatches={k}")
+    elif k > 1:
+        q = c.get("parallel") or {}
+        cpus = q.get("cpu_devices", 1)
+        ways, what = ((int(q.get("data", 1)), "parallel.data") if q.get("mode", "sequential") == "mesh"
+                      else (int(cpus), "parallel.cpu_devices"))
+        if ways > 1 and (bs // k) % ways:
+            p.append(f"data.batch_size={bs} must be divisible by train.microbatches={k} x {what}={ways}: each "
+                     f"microbatch of {bs // k} is split evenly over the {ways} devices")
+    if float(t.get("memory_limit_gb", 0.0)) < 0:
+        p.append(f"train.memory_limit_gb={t.memory_limit_gb} must be >= 0 (0: the device's own memory)")
+    return p
 
 
 PARALLEL_MODES = ("auto", "sequential", "mesh")

@@ -23,6 +23,11 @@ from dblocks.tasks import Task, Unit
 State = steps.State
 
 
+def step_key(model: nn.Module) -> tuple:
+    """Units whose models have the same key share one compiled step."""
+    return type(model).__name__, repr(model)
+
+
 @dataclasses.dataclass
 class Trainer:
     """What every unit of a run shares: the task, the config, the data source, the optimizer and compiled steps
@@ -32,13 +37,14 @@ class Trainer:
     workdir: str
     source: Any
     on_step: Callable[[Unit, int], None] | None = None   # test hook, e.g. to simulate a kill
+    compiled: dict[tuple, Callable] = dataclasses.field(default_factory=dict)   # step_key -> step (the memory
+    #                                                                           preflight's executables, then jits)
 
     def __post_init__(self):
         c = self.config
         self.tx = steps.make_optimizer(c.optim, int(c.train.steps))
         self.lr_at = steps.lr_schedule(c.optim, int(c.train.steps))
         self.writer = logs.MetricsWriter(self.workdir)
-        self._compiled: dict[tuple, Callable] = {}
         self.config_recorded = False
 
     def record_config(self) -> None:
@@ -68,10 +74,10 @@ class Trainer:
 
     def compiled_step(self, model: nn.Module) -> Callable:
         """The jitted step (state donated), one per model shape."""
-        key = (type(model).__name__, repr(model))
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(self.train_step(model), donate_argnums=0)
-        return self._compiled[key]
+        key = step_key(model)
+        if key not in self.compiled:
+            self.compiled[key] = jax.jit(self.train_step(model), donate_argnums=0)
+        return self.compiled[key]
 
     def compiled_eval(self, model: nn.Module) -> Callable:
         """The jitted held-out loss (dblocks.validation), one per model shape."""

@@ -77,14 +77,16 @@ def _pieces(task: Task, unit: Unit):
     return model, step, init
 
 
-def compile_step(task: Task, unit: Unit, batch_size: int, shardings: tuple | None = None) -> tuple[Any, dict, Any]:
+def compile_step(task: Task, unit: Unit, batch_size: int, shardings: tuple | None = None,
+                 example: dict | None = None) -> tuple[Any, dict, Any]:
     """(compiled step, abstract state, abstract batch) of `unit` at `batch_size`; nothing is allocated.
     shardings (replicated, batch): the state, key and range replicated and the batch split, for a data-parallel
-    step (experiments.bench --cpu_devices); None: one device."""
+    step (experiments.bench --cpu_devices); None: one device. example: a training batch whose shapes and dtypes
+    the step is compiled for (e.g. uint8 images, so the executable can train; default task.dummy_batch)."""
     _, step, init = _pieces(task, unit)
     rep, dat = shardings or (None, None)
     spec = lambda t, sh: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh), t)  # noqa
-    batch = spec(task.dummy_batch(batch_size), dat)
+    batch = spec(task.dummy_batch(batch_size) if example is None else example, dat)
     state = spec(jax.eval_shape(init), rep)
     key = spec(jax.eval_shape(lambda: steps.step_base_key(0, unit.index)), rep)
     compiled = step.lower(state, batch, key, jax.ShapeDtypeStruct((2,), jnp.float32, sharding=rep)).compile()

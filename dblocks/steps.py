@@ -4,6 +4,8 @@ Both trainers (sequential, `dblocks.engine`; mesh, `dblocks.parallel`) build the
 randomness and update are the same by construction whichever trainer runs it:
   init key  = fold_in(fold_in(PRNGKey(seed), b), 0)
   step keys = fold_in(fold_in(fold_in(PRNGKey(seed), b), 1), step)     (step read from the state, inside the jit)
+With train.microbatches = k > 1 the step key's draws are made once for the whole batch and sliced per microbatch, so
+k microbatches give the whole batch's step to float tolerance (`accumulated_loss_and_grad`).
 """
 from __future__ import annotations
 
@@ -65,16 +67,21 @@ def make_train_step(task, model: nn.Module, tx: optax.GradientTransformation, op
                     ) -> Callable[[State, dict, Array, Array], tuple[State, dict]]:
     """step(state, batch, base_key, train_range) -> (state, metrics). The step's key is fold_in(base_key,
     state['step']), computed inside, so the loop never touches keys on the host. Pure: jit it, vmap it over a block
-    axis, or lower it for the memory report."""
+    axis, or lower it for the memory report. With config.train.microbatches = k > 1 the gradient is accumulated over
+    k microbatches inside the step (`accumulated_loss_and_grad`), one optimizer update per step."""
     ema_decay, warmup = float(optim.ema_decay), bool(optim.get("ema_warmup", True))
+    k = int(task.config.train.get("microbatches", 1))
 
     def step(state: State, batch: dict, base_key: Array, train_range: Array):
         rng = jax.random.fold_in(base_key, state["step"])
+        if k == 1:
+            def loss_fn(params):
+                return task.loss(model, params, batch, rng, train_range, train=True)
 
-        def loss_fn(params):
-            return task.loss(model, params, batch, rng, train_range, train=True)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        else:
+            loss, metrics, grads = accumulated_loss_and_grad(task, model, state["params"], batch, rng, train_range,
+                                                             k)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = state["ema"]
@@ -85,6 +92,40 @@ def make_train_step(task, model: nn.Module, tx: optax.GradientTransformation, op
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 
     return step
+
+
+def microbatched(tree, k: int):
+    """[N, ...] leaves -> [k, N/k, ...]: microbatch m holds samples m, m + k, m + 2k, ... A strided split, so a
+    batch sharded over devices in contiguous chunks gives every device an equal part of every microbatch (no data
+    moves between devices)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), tree)
+
+
+def accumulated_loss_and_grad(task, model: nn.Module, params, batch: dict, rng: Array, train_range: Array,
+                              k: int) -> tuple[Array, dict, Any]:
+    """Loss, metrics and gradient of the whole batch, computed over k microbatches by `lax.scan` (float32 sums),
+    so only one microbatch's activations are live at a time.
+
+    The step's randomness is drawn once for the whole batch (task.draw: noise level, noise, augmentation per
+    sample) and sliced, so each sample gets exactly the draws the whole-batch step gives it; with every task's loss
+    a mean over samples, the mean of the k microbatches' losses and gradients is the whole batch's to float
+    tolerance. What the network draws itself (dropout) is drawn per microbatch, from fold_in(model_rng, m), so with
+    dropout the masks differ from the whole-batch step's (same distribution). Metrics are microbatch means: a ratio
+    metric (MDM's ce_masked) is then a mean of ratios."""
+    inputs, model_rng = task.draw(model, batch, rng, train_range, True)
+    grad_fn = jax.value_and_grad(lambda p, x, r: task.loss_on(model, p, x, r, True), has_aux=True)
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)  # noqa: E731
+    abstract = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], microbatched(inputs, k)), model_rng)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), abstract)
+
+    def body(total, xs):
+        m, micro = xs
+        out = grad_fn(params, micro, jax.random.fold_in(model_rng, m))
+        return jax.tree.map(jnp.add, total, f32(out)), None
+
+    ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), microbatched(inputs, k)))
+    grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
+    return loss / k, jax.tree.map(lambda v: v / k, metrics), grads
 
 
 # -- keys ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import jax
 
 from dblocks import checkpoint as ckpt_lib
 from dblocks import config as config_lib
-from dblocks import engine, logs, loop, parallel, user_data
+from dblocks import engine, logs, loop, parallel, preflight, user_data
 from dblocks.tasks import Task, Unit, get_task
 
 
@@ -32,6 +32,15 @@ def check_workdir(workdir: str) -> None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a directory: name a new or existing "
                                      f"directory")
+
+
+def unfinished(units: list[Unit], workdir: str, steps: int) -> list[Unit]:
+    """The units whose meta does not record `steps` finished ones (those this run will compile a step for)."""
+    def done(u: Unit) -> bool:
+        path = os.path.join(workdir, u.subdir(), ckpt_lib.META)
+        meta = ckpt_lib.read_json(path) if os.path.exists(path) else {}
+        return bool(meta.get("complete")) and int(meta.get("step", 0)) >= steps
+    return [u for u in units if not done(u)]
 
 
 def check_data(config, source) -> None:
@@ -66,11 +75,15 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     if mode == "mesh":
         parallel.mesh_shape(config, 1)  # a mesh that cannot fit is refused before anything is written
     logs.log.info("%s", parallel.device_plan(config))   # devices visible and used; for parallel.mode=auto, why
+    # a step that cannot fit the device is refused before anything is written (locks included); the sequential
+    # trainer trains with the preflight's compiled steps
+    compiled = (preflight.check(task, unfinished(units, workdir, int(config.train.steps)), config, source)
+                if config.train.get("preflight", True) else {})
     # every unit's lock before anything is written (a second trainer is refused with the workdir unchanged);
     # config.json is written once a unit has restored (Trainer.record_config)
     locks = ckpt_lib.hold_locks([os.path.join(workdir, u.subdir()) for u in units])
     with locks, loop.StopSignal.shared():   # a stop signal while a unit restores or compiles ends the process
-        trainer = engine.Trainer(task, config, workdir, source, on_step=on_step)
+        trainer = engine.Trainer(task, config, workdir, source, on_step=on_step, compiled=compiled)
         logs.log.info("training %s: %s", config.method, ", ".join(
             f"{u.name} ({u.num_layers} layers, range [{u.train_range[0]:.4g}, {u.train_range[1]:.4g}])"
             for u in units))

@@ -2,7 +2,7 @@
 noise range (a block's own sigma range, the whole range for the end-to-end network), logged as `val_loss` beside the
 training loss (progress line, metrics.jsonl, TensorBoard).
 
-The held-out batch (the first data.batch_size examples of HELDOUT_SPLIT) and its noise (a key folded from the unit's
+The held-out batch (the first data.batch_size examples of the validation split, else the test split) and its noise (a key folded from the unit's
 own key) are fixed, so successive values differ only through the parameters: a curve, not a noisy sample. The loss
 is computed on the device at a log point and fetched with that log point's metrics: no host sync is added.
 """
@@ -15,9 +15,10 @@ import numpy as np
 
 from dblocks import steps
 
-# The split the tasks expose for held-out data today (train / test). Choices (when to stop, which setting) should be
-# made on a validation split carved from the training data; use it here when the tasks offer one.
-HELDOUT_SPLIT = "test"
+# The held-out split the loss is computed on: validation where the data has one (carved from train by
+# data.val_fraction when the source has none, docs/data.md "Splits"), else test, which then only shows the curve:
+# nothing is chosen by it.
+HELDOUT_SPLITS = ("validation", "test")
 
 
 def eval_every(config) -> int:
@@ -54,11 +55,19 @@ def heldout_batch(task, batch_size: int) -> dict:
     """The first `batch_size` held-out examples (repeated when the split is smaller), as an evaluation batch; {}
     with a warning when the data has no held-out split (the run goes on without val_loss)."""
     from dblocks.data import DatasetMissingError
-    try:
-        source = task.source(HELDOUT_SPLIT)
-    except (DatasetMissingError, ValueError, FileNotFoundError) as e:
-        logging.getLogger("dblocks").warning("no held-out loss during training: the %r split cannot be read (%s)",
-                                             HELDOUT_SPLIT, e)
+    problems = []
+    for split in HELDOUT_SPLITS:
+        try:
+            source = task.source(split)
+        except (DatasetMissingError, ValueError, FileNotFoundError) as e:
+            problems.append(f"{split}: {e}")
+            continue
+        logging.getLogger("dblocks").info("held-out loss during training on the %s split (%d examples)", split,
+                                          len(source))
+        break
+    else:
+        logging.getLogger("dblocks").warning("no held-out loss during training: no held-out split can be read (%s)",
+                                             "; ".join(problems))
         return {}
     idx = np.arange(batch_size) % len(source)
     return task.make_batch(source.get(idx), train=False)

@@ -201,7 +201,8 @@ def test_loss_is_per_token_weighted_cross_entropy():
         seen["sigma"] = sigma
         return z @ task.E.T
 
-    loss, metrics = task.denoising_loss(logits_fn, tokens, jax.random.PRNGKey(0), jnp.asarray([0.1, 2.0]))
+    loss, metrics = task.denoising_loss(logits_fn, task.noisy_targets(tokens, jax.random.PRNGKey(0),
+                                                                       jnp.asarray([0.1, 2.0])))
     sigma = np.asarray(seen["sigma"])
     assert sigma.shape == tokens.shape and len(np.unique(sigma)) == sigma.size     # one sigma per token
     assert sigma.min() >= 0.1 and sigma.max() <= 2.0

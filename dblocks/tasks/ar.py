@@ -28,8 +28,8 @@ class ARTask(LMTask):
                                 mlp_ratio=m.mlp_ratio, diffusion=unit.is_block, sigma_min=self.edm.sigma_min,
                                 prev_token=bool(m.get("prev_token", False)), **model_options(m))
 
-    def loss(self, model, params, batch, rng, train_range, train=True):
-        tokens = batch["tokens"]
+    def loss_on(self, model, params, inputs, rng, train=True):
+        tokens = inputs["tokens"]
         if not model.diffusion:
             chunk = int(self.config.model.get("loss_chunk", 0) or 0)
             if chunk:   # dblocks.losses: the [N, T, V] logits are never held whole
@@ -46,8 +46,8 @@ class ARTask(LMTask):
                 h = model.apply({"params": params}, tokens, *self.network_inputs(z, sigma), features=True)
                 head = params["head"]["Dense_1"]
                 return losses.chunked_cross_entropy(h, head["kernel"], head["bias"], tokens, chunk)
-        return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), tokens,
-                                   rng, train_range, prior_ce)
+        return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw), inputs,
+                                   prior_ce)
 
     def training_compute(self, method: str, grid_points: int | None = None, clean_blocks: int | None = None) -> dict:
         """Layer evaluations per training token of one optimizer step (forward; backward runs through the same

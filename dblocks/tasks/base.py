@@ -119,8 +119,23 @@ class Task:
 
     def loss(self, model: nn.Module, params, batch: dict, rng: Array, train_range: Array,
              train: bool = True) -> tuple[Array, dict]:
-        """Scalar loss and metrics of one step. train_range is a traced [2] (lo, hi), so one compiled step
-        serves all blocks of the same shape."""
+        """Scalar loss and metrics of one step: `loss_on(draw(...))`. train_range is a traced [2] (lo, hi), so one
+        compiled step serves all blocks of the same shape."""
+        inputs, model_rng = self.draw(model, batch, rng, train_range, train)
+        return self.loss_on(model, params, inputs, model_rng, train)
+
+    def draw(self, model: nn.Module, batch: dict, rng: Array, train_range: Array,
+             train: bool = True) -> tuple[dict, Array]:
+        """The step's randomness applied to the whole batch, before any parameter is read: (inputs, model_rng).
+        Every leaf of `inputs` has the batch's leading axis N (noise level, noisy target, augmented image per
+        sample), so a slice of the inputs is exactly the slice of the full batch's draw; model_rng is what the
+        network itself draws from (dropout). Gradient accumulation (dblocks.steps) draws once for the batch and
+        runs `loss_on` per microbatch, which is how k microbatches reproduce the whole batch's step."""
+        raise NotImplementedError
+
+    def loss_on(self, model: nn.Module, params, inputs: dict, rng: Array, train: bool = True) -> tuple[Array, dict]:
+        """Scalar loss and metrics of drawn `inputs` (`draw`); the loss is a mean over the N samples (weighted per
+        sample), so the mean of k equal microbatches' losses is the whole batch's."""
         raise NotImplementedError
 
     # -- after training ------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class DiTTask(LabelledImages, Task):
                         rngs={"dropout": rng} if train else None)
         return x(pc.c_skip) * z + x(pc.c_out) * f
 
-    def loss(self, model, params, batch, rng, train_range, train=True):
+    def draw(self, model, batch, rng, train_range, train=True):
         c = self.config
         k_sigma, k_eps, k_drop, k_flip, k_dropout = jax.random.split(rng, 5)
         y, label = images_lib.to_model_range(batch["image"]), batch["label"]
@@ -90,9 +90,13 @@ class DiTTask(LabelledImages, Task):
         sigma = edm_lib.sample_sigma(k_sigma, (n,), train_range[0], train_range[1], self.edm.p_mean,
                                      self.edm.p_std)
         z = y + edm_lib.expand_to(sigma, y) * jax.random.normal(k_eps, y.shape)
-        d = self.denoise(model, params, z, sigma, label, train=train, rng=k_dropout)
+        return {"y": y, "z": z, "sigma": sigma, "label": label}, k_dropout
+
+    def loss_on(self, model, params, inputs, rng, train=True):
+        y, sigma = inputs["y"], inputs["sigma"]
+        d = self.denoise(model, params, inputs["z"], sigma, inputs["label"], train=train, rng=rng)
         per_sample = jnp.mean((d - y) ** 2, axis=(1, 2, 3))
-        w = edm_lib.loss_weight(sigma, self.edm.sigma_data, c.edm.loss_weighting, c.edm.max_weight)
+        w = edm_lib.loss_weight(sigma, self.edm.sigma_data, self.config.edm.loss_weighting, self.config.edm.max_weight)
         return edm_lib.weighted_mean(per_sample, w), {"mse": jnp.mean(per_sample)}
 
     # -- after training (dblocks.tasks.dit_eval) -------------------------------------------------------------------

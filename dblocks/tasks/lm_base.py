@@ -230,8 +230,25 @@ class LMTask(Task):
         return self.precondition_logits(lambda zz, cn: model.apply({"params": params}, tokens, zz, cn), z, sigma,
                                         prior_only)
 
-    def denoising_loss(self, logits_fn, tokens, rng, train_range, prior_ce_fn=None):
-        """CE of every noisy row against its token, weighted per token by lambda(sigma); sigma per token.
+    def noisy_targets(self, tokens: Array, rng: Array, train_range: Array) -> dict:
+        """A denoiser's draws for tokens [N, T]: sigma per token [N, T] from the unit's range and the noisy targets
+        z = E[tokens] + sigma * eps [N, T, D]."""
+        k_sigma, k_eps = jax.random.split(rng)
+        sigma = edm_lib.sample_sigma(k_sigma, tokens.shape, train_range[0], train_range[1], self.edm.p_mean,
+                                     self.edm.p_std)                                   # [N, T]
+        y = self.E[tokens]                                                             # [N, T, D]
+        z = y + sigma[..., None] * jax.random.normal(k_eps, y.shape)
+        return {"tokens": tokens, "sigma": sigma, "z": z}
+
+    def draw(self, model, batch, rng, train_range, train=True):
+        """A denoiser's noisy targets (`noisy_targets`); the plain LM draws nothing."""
+        if not model.diffusion:
+            return {"tokens": batch["tokens"]}, rng
+        return self.noisy_targets(batch["tokens"], rng, train_range), rng
+
+    def denoising_loss(self, logits_fn, inputs: dict, prior_ce_fn=None):
+        """CE of every noisy row against its token, weighted per token by lambda(sigma); inputs from
+        `noisy_targets` (sigma per token).
 
         With the prior head (model.lm_head='prior') the CE is that of the network's own logits, the prior
         p(v | context), instead of the posterior's. For a network that does not read z both losses have the same
@@ -239,11 +256,7 @@ class LMTask(Task):
         H(v | z) plus a KL that vanishes there), but the posterior's CE gives the prior almost no gradient wherever
         z already reveals the token, which is most of a low-noise block's range (docs/language_models.md).
         prior_ce_fn(z, sigma) -> [N, T], if given, computes that CE itself (the AR task's chunked cross-entropy)."""
-        k_sigma, k_eps = jax.random.split(rng)
-        sigma = edm_lib.sample_sigma(k_sigma, tokens.shape, train_range[0], train_range[1], self.edm.p_mean,
-                                     self.edm.p_std)                                   # [N, T]
-        y = self.E[tokens]                                                             # [N, T, D]
-        z = y + sigma[..., None] * jax.random.normal(k_eps, y.shape)
+        tokens, sigma, z = inputs["tokens"], inputs["sigma"], inputs["z"]
         if self.prior_head and prior_ce_fn is not None:
             ce = prior_ce_fn(z, sigma)                                                 # [N, T]
         else:

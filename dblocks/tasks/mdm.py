@@ -124,12 +124,17 @@ class MDMTask(Task):
         tokens = jnp.asarray(batch["tokens"])
         return model.init({"params": rng}, tokens, jnp.full((tokens.shape[0],), 0.5))["params"]
 
-    def loss(self, model, params, batch, rng, train_range, train=True):
+    def draw(self, model, batch, rng, train_range, train=True):
         k_t, k_mask, k_drop = jax.random.split(rng, 3)
         tokens = batch["tokens"]
-        t = mdm_lib.sample_t(k_t, tokens.shape[0], train_range[0], train_range[1])
+        t = mdm_lib.sample_t(k_t, tokens.shape[0], train_range[0], train_range[1])   # stratified over the batch
         x_t, masked = mdm_lib.forward_mask(k_mask, tokens, t, self.mask_id, self.schedule)
-        logits = model.apply({"params": params}, x_t, t, train=train, rngs={"dropout": k_drop} if train else None)
+        return {"tokens": tokens, "t": t, "x_t": x_t, "masked": masked}, k_drop
+
+    def loss_on(self, model, params, inputs, rng, train=True):
+        tokens, t, masked = inputs["tokens"], inputs["t"], inputs["masked"]
+        logits = model.apply({"params": params}, inputs["x_t"], t, train=train,
+                             rngs={"dropout": rng} if train else None)
         ce_sum = mdm_lib.masked_ce(logits, tokens, masked)                     # [N] nats
         per_sample = ce_sum / tokens.shape[-1]
         loss = edm_lib.weighted_mean(per_sample, mdm_lib.loss_weight(t, self.schedule))

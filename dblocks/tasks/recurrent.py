@@ -69,19 +69,27 @@ class RecurrentTask(LMTask):
         tau = jnp.log(mean) - DEPTH_STD ** 2 / 2 + DEPTH_STD * jax.random.normal(k1)
         return jax.random.poisson(k2, jnp.exp(tau))
 
-    def loss(self, model, params, batch, rng, train_range, train=True):
-        tokens = batch["tokens"]
+    def draw(self, model, batch, rng, train_range, train=True):
+        """The baseline's initial state s_0 [N, T, hidden] and its depth (one per step, repeated per sample)."""
         if model.diffusion:
-            return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw),
-                                       tokens, rng, train_range)
+            return super().draw(model, batch, rng, train_range, train)
+        tokens = batch["tokens"]
         N, T = tokens.shape
         k_s, k_r = jax.random.split(rng)
+        s = model.init_std * jax.random.normal(k_s, (N, T, model.hidden))
+        return {"tokens": tokens, "s0": s, "extra": jnp.full((N,), self.sample_depth(k_r))}, rng
+
+    def loss_on(self, model, params, inputs, rng, train=True):
+        tokens = inputs["tokens"]
+        if model.diffusion:
+            return self.denoising_loss(lambda z, s, **kw: self.noisy_logits(model, params, tokens, z, s, **kw),
+                                       inputs)
+        T = tokens.shape[1]
         apply = lambda p, *a, method: model.apply({"params": p}, *a, method=method)  # noqa: E731
         pos, mask = jnp.arange(T)[None], ar_model.causal_mask(T)
         e, _ = apply(params, tokens, pos, mask, method=model.prelude_rows)
-        s = model.init_std * jax.random.normal(k_s, (N, T, model.hidden))
+        s, extra = inputs["s0"], inputs["extra"][0]
         frozen, e_frozen = jax.lax.stop_gradient(params), jax.lax.stop_gradient(e)
-        extra = self.sample_depth(k_r)
         s = jax.lax.fori_loop(0, extra, lambda i, s: apply(frozen, s, e_frozen, pos, mask,
                                                            method=model.core_rows)[0], s)
         for _ in range(int(self.config.recurrent.backprop_iterations)):

@@ -96,20 +96,27 @@ class ViTTask(LabelledImages, Task):
         return augment.rand_augment(k_ra, image, int(d.get("randaugment_ops", 0)),
                                     float(d.get("randaugment_magnitude", 9)))
 
-    def loss(self, model, params, batch, rng, train_range, train=True):
+    def draw(self, model, batch, rng, train_range, train=True):
         k_aug, k_sigma, k_eps, k_drop = jax.random.split(rng, 4)
         image, label = images_lib.to_model_range(batch["image"]), batch["label"]
         if train:
             image = self.augment(k_aug, image)
         if isinstance(model, ViTClassifier):
-            logits = model.apply({"params": params}, image, train=train, rngs={"dropout": k_drop} if train else None)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-            return jnp.mean(ce), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == label)}
+            return {"image": image, "label": label}, k_drop
         n = label.shape[0]
         sigma = edm_lib.sample_sigma(k_sigma, (n,), train_range[0], train_range[1], self.edm.p_mean,
                                      self.edm.p_std)
         z = self.E[label] + sigma[:, None] * jax.random.normal(k_eps, (n, self.target_dim))
-        logits = self.logits(model, params, image, z, sigma, train=train, rng=k_drop)
+        return {"image": image, "label": label, "sigma": sigma, "z": z}, k_drop
+
+    def loss_on(self, model, params, inputs, rng, train=True):
+        image, label = inputs["image"], inputs["label"]
+        if isinstance(model, ViTClassifier):
+            logits = model.apply({"params": params}, image, train=train, rngs={"dropout": rng} if train else None)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, label)
+            return jnp.mean(ce), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == label)}
+        sigma = inputs["sigma"]
+        logits = self.logits(model, params, image, inputs["z"], sigma, train=train, rng=rng)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, label)          # [N]
         c = self.config.edm
         w = edm_lib.loss_weight(sigma, self.edm.sigma_data, c.loss_weighting, c.max_weight)
