@@ -48,7 +48,18 @@ def ar_runs():
     c = tiny_ar.get_config()
     c.model.prev_token = True    # noisy row i also reads token i-1: the cache path must pass it (state "last")
     runs["dblocks_prev"] = random_run(c, "dblocks")
+    runs["dblocks_t"] = random_run(t_layout_config(), "dblocks")
     return runs
+
+
+def t_layout_config():
+    """tiny_ar with the prior head (needs the likelihood term) in the T-row layout. The grid stops at 0.5: at
+    sigma_min the likelihood term (/ sigma^2) scales float rounding in z into logit differences that flip draws
+    between two compilations of the same chain."""
+    c = tiny_ar.get_config()
+    c.model.lm_head, c.model.likelihood, c.model.ar_layout = "prior", True, "t"
+    c.sample.grid = "80,0.5"
+    return c
 
 
 # -- mask and positions ------------------------------------------------------------------------------------------
@@ -138,9 +149,70 @@ def test_cached_rows_equal_the_full_pass_only_with_reused_positions(tiny_model):
         assert np.allclose(row, full, atol=1e-5) == same
 
 
+# -- the T-row layout (prior head) ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def t_model():
+    T, V, D = 8, 11, 16
+    kw = dict(vocab=V, num_layers=2, hidden=16, heads=2, mlp_ratio=2.0)
+    model, lm = ar_model.ARModel(**kw, diffusion=True, layout="t"), ar_model.ARModel(**kw, diffusion=False)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, T), 0, V)
+    z = jax.random.normal(jax.random.PRNGKey(1), (2, T, D))
+    c = jax.random.normal(jax.random.PRNGKey(2), (2, T))
+    params = jax.jit(lambda k: randomize(model.init(k, tokens, z, c)["params"], k))(jax.random.PRNGKey(3))
+    return model, lm, params, tokens, z, c
+
+
+def test_t_layout_row_i_reads_only_tokens_before_i(t_model):
+    """Row i of the T layout is the prediction of token i: it must not see token i or later ones (a read-out from
+    row i instead of row i - 1 would leak token i), and it reads no z."""
+    model, _, params, tokens, z, c = t_model
+    f = jax.jit(lambda t, zz: model.apply({"params": params}, t, zz, c))
+    base = f(tokens, z)
+    T = tokens.shape[1]
+    for j in range(T):
+        out = f(tokens.at[:, j].set((tokens[:, j] + 1) % model.vocab), z)
+        np.testing.assert_allclose(out[:, :j + 1], base[:, :j + 1], atol=1e-5)
+        if j < T - 1:
+            assert np.abs(out[:, j + 1:] - base[:, j + 1:]).max() > 1e-4
+    np.testing.assert_array_equal(f(tokens, z + 1.0), base)
+    # sigma_i reaches row i only
+    out = jax.jit(lambda cc: model.apply({"params": params}, tokens, z, cc))(c.at[:, 3].add(1.0))
+    np.testing.assert_allclose(np.delete(np.asarray(out), 3, axis=1), np.delete(np.asarray(base), 3, axis=1),
+                               atol=1e-5)
+    assert np.abs(out[:, 3] - base[:, 3]).max() > 1e-4
+
+
+def test_t_layout_is_the_causal_lm_with_a_sigma_head(t_model):
+    """The T-layout block has the plain causal LM's parameter tree, and at the clean rows' sentinel noise level its
+    row i is the LM's row i - 1: the same trunk (that of the 2T layout's clean rows), read one row later."""
+    model, lm, params, tokens, z, _ = t_model
+    lm_params = lm.init(jax.random.PRNGKey(0), tokens)["params"]
+    assert jax.tree.structure(lm_params) == jax.tree.structure(params)
+    sentinel = jnp.full(tokens.shape, 0.25 * np.log(model.sigma_min))
+    out = model.apply({"params": params}, tokens, z, sentinel)
+    ref = lm.apply({"params": params}, tokens)
+    np.testing.assert_allclose(out[:, 1:], ref[:, :-1], rtol=1e-4, atol=1e-4)
+
+
+def test_t_layout_validation_and_compute():
+    c = t_layout_config()
+    c.model.lm_head = "posterior"
+    with pytest.raises(config_lib.ConfigError, match="ar_layout='t' needs model.lm_head='prior'"):
+        config_lib.validate(c)
+    c.model.ar_layout = "3t"
+    with pytest.raises(config_lib.ConfigError, match="model.ar_layout='3t'"):
+        config_lib.validate(c)
+    c = t_layout_config()
+    config_lib.validate(c)
+    L, B = c.model.num_layers, c.blocks.num_blocks
+    assert get_task(c).training_compute("dblocks")["forward_layer_rows_per_token"] == L // B
+    assert get_task(tiny_ar.get_config()).training_compute("dblocks")["forward_layer_rows_per_token"] == 2 * L // B
+
+
 # -- decoding ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["dblocks", "dblocks_prev", "e2e"])
+@pytest.mark.parametrize("method", ["dblocks", "dblocks_prev", "dblocks_t", "e2e"])
 def test_cached_generation_equals_uncached(ar_runs, method):
     run = ar_runs[method]
     prompts = np.array([[1, 2, 3, 4, 9, 10, 11, 12], [5, 6, 7, 8, 13, 14, 15, 16]], np.int32)   # T/2: one prefill shape
@@ -259,6 +331,16 @@ def test_train_evaluate_and_write_samples(trained, tmp_path):
     out = run.task.write_samples(run, str(tmp_path / "s.txt"), prompt="the king", max_tokens=5, num_samples=2)
     text = open(out["path"]).read()
     assert text.count("=== sample") == 2 and "the king[[" in text
+
+
+def test_t_layout_trains_evaluates_and_samples(tmp_path):
+    wd = str(tmp_path / "t")
+    train_lib.train(t_layout_config(), wd)
+    run = assemble.load_run(wd)
+    assert "z_in" not in run.params[0] and run.models[0].layout == "t"
+    res = run.task.evaluate(run, max_windows=4, num_samples=2, max_tokens=6, mauve=False)
+    assert np.isfinite(res["headline"]["value"]) and np.isfinite(res["elbo_bits"])
+    assert res["generation"]["new_tokens"] == 6
 
 
 @pytest.mark.slow

@@ -11,6 +11,11 @@ constant, so the clean rows of a block do not depend on any noise: their keys an
 and cached at generation. The plain causal LM (the end-to-end baseline) is the same module without noisy rows;
 its rows all carry the sentinel, so AdaLN reduces to learned per-layer scales and shifts.
 
+T-row layout (`layout="t"`, for a network that reads no z: the prior head, docs/language_models.md): the block is
+the causal LM over the T clean rows (sentinel conditioning, the same trunk as the clean rows of the 2T layout), and
+the prediction of token i is read from row i-1 (tokens < i) by the head, whose AdaLN is conditioned on sigma_i; row 0
+(no context) reads a zero row. Half the rows of the 2T layout, and the same K/V cache (the clean rows').
+
 Shapes: tokens [N, T] int; z [N, T, D] (D = target dim, already scaled by c_in); c_noise [N, T]; hidden [N, S, H].
 A K/V cache is a list, one (k, v) pair per layer, each [N, heads, T_max, head_dim] (head-major).
 """
@@ -194,6 +199,7 @@ class ARModel(nn.Module):
     attention_chunk: int = 128
     mlp_chunk: int = 0
     layer_chunk: int = 0
+    layout: str = "2t"         # denoiser rows: "2t" [clean ; noisy] or "t" (reads no z; config model.ar_layout)
 
     def setup(self):
         self.embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
@@ -202,9 +208,9 @@ class ARModel(nn.Module):
                                 self.remat, self.dtype, self.attention, self.attention_chunk, self.mlp_chunk,
                                 self.layer_chunk)
         self.head = RowHead(self.hidden, self.vocab, self.dtype)
-        if self.diffusion:
+        if self.diffusion and self.layout == "2t":
             self.z_in = dense(self.hidden, self.dtype)
-        if self.diffusion and self.prev_token:
+        if self.diffusion and self.layout == "2t" and self.prev_token:
             # its own table at unit scale: added to z_in(c_in z) (unit scale) before the first LayerNorm, the shared
             # embedding (std 0.02, scale-free in the clean rows) would start 50 times below the noise
             self.prev_embed = nn.Embed(self.vocab, self.hidden, embedding_init=nn.initializers.normal(1.0),
@@ -226,6 +232,10 @@ class ARModel(nn.Module):
             x, _ = self.stack(self.embed(tokens), ((self.sentinel(), T),), causal(T), jnp.arange(T)[None])
             return self.head(x, ((self.sentinel(), T),), features)
         c = self.noisy_cond(c_noise)
+        if self.layout == "t":   # z is not read: row i-1 of the causal trunk, the head conditioned on sigma_i
+            x, _ = self.stack(self.embed(tokens), ((self.sentinel(), T),), causal(T), jnp.arange(T)[None])
+            x = jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0)))                               # [N, T, H]
+            return self.head(x, ((c, T),), features)
         e, noisy = self.embed(tokens), self.z_in(z)
         if self.prev_token:   # row i gets token i-1 (row 0: nothing), as the LM's row i-1 has it in its stream
             noisy = noisy + jnp.pad(self.prev_embed(tokens[:, :-1]), ((0, 0), (1, 0), (0, 0)))
@@ -245,8 +255,15 @@ class ARModel(nn.Module):
     def noisy_rows(self, z: Array, c_noise: Array, positions: Array, mask: Array,
                    prefixes: Sequence[KV], prev: Array | None = None) -> Array:
         """Noisy rows (scaled by c_in) at one position, reading the clean prefix's cache -> logits [N, S, V].
-        prev [N]: the token before that position (used with prev_token; the position is >= 1 in generation)."""
+        prev [N]: the token before that position (used with prev_token; the position is >= 1 in generation).
+        T layout: z is not read; the row is the clean row of `prev` (`positions` and `mask` are those of prev's
+        position, pos - 1), its layers at the sentinel, the head at sigma."""
         c = self.noisy_cond(c_noise)
+        if self.layout == "t":
+            S = z.shape[1]
+            x = jnp.broadcast_to(self.embed(prev)[:, None], (z.shape[0], S, self.hidden))
+            x, _ = self.stack(x, ((self.sentinel(), S),), mask, positions, prefixes)
+            return self.head(x, ((c, S),))
         x = self.z_in(z)
         if self.prev_token:
             x = x + self.prev_embed(prev)[:, None]

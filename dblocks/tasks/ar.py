@@ -4,6 +4,8 @@ transformer trained as an ordinary causal LM (the end-to-end baseline, method 'e
 DiffusionBlocks: the target of position i is its token's row of the fixed target space E; sigma is drawn per token
 from the block's range; the block reads [clean tokens ; noisy targets] (dblocks.models.ar) and its loss is the
 cross-entropy of the logits of each noisy row, weighted per token by lambda(sigma) (config.edm.loss_weighting).
+With the prior head the network reads no z, and model.ar_layout='t' drops the noisy rows: the block is the causal LM
+over the T clean rows with a sigma-conditioned head (half the rows; docs/language_models.md, "T-row layout").
 The shared language-task pieces (data, E and the scale contract, the optional analytic likelihood term, the
 partition, the loss) are in dblocks.tasks.lm_base; generation and evaluation in dblocks.tasks.ar_infer / ar_eval.
 """
@@ -17,16 +19,33 @@ from dblocks.models.options import model_options
 from dblocks.tasks.base import Unit, register
 from dblocks.tasks.lm_base import LMTask
 
+LAYOUTS = ("2t", "t")
+
 
 @register
 class ARTask(LMTask):
     name = "ar"
 
+    def validate(self) -> list[str]:
+        p, m = super().validate(), self.config.model
+        layout = str(m.get("ar_layout", "2t"))
+        if layout not in LAYOUTS:
+            p.append(f"model.ar_layout={layout!r}; choose one of {LAYOUTS}")
+        elif layout == "t" and self.config.method == "dblocks" and not self.prior_head:
+            p.append("model.ar_layout='t' needs model.lm_head='prior': the T-row layout has no noisy rows, so its "
+                     "network cannot read z (use '2t' with the posterior head)")
+        return p
+
+    @property
+    def layout(self) -> str:
+        """The denoiser's rows: '2t' ([clean ; noisy]) or 't' (the clean rows only; prior head)."""
+        return str(self.config.model.get("ar_layout", "2t"))
+
     def make_model(self, unit: Unit) -> ar_model.ARModel:
         m = self.config.model
         return ar_model.ARModel(vocab=self.vocab.size, num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads,
                                 mlp_ratio=m.mlp_ratio, diffusion=unit.is_block, sigma_min=self.edm.sigma_min,
-                                prev_token=bool(m.get("prev_token", False)), **model_options(m))
+                                prev_token=bool(m.get("prev_token", False)), layout=self.layout, **model_options(m))
 
     def loss_on(self, model, params, inputs, rng, train=True):
         tokens = inputs["tokens"]
@@ -51,16 +70,18 @@ class ARTask(LMTask):
 
     def training_compute(self, method: str, grid_points: int | None = None, clean_blocks: int | None = None) -> dict:
         """Layer evaluations per training token of one optimizer step (forward; backward runs through the same
-        layers). A block runs its L/B layers over 2 rows per token (clean and noisy); B blocks each train as many
-        steps as the baseline, which runs L layers over 1 row per token. At inference the clean row goes through the
-        `clean_blocks` blocks the grid calls (default all B; dblocks.sampling.blocks_called)."""
+        layers). A block runs its L/B layers over 2 rows per token (clean and noisy) in the 2T layout, over 1 in the
+        T layout; B blocks each train as many steps as the baseline, which runs L layers over 1 row per token. At
+        inference the clean row goes through the `clean_blocks` blocks the grid calls (default all B;
+        dblocks.sampling.blocks_called), and each block call runs one row through the block."""
         L, B = int(self.config.model.num_layers), int(self.config.blocks.num_blocks)
         if method == "e2e":
             return {"forward_layer_rows_per_token": L, "backward_layer_rows_per_token": L, "units": 1,
                     "inference_layer_rows_per_token": L}
+        rows = 1 if self.layout == "t" else 2
         calls = int(grid_points or self.config.sample.get("grid_points", 0) or self.default_grid_points())
-        return {"forward_layer_rows_per_token": 2 * L // B, "backward_layer_rows_per_token": 2 * L // B, "units": B,
-                "inference_layer_rows_per_token": int(clean_blocks or B) * L // B + calls * L // B,
-                "note": "training: per block step (the B blocks together: 2L layer-rows per token per baseline "
-                        "step); inference: the clean row through each block the grid calls + one noisy row per "
-                        "block call"}
+        return {"forward_layer_rows_per_token": rows * L // B, "backward_layer_rows_per_token": rows * L // B,
+                "units": B, "inference_layer_rows_per_token": int(clean_blocks or B) * L // B + calls * L // B,
+                "note": f"training: per block step (the B blocks together: {rows}L layer-rows per token per baseline "
+                        f"step, layout {self.layout}); inference: the clean row through each block the grid calls + "
+                        f"one row per block call"}

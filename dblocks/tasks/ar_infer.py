@@ -121,13 +121,17 @@ def block_fns(task, model, bridge: str) -> dict:
     """A denoiser block: one noisy row against the cache, and the teacher-forced pass (per-token sigma [N, T])."""
     t_max, E = int(task.config.data.seq_len), task.E
 
+    # the T layout's row for position pos is the clean row of token pos - 1 (at its position, reading the cache
+    # before it); the 2T layout's noisy row sits at position pos and reads the whole clean prefix
+    shift = 1 if getattr(model, "layout", "2t") == "t" else 0
+
     def noisy_row(params, cache, z, sigma, pos, key, prev):   # z [N, 1, D], sigma [N]; key: the 'sample' bridge's;
         def apply(zz, cn):                                     # prev [N]: the token at pos - 1
             # the chain calls a block at one level for every row (sigma is a grid point), so the noise conditioning
             # (noise embedder, every layer's AdaLN Linear) runs on one row and is broadcast over the N rows
             # (docs/performance.md, "Compiled decoding")
-            return model.apply({"params": params}, zz, cn[:1], jnp.full((1, 1), pos),
-                               ar_model.prefix_mask(pos, t_max), cache, prev, method=model.noisy_rows)
+            return model.apply({"params": params}, zz, cn[:1], jnp.full((1, 1), pos - shift),
+                               ar_model.prefix_mask(pos - shift, t_max), cache, prev, method=model.noisy_rows)
         logits = task.precondition_logits(apply, z, sigma[:, None])
         return targets.bridge(logits, E, bridge, key), logits[:, 0]
 

@@ -41,7 +41,7 @@ def get_config(arg=None):
     # the chunked cross-entropy (loss_chunk=4096 rows at a time), so no [256, 256, 32000] logits are held whole.
     # loss weighting "none": the prior's CE does not depend on sigma, so lambda(sigma) would only add variance.
     c.model = dict(**model_defaults(), num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, target_dim=0, target_norm=0.25, target_seed=0,
-                   likelihood=True, match_sigma_data=True, prev_token=True, lm_head="prior", loss_chunk=4096)
+                   likelihood=True, match_sigma_data=True, prev_token=True, lm_head="prior", loss_chunk=4096, ar_layout="2t")
     c.blocks.sigma_floor = 0.0
 
     c.blocks.num_blocks = 4

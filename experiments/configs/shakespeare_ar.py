@@ -29,7 +29,7 @@ def get_config(arg=None):
     # the log-normal's mass, and the low-noise blocks learn to copy z; at 0.25 each block's range still hides part
     # of it. The measured results (README, docs/language_models.md) use this value; it was not swept here.
     c.model = dict(**model_defaults(), num_layers=8, hidden=128, heads=4, mlp_ratio=4.0, target_dim=0, target_norm=0.25, target_seed=0,
-                   likelihood=True, match_sigma_data=True, prev_token=True, lm_head="prior", loss_chunk=0)
+                   likelihood=True, match_sigma_data=True, prev_token=True, lm_head="prior", loss_chunk=0, ar_layout="2t")
     # prev_token: noisy row i also reads token i-1 (known context). Without it the row's residual stream starts from
     # noise and a 2-layer block spends a layer fetching the previous token by attention; with it block 0 alone (the
     # first call) went from 3.55 to 2.87 bits/char and the ELBO from 3.32 to 3.04 on the validation works
