@@ -267,7 +267,7 @@ case "$cmd" in
     use_tcmalloc
     use_hugepages
     "$(python_bin)" -m pytest -q tests "$@" ;;
-  train|sample|evaluate|compare|memory|bench|bench_parallel|export|convert)
+  train|sample|evaluate|compare|memory|bench|export|convert)
     setup
     use_tcmalloc
     use_hugepages
@@ -281,7 +281,7 @@ subcommands:
   setup [--cuda|--tpu]       pip install -e . (into .venv; with the CUDA 12 or TPU jax build) and the embedded data
   demo [WORKDIR]             set up, train experiments/configs/fashion_mnist_dit.py, write WORKDIR/samples.png
   test [PYTEST ARGS]         set up, run the tests (what .ci/run runs); add `-m slow` for the heavy ones
-  train|sample|evaluate|compare|memory|bench_parallel|export ARGS
+  train|sample|evaluate|compare|memory|bench|export|convert ARGS
                              set up, then python -m experiments.<subcommand> ARGS
   tpu ACTION [--dry-run]     Cloud TPU pod slice: up, create, copy, setup, train, logs, stop, delete (tpu help)
 environment: DBLOCKS_VENV (default .venv), DBLOCKS_NO_VENV=1 (use the current python3), DBLOCKS_PYTHON (python3;

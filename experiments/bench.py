@@ -284,7 +284,7 @@ def _config_overrides(argv: list[str]) -> list[str]:
 
 def device_suite(small: bool) -> dict:
     """cifar10_dit and cifar100_vit at their paper batch sizes (tiny with small=True), e2e and block steps, and
-    sampling; with several devices also the mesh scaling of experiments.bench_parallel."""
+    sampling; with several devices also the mesh scaling of experiments.lab.bench_parallel."""
     tiny = ["--config.model.num_layers=3", "--config.model.hidden=32", "--config.model.heads=2",
             "--config.model.mlp_ratio=2.0", "--config.data.batch_size=8", "--config.data.name=synthetic"]
     suite = {}
@@ -294,7 +294,7 @@ def device_suite(small: bool) -> dict:
         overrides = (tiny if small else ["--config.data.name=synthetic"])
         suite[name] = bench(path, overrides, ["e2e", "block", "sample_dblocks"], extra)
     if jax.device_count() > 1:
-        cmd = [sys.executable, "-m", "experiments.bench_parallel", "--config",
+        cmd = [sys.executable, "-m", "experiments.lab.bench_parallel", "--config",
                os.path.join(CONFIGS, "scale_dit.py"), "--json"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -319,7 +319,7 @@ def main(argv):
         else:
             print("\n\n".join(table(r) for k, r in suite.items() if k != "mesh"))
             if "mesh" in suite:
-                print("\nmesh scaling (experiments.bench_parallel):", json.dumps(suite["mesh"]))
+                print("\nmesh scaling (experiments.lab.bench_parallel):", json.dumps(suite["mesh"]))
         return
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (or --device)")
