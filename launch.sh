@@ -97,8 +97,8 @@ find_tcmalloc() {  # prints the path of libtcmalloc_minimal (ldconfig's cache, t
 }
 
 use_tcmalloc() {  # DBLOCKS_MALLOC=tcmalloc: preload tcmalloc for the Python commands run from here
-  # (docs/performance.md "The C allocator"): glibc's malloc gives XLA's large CPU temporaries back to the kernel after
-  # every step and faults them in again; tcmalloc keeps them, 1.3-1.9x faster CPU steps at up to 1.8x the peak RSS,
+  # (docs/lab/performance.md "The C allocator"): glibc's malloc gives XLA's large CPU temporaries back to the kernel
+  # after every step and faults them in again; tcmalloc keeps them, 1.3-1.9x faster CPU steps at up to 1.8x the peak RSS,
   # so it is opt-in. An LD_PRELOAD already set is left alone.
   [ "${DBLOCKS_MALLOC:-system}" = tcmalloc ] || return 0
   [ -n "${LD_PRELOAD:-}" ] && return 0

@@ -64,7 +64,7 @@ class Trainer:
         batch = self.batch(unit, 0) if batch is None else batch
         ema = float(self.config.optim.ema_decay)
         # one compiled program: run op by op, initialisation compiles and keeps hundreds of small programs (about
-        # 165 MiB of resident memory for the CIFAR-100 ViT block, docs/performance.md)
+        # 165 MiB of resident memory for the CIFAR-100 ViT block, docs/lab/performance.md)
         init = jax.jit(lambda key, b: steps.init_state(self.task.init_params(model, key, b), self.tx, ema))
         return init(steps.init_key(self.config.seed, unit.index), batch)
 

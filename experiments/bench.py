@@ -14,7 +14,7 @@ Each measurement runs in its own child process, so peak RSS belongs to that step
 from the config, or from --model dtype=bfloat16,scan_layers=true,remat=full (configs need not have the keys).
 --cpu_devices N (CPU only): the training rows split the host into N devices and the batch over them (data
 parallel, gradients all-reduced): the same step and FLOPs; XLA's CPU runtime runs elementwise work on one thread per
-device, so on a small CPU this is faster (docs/performance.md).
+device, so on a small CPU this is faster (docs/lab/performance.md).
 --device: cifar10_dit and cifar100_vit at their paper batch sizes (with --small: tiny shapes, for a CPU check),
 and the block-parallel mesh against data-parallel e2e when several devices are present.
 Rows decode_dblocks / decode_e2e (language configs): token generation at batch --sample_batch, --sample_tokens new
@@ -94,7 +94,7 @@ def train_row(task, method: str, batch_size: int, n_steps: int, warmup: int) -> 
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     seconds = time_fn(n_steps + warmup - 1) if n_steps else float("nan")
     # minor page faults per step (the warm-up included): with glibc's malloc on the CPU backend, about one per 4 KiB
-    # page of XLA's temporaries (docs/performance.md "The C allocator")
+    # page of XLA's temporaries (docs/lab/performance.md "The C allocator")
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(n_steps + warmup, 1)
     return {"unit": unit.name, "layers": unit.num_layers, "batch_size": batch_size, "devices": devices,
             "compile_seconds": compile_s,

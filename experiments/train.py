@@ -11,7 +11,7 @@ Blocks side by side on a device mesh, and multi-host runs (docs/scale_out.md):
   python -m experiments.train --multihost --config ... --workdir W --config.parallel.mode=mesh   # on every host
 
 On a multi-core CPU, --config.parallel.cpu_devices=2 (or the core count) splits each step's batch over that many
-host devices: faster steps, the same losses to float tolerance (docs/performance.md "Two CPU devices").
+host devices: faster steps, the same losses to float tolerance (docs/lab/performance.md "Two CPU devices").
 """
 import logging
 import os

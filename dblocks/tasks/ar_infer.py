@@ -125,7 +125,7 @@ def block_fns(task, model, bridge: str) -> dict:
         def apply(zz, cn):                                     # prev [N]: the token at pos - 1
             # the chain calls a block at one level for every row (sigma is a grid point), so the noise conditioning
             # (noise embedder, every layer's AdaLN Linear) runs on one row and is broadcast over the N rows
-            # (docs/performance.md, "Compiled decoding")
+            # (docs/lab/performance.md, "Where the decoding loop's time went")
             return model.apply({"params": params}, zz, cn[:1], jnp.full((1, 1), pos),
                                ar_model.prefix_mask(pos, t_max), cache, prev, method=model.noisy_rows)
         logits = task.precondition_logits(apply, z, sigma[:, None])

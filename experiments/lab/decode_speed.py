@@ -1,4 +1,4 @@
-r"""Token decoding speed of `task.generate` (docs/lab/performance.md, "Compiled decoding"): untrained parameters
+r"""Token decoding speed of `task.generate` (docs/lab/performance.md): untrained parameters
 (random, non-zero: `dblocks.assemble.random_run`) of an ar or recurrent --config, its default sampler, 64 (or --batch)
 prompts of 8 tokens, 96 new tokens; one compiling call, then the best of 3.
 
