@@ -40,7 +40,7 @@ from ml_collections import config_flags
 from dblocks import config as config_lib
 from dblocks import logs, memory, runtime, steps
 from dblocks.tasks import get_task
-from experiments.common import user_errors
+from experiments.common import run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "timed training steps per row (median)")
@@ -309,8 +309,7 @@ def main(argv):
     logs.setup()
     runtime.setup()
     if _CHILD.value:
-        with user_errors():
-            print(json.dumps(child_main(_CONFIG.value, _CHILD.value)))
+        print(json.dumps(child_main(_CONFIG.value, _CHILD.value)))
         return
     if _DEVICE.value:
         suite = device_suite(_SMALL.value)
@@ -323,14 +322,12 @@ def main(argv):
         return
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (or --device)")
-    with user_errors():
-        config_lib.validate(_CONFIG.value)
-        n, batch = _CPU_DEVICES.value, int(_BATCH.value or _CONFIG.value.data.batch_size)
-        if n < 0 or (n > 1 and batch % n):
-            raise config_lib.ConfigError(f"--cpu_devices={n}: must be >= 0 and divide the batch size {batch}")
-        if n > 1 and jax.default_backend() != "cpu":
-            raise config_lib.ConfigError("--cpu_devices splits the host CPU; this backend is "
-                                         f"{jax.default_backend()}")
+    config_lib.validate(_CONFIG.value)
+    n, batch = _CPU_DEVICES.value, int(_BATCH.value or _CONFIG.value.data.batch_size)
+    if n < 0 or (n > 1 and batch % n):
+        raise config_lib.ConfigError(f"--cpu_devices={n}: must be >= 0 and divide the batch size {batch}")
+    if n > 1 and jax.default_backend() != "cpu":
+        raise config_lib.ConfigError(f"--cpu_devices splits the host CPU; this backend is {jax.default_backend()}")
     path = next(a.split("=", 1)[1] if "=" in a else sys.argv[sys.argv.index(a) + 1]
                 for a in sys.argv[1:] if a.split("=")[0] == "--config")
     extra = [f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}", f"--sample_batch={_SAMPLE.value}",
@@ -343,4 +340,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -9,8 +9,8 @@ Exit statuses of every entry point (docs/reliability.md):
   4  stopped by SIGTERM / SIGINT after saving every unit in training; the same command resumes
   5  the workdir cannot be written (read-only, full, no permission); what was on disk is intact
 
-Entry points call `run_main(main)` instead of `app.run(main)`: it parses the flags with the unknown-field message,
-and runs main inside `user_errors()`.
+Every command and lab driver calls `run_main(main)` instead of `app.run(main)` (tests/test_structure.py): it parses
+the flags with the unknown-field message, and runs main inside `user_errors()`.
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def user_errors():
         _fail(str(e), EXIT_NONFINITE)
     except USER_ERRORS as e:
         _fail(str(e), EXIT_USER_ERROR)
+    except app.UsageError as e:   # a flag combination the flags parser cannot check
+        _fail(f"{e}\nPass --help to list the flags.", EXIT_USER_ERROR)
     except CheckpointWriteError as e:
         _fail(e.strerror or str(e), EXIT_CANNOT_WRITE)
     except Exception as e:  # noqa: BLE001 - a refused write, however a library reports it; anything else re-raised

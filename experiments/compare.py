@@ -25,7 +25,7 @@ import platform
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dblocks import checkpoint as ckpt_lib
@@ -33,7 +33,7 @@ from dblocks import config as config_lib
 from dblocks import logs, memory
 from dblocks import train as train_lib
 from dblocks.tasks import get_task
-from experiments.common import user_errors
+from experiments.common import run_main
 from experiments import lm_compare
 from dblocks.evaluation import evaluate_workdir
 from experiments.options import define_option_flags
@@ -225,9 +225,8 @@ def plot_per_step(workdir: str, runs: dict) -> str | None:
 def main(argv):
     del argv
     logs.setup()
-    with user_errors():
-        command = " ".join(["python -m experiments.compare", *sys.argv[1:]])
-        result = compare(_CONFIG.value, _WORKDIR.value, _OPTIONS(), command=command)
+    command = " ".join(["python -m experiments.compare", *sys.argv[1:]])
+    result = compare(_CONFIG.value, _WORKDIR.value, _OPTIONS(), command=command)
     print(markdown(result))
 
 
@@ -236,4 +235,4 @@ if __name__ == "__main__":
     _WORKDIR = flags.DEFINE_string("workdir", None, "where both runs, the table and the plots go")
     _OPTIONS = define_option_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    run_main(main)

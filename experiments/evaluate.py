@@ -17,7 +17,7 @@ from absl import flags
 
 from dblocks import logs, runtime
 from dblocks.evaluation import evaluate_workdir
-from experiments.common import run_main, user_errors
+from experiments.common import run_main
 from experiments.options import define_option_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir")
@@ -32,8 +32,7 @@ def main(argv):
     del argv
     logs.setup()
     runtime.setup()
-    with user_errors():
-        result = evaluate_workdir(_WORKDIR.value, _METHOD.value, not _NO_EMA.value, _OUT.value, **_OPTIONS())
+    result = evaluate_workdir(_WORKDIR.value, _METHOD.value, not _NO_EMA.value, _OUT.value, **_OPTIONS())
     print(json.dumps(result, indent=1))
 
 

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from dblocks import assemble, logs, parallel, runtime
 from dblocks import train as train_lib
 from dblocks import config as config_lib
-from experiments.common import run_main, user_errors
+from experiments.common import run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
@@ -61,11 +61,10 @@ def main(argv):
     parallel.init_distributed(_MULTIHOST.value)  # before anything touches a device
     logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
     runtime.setup()   # compilation cache; backend, devices and jax version in the log
-    with user_errors():
-        if jax.process_count() > 1 and config.parallel.mode != "mesh":
-            raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
-                                         f"sequential engine trains on one device of one process)")
-        train_and_evaluate(config, _WORKDIR.value)
+    if jax.process_count() > 1 and config.parallel.mode != "mesh":
+        raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
+                                     f"sequential engine trains on one device of one process)")
+    train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
