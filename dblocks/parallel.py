@@ -52,12 +52,11 @@ def init_distributed(enabled: bool = False) -> bool:
 
 
 def settings(config) -> tuple[str, int, int]:
-    """(mode, data axis size, block axis size; 0 = as many as fit) from config.parallel (absent: sequential).
+    """(mode, data axis size, block axis size; 0 = as many as fit) from config.parallel.
     A sequential run with parallel.cpu_devices = n > 1 on the CPU backend is a mesh of 1 block x n data devices:
     the same units one after another, each step's batch split over the host's n CPU devices."""
-    p = config.get("parallel") or {}
-    mode, data, blocks = str(p.get("mode", "sequential")), int(p.get("data", 1)), int(p.get("blocks", 0))
-    cpus = int(p.get("cpu_devices", 1))
+    p = config.parallel
+    mode, data, blocks, cpus = str(p.mode), int(p.data), int(p.blocks), int(p.cpu_devices)
     if mode == "sequential" and cpus > 1 and jax.default_backend() == "cpu":
         return "mesh", cpus, 1
     return mode, data, blocks
@@ -69,8 +68,7 @@ def mesh_shape(config, group_size: int) -> tuple[int, int]:
     mode, data, blocks = settings(config)
     n, procs = jax.device_count(), jax.process_count()
     if data > n:
-        what = "parallel.data" if (config.get("parallel") or {}).get("mode", "sequential") == mode \
-            else "parallel.cpu_devices"
+        what = "parallel.data" if config.parallel.mode == mode else "parallel.cpu_devices"
         raise ConfigError(f"{what}={data} exceeds the {n} devices")
     if blocks == 0:
         blocks = n // data if procs > 1 else min(n // data, group_size)

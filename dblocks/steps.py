@@ -66,7 +66,7 @@ def make_train_step(task, model: nn.Module, tx: optax.GradientTransformation, op
     """step(state, batch, base_key, train_range) -> (state, metrics). The step's key is fold_in(base_key,
     state['step']), computed inside, so the loop never touches keys on the host. Pure: jit it, vmap it over a block
     axis, or lower it for the memory report."""
-    ema_decay, warmup = float(optim.ema_decay), bool(optim.get("ema_warmup", True))
+    ema_decay, warmup = float(optim.ema_decay), bool(optim.ema_warmup)
 
     def step(state: State, batch: dict, base_key: Array, train_range: Array):
         rng = jax.random.fold_in(base_key, state["step"])

@@ -53,11 +53,11 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     check_data(config, source)
     units = units_to_train(task, config)
     mode = parallel.settings(config)[0]
-    asked = config.get("parallel") or {}
-    cpus = int(asked.get("cpu_devices", 1))
+    asked = config.parallel
+    cpus = int(asked.cpu_devices)
     if cpus > 1 and jax.default_backend() != "cpu":
         logs.log.info("parallel.cpu_devices=%d ignored: the backend is %s", cpus, jax.default_backend())
-    elif cpus > 1 and mode == "mesh" and asked.get("mode", "sequential") == "sequential":
+    elif cpus > 1 and mode == "mesh" and asked.mode == "sequential":
         logs.log.info("parallel.cpu_devices=%d: each step's batch is split over %d CPU devices (the mesh trainer, "
                       "one unit at a time)", cpus, cpus)
     if mode == "mesh":

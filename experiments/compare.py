@@ -167,7 +167,7 @@ def markdown(result: dict) -> str:
         rows.append(("sampling seconds per image", f"{d['eval']['seconds_per_image']:.4f}",
                      f"{e['eval']['seconds_per_image']:.4f}"))
     lines = [f"### {result['task']}: DiffusionBlocks (B={B}) vs end-to-end", "",
-             f"Config `{c.get('data', {}).get('name', '')}`, {c['model']['num_layers']} layers, seed {c['seed']}, "
+             f"Config `{c['data']['name']}`, {c['model']['num_layers']} layers, seed {c['seed']}, "
              f"batch {c['data']['batch_size']}; {result['machine']}; {result['date']}.", "",
              f"| | DiffusionBlocks (B={B}) | end-to-end |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {cc} |" for a, b, cc in rows]

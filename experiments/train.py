@@ -10,6 +10,7 @@ Blocks side by side on a device mesh, and multi-host runs (docs/scale_out.md):
   python -m experiments.train --config ... --workdir W --config.parallel.mode=mesh [--config.parallel.data=2]
   python -m experiments.train --multihost --config ... --workdir W --config.parallel.mode=mesh   # on every host
 
+Every field of a config, with its default and meaning: `python -m experiments.train --config C --help_config`.
 On a multi-core CPU, --config.parallel.cpu_devices=2 (or the core count) splits each step's batch over that many
 host devices: faster steps, the same losses to float tolerance (docs/lab/performance.md "Two CPU devices").
 """
@@ -29,7 +30,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one process per host; "
                                 "also done when JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set)")
-flags.mark_flags_as_required(["config", "workdir"])
+_HELP_CONFIG = flags.DEFINE_bool("help_config", False, "print every field of the config (defaults included) with its "
+                                  "value and meaning, then exit")
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(["workdir", "help_config"], lambda f: bool(f["workdir"] or f["help_config"]),
+                                     message="--workdir is required")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -57,7 +62,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def main(argv):
     del argv
     config = _CONFIG.value
-    runtime.split_cpu((config.get("parallel") or {}).get("cpu_devices", 1))  # before any backend starts
+    if _HELP_CONFIG.value:
+        print(config_lib.describe(config))
+        return
+    runtime.split_cpu(config.parallel.cpu_devices)  # before any backend starts
     parallel.init_distributed(_MULTIHOST.value)  # before anything touches a device
     logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
     runtime.setup()   # compilation cache; backend, devices and jax version in the log

@@ -165,6 +165,60 @@ def test_experiments_call_no_private_library_function():
     assert not bad, bad
 
 
+# The config module owns the defaults (its builders and each task's `defaults`); user_data resolves the data fields
+# of configs that are not validated yet (older runs' saved configs included), where an absent field is the point.
+CONFIG_GET_ALLOWED = {"dblocks.config", "dblocks.user_data"}
+
+
+def _is_part_of(value: ast.AST) -> bool:
+    """A name, attribute or item (or a tuple of them): what `m = config.model` binds, unlike a call's result."""
+    if isinstance(value, ast.Tuple):
+        return all(_is_part_of(v) for v in value.elts)
+    return isinstance(value, (ast.Name, ast.Attribute, ast.Subscript))
+
+
+def config_get_calls(source: str) -> list[str]:
+    """`X.get("field", ...)` calls on a config: X names `config` (self.config.model, run.config) or a local name bound
+    to one (`m = self.config.model`, `c = config; d = c.data`). Every field has its default in the config module, so
+    a read site states none of its own."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        bound, grew = {a.arg for a in fn.args.args if "config" in a.arg}, True
+        while grew:   # names bound to a config, or to a part of one, anywhere in the function
+            grew = False
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Assign) or not _is_part_of(node.value):
+                    continue
+                names = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+                if "config" in ast.unparse(node.value) or names & bound:
+                    new = {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)} - bound
+                    bound |= new
+                    grew = grew or bool(new)
+        for node in ast.walk(fn):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                recv = node.func.value
+                roots = {n.id for n in ast.walk(recv) if isinstance(n, ast.Name)}
+                if "config" in ast.unparse(recv) or roots & bound:
+                    found.append(ast.unparse(node))
+    return sorted(set(found))
+
+
+def test_config_fields_are_read_without_inline_defaults():
+    bad = {n: calls for n, p in _modules().items() if n not in CONFIG_GET_ALLOWED
+           and (calls := config_get_calls(p.read_text()))}
+    assert not bad, f"config fields read with an inline default (give the field a default in the config module): {bad}"
+
+
+def test_config_get_checker_sees_bound_names():
+    src = ("def f(self, config, meta):\n    m = self.config.model\n    c = config\n    d = c.data\n"
+           "    n = int(d.n)\n    r = run(n)\n"
+           "    return m.get('a', 0), d.get('b'), meta.get('c'), config.get('e', 1), m.a, r.get('f')\n")
+    assert config_get_calls(src) == ["config.get('e', 1)", "d.get('b')", "m.get('a', 0)"]
+
+
 def test_requirements_and_pyproject_agree():
     """requirements.txt (pip install -r) and pyproject.toml (pip install -e .) name the same packages."""
     import re

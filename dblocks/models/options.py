@@ -21,6 +21,7 @@ from dblocks.models.stack import REMAT
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "fp32": jnp.float32}
 ATTENTION = ("xla", "cudnn", "einsum")
+DEFAULTS = {"scan_layers": False, "remat": "none", "dtype": "float32", "attention": "xla"}
 
 
 def model_options(m: Any) -> dict:

@@ -26,12 +26,12 @@ class ARTask(LMTask):
         m = self.config.model
         return ar_model.ARModel(vocab=self.vocab.size, num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads,
                                 mlp_ratio=m.mlp_ratio, diffusion=unit.is_block, sigma_min=self.edm.sigma_min,
-                                prev_token=bool(m.get("prev_token", False)), **model_options(m))
+                                prev_token=bool(m.prev_token), **model_options(m))
 
     def loss(self, model, params, batch, rng, train_range, train=True):
         tokens = batch["tokens"]
         if not model.diffusion:
-            chunk = int(self.config.model.get("loss_chunk", 0) or 0)
+            chunk = int(self.config.model.loss_chunk)
             if chunk:   # dblocks.losses: the [N, T, V] logits are never held whole
                 h, head = model.apply({"params": params}, tokens, features=True), params["head"]["Dense_1"]
                 ce = losses.chunked_cross_entropy(h[:, :-1], head["kernel"], head["bias"], tokens[:, 1:], chunk)
@@ -39,7 +39,7 @@ class ARTask(LMTask):
                 logits = model.apply({"params": params}, tokens)
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
             return ce.mean(), {"ce": ce.mean()}
-        chunk = int(self.config.model.get("loss_chunk", 0) or 0)
+        chunk = int(self.config.model.loss_chunk)
         prior_ce = None
         if chunk and self.prior_head:   # the prior head's CE needs no likelihood term: chunk it as the LM's
             def prior_ce(z, sigma):
@@ -58,7 +58,7 @@ class ARTask(LMTask):
         if method == "e2e":
             return {"forward_layer_rows_per_token": L, "backward_layer_rows_per_token": L, "units": 1,
                     "inference_layer_rows_per_token": L}
-        calls = int(grid_points or self.config.sample.get("grid_points", 0) or self.default_grid_points())
+        calls = int(grid_points or self.config.sample.grid_points or self.default_grid_points())
         return {"forward_layer_rows_per_token": 2 * L // B, "backward_layer_rows_per_token": 2 * L // B, "units": B,
                 "inference_layer_rows_per_token": int(clean_blocks or B) * L // B + calls * L // B,
                 "note": "training: per block step (the B blocks together: 2L layer-rows per token per baseline "

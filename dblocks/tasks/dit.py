@@ -25,6 +25,7 @@ from dblocks.tasks.image_data import LabelledImages
 @register
 class DiTTask(LabelledImages, Task):
     name = "dit"
+    defaults = {"sample": {"grid_kind": "cdf"}}   # sigma grid of the sampler: equal-CDF ('cdf') or 'karras'
 
     # -- config --------------------------------------------------------------------------------------------------
     def validate(self) -> list[str]:
@@ -41,7 +42,7 @@ class DiTTask(LabelledImages, Task):
         s = c.sample
         if s.solver not in sampling.SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
-        kind = s.get("grid_kind", "cdf")
+        kind = s.grid_kind
         if kind not in sampling.GRID_KINDS:
             p.append(f"sample.grid_kind={kind!r}; choose one of {sampling.GRID_KINDS}")
         if s.grid_points < max(2, int(c.blocks.num_blocks)):
@@ -80,7 +81,7 @@ class DiTTask(LabelledImages, Task):
         k_sigma, k_eps, k_drop, k_flip, k_dropout = jax.random.split(rng, 5)
         y, label = images_lib.to_model_range(batch["image"]), batch["label"]
         n = y.shape[0]
-        if train and c.data.get("flip", False):
+        if train and c.data.flip:
             y = jnp.where(jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1)), y[:, :, ::-1], y)
         if train:   # classifier-free guidance: labels dropped to the null class
             label = jnp.where(jax.random.uniform(k_drop, (n,)) < c.model.class_dropout, c.data.num_classes, label)

@@ -9,6 +9,9 @@ from dblocks import data as data_lib
 
 class LabelledImages:
     """Mixin for a Task whose data is `config.data` = (name, image_size, channels, num_classes, path, data_dir)."""
+    defaults = {"data": {"test_fraction": data_lib.TEST_FRACTION,   # held out when the data has no test split
+                         "flip": False,                              # random horizontal flips in training
+                         "class_names": ""}}                         # comma-separated row labels of sample grids
 
     def data_signature_fields(self):
         return ("name", "image_size", "channels", "num_classes")
@@ -17,7 +20,7 @@ class LabelledImages:
         d = self.config.data
         return data_lib.load_images(d.name, split, d.path, d.data_dir, num_classes=d.num_classes,
                                     size=d.image_size, channels=d.channels,
-                                    test_fraction=float(d.get("test_fraction", data_lib.TEST_FRACTION)))
+                                    test_fraction=float(d.test_fraction))
 
     def make_batch(self, examples, train):
         """Training batches keep uint8 pixels (converted on the device by the task's loss: images.to_model_range);

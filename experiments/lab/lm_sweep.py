@@ -67,7 +67,7 @@ def main(argv):
            "arms": {}}
     if _ELBO.value and run.method == "dblocks":
         t0 = time.perf_counter()
-        out["elbo"] = ar_eval.elbo(task, run, windows, int(task.config.eval.get("elbo_sigmas", 32)), bs, 0)
+        out["elbo"] = ar_eval.elbo(task, run, windows, int(task.config.eval.elbo_sigmas), bs, 0)
         print(f"elbo {out['elbo']['elbo_bits']:.3f} bits ({time.perf_counter() - t0:.0f} s)", flush=True)
     for name, opts in arms:
         t0 = time.perf_counter()
