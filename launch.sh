@@ -97,8 +97,8 @@ find_tcmalloc() {  # prints the path of libtcmalloc_minimal (ldconfig's cache, t
 }
 
 use_tcmalloc() {  # DBLOCKS_MALLOC=tcmalloc: preload tcmalloc for the Python commands run from here
-  # (docs/performance.md "The C allocator"): glibc's malloc gives XLA's large CPU temporaries back to the kernel after
-  # every step and faults them in again; tcmalloc keeps them, 1.3-1.9x faster CPU steps at up to 1.8x the peak RSS,
+  # (docs/lab/performance.md "The C allocator"): glibc's malloc gives XLA's large CPU temporaries back to the kernel
+  # after every step and faults them in again; tcmalloc keeps them, 1.3-1.9x faster CPU steps at up to 1.8x the peak RSS,
   # so it is opt-in. An LD_PRELOAD already set is left alone.
   [ "${DBLOCKS_MALLOC:-system}" = tcmalloc ] || return 0
   [ -n "${LD_PRELOAD:-}" ] && return 0
@@ -268,7 +268,7 @@ case "$cmd" in
     use_hugepages
     "$(python_bin)" -m ruff check dblocks experiments tests   # the rules: [tool.ruff] in pyproject.toml
     "$(python_bin)" -m pytest -q tests "$@" ;;
-  train|sample|evaluate|compare|memory|bench|bench_parallel|export|convert)
+  train|sample|evaluate|compare|memory|bench|export|convert)
     setup
     use_tcmalloc
     use_hugepages
@@ -282,7 +282,7 @@ subcommands:
   setup [--cuda|--tpu]       pip install -e . (into .venv; with the CUDA 12 or TPU jax build) and the embedded data
   demo [WORKDIR]             set up, train experiments/configs/fashion_mnist_dit.py, write WORKDIR/samples.png
   test [PYTEST ARGS]         set up, ruff check, run the tests (what .ci/run runs); `-m slow` for the heavy ones
-  train|sample|evaluate|compare|memory|bench_parallel|export ARGS
+  train|sample|evaluate|compare|memory|bench|export|convert ARGS
                              set up, then python -m experiments.<subcommand> ARGS
   tpu ACTION [--dry-run]     Cloud TPU pod slice: up, create, copy, setup, train, logs, stop, delete (tpu help)
 environment: DBLOCKS_VENV (default .venv), DBLOCKS_NO_VENV=1 (use the current python3), DBLOCKS_PYTHON (python3;

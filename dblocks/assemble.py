@@ -109,3 +109,25 @@ def load_run(workdir: str, method: str | None = None, use_ema: bool = True, allo
     part = task.partition() if method == "dblocks" else partition_lib.Partition(
         boundaries=task.full_range(), ranges=(task.full_range(),))
     return Run(workdir, config, task, method, part, units, models, params, metas)
+
+
+def randomize(params: Any, key: jax.Array, scale: float = 0.3) -> Any:
+    """Every leaf drawn from N(0, scale^2): the zero-initialised AdaLN gates and heads would hide any dependence."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def random_run(config: ml_collections.ConfigDict, method: str) -> Run:
+    """A run with random (non-zero) parameters in place of a checkpoint: exercises every code path, and measures
+    speed, without training. Unit u's parameters come from PRNGKey(u.index)."""
+    config = config.copy_and_resolve_references()
+    config.method = method
+    task = get_task(config)
+    units = task.units(method)
+    models = [task.make_model(u) for u in units]
+    init = jax.jit(lambda m, k: randomize(task.init_params(m, k, task.dummy_batch()), k), static_argnums=0)
+    params = [init(m, jax.random.PRNGKey(u.index)) for m, u in zip(models, units)]
+    part = task.partition() if method == "dblocks" else partition_lib.Partition(
+        boundaries=task.full_range(), ranges=(task.full_range(),))
+    return Run("<random>", config, task, method, part, units, models, params, [{}] * len(units))

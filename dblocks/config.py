@@ -73,8 +73,7 @@ def model_defaults() -> dict:
     narrow / a jax.checkpoint_policies name), dtype (float32 / bfloat16 compute; parameters and loss stay float32),
     attention (xla / cudnn / einsum / chunked), attention_chunk (query rows per chunk of 'chunked'), mlp_chunk
     (rows per MLP chunk, 0: off), layer_chunk (samples per chunk of each layer, 0: off)."""
-    return dict(scan_layers=False, remat="none", dtype="float32", attention="xla", attention_chunk=128, mlp_chunk=0,
-                layer_chunk=0)
+    return dict(model_options.DEFAULTS)
 
 
 def parse_blocks(spec: str, num_blocks: int) -> list[int]:
@@ -273,3 +272,143 @@ def validate(config) -> None:
             problems.append(f"the {config.task!r} task's checks failed on this config: {type(e).__name__}: {e}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# -- what each field means (--help_config) ----------------------------------------------------------------------------
+
+FIELD_HELP = {
+    "task": "what is trained: dit, vit, mdm, ar or recurrent",
+    "method": "'dblocks' (block-wise) or 'e2e' (the end-to-end baseline)",
+    "seed": "seed of every random draw (per-block keys are fold_in(seed, b))",
+    "data.name": "dataset: built-in name, tfds:<name>, folder:<path>, hf:<name> or a text file (docs/data.md)",
+    "data.path": "where a built-in dataset's files are ('' = its default place)",
+    "data.data_dir": "tfds data directory ('' = tfds' default)",
+    "data.batch_size": "examples per training step (each block and the baseline)",
+    "data.image_size": "image side in pixels (0 = from the data)",
+    "data.channels": "image channels (0 = from the data)",
+    "data.num_classes": "classes (0 = from the data)",
+    "data.class_names": "comma-separated class names for sample grids ('' = the data's or numbers)",
+    "data.test_fraction": "share held out as the test split when the data has none",
+    "data.val_fraction": "share of train held out as validation when the data has none (None = the dataset's default)",
+    "data.flip": "random horizontal flips in training",
+    "data.randaugment_ops": "RandAugment operations per training image (0 = off)",
+    "data.randaugment_magnitude": "RandAugment magnitude, 0 to 30",
+    "data.seq_len": "tokens per training window",
+    "data.tokenizer": "SentencePiece model for tfds text ('' = characters)",
+    "edm.sigma_min": "lowest noise level",
+    "edm.sigma_max": "highest noise level",
+    "edm.sigma_data": "data standard deviation of the EDM preconditioning",
+    "edm.p_mean": "mean of log sigma in training (log-normal)",
+    "edm.p_std": "standard deviation of log sigma in training",
+    "edm.loss_weighting": "'edm' (lambda per sample), 'none', or 'clamped' (lambda capped at max_weight)",
+    "edm.max_weight": "cap of lambda for the clamped weighting",
+    "blocks.num_blocks": "B: blocks the network is cut into",
+    "blocks.gamma": "overlap of neighbouring blocks' noise ranges, in log space",
+    "blocks.partition": "'equiprobable' (equal probability per block) or 'loguniform'",
+    "blocks.layers": "layers per block, block 0 first, e.g. '2,4,6' ('' = an even split)",
+    "blocks.train": "blocks this process trains: 'all', '1', '0,2'",
+    "blocks.sigma_floor": "lowest sigma any block trains on (0 = edm.sigma_min)",
+    "optim.lr": "peak learning rate (AdamW)",
+    "optim.weight_decay": "AdamW weight decay",
+    "optim.b1": "Adam beta1",
+    "optim.b2": "Adam beta2",
+    "optim.warmup_steps": "linear warm-up steps",
+    "optim.schedule": "learning-rate schedule after warm-up: 'cosine' or 'constant'",
+    "optim.min_lr_ratio": "final learning rate as a fraction of the peak",
+    "optim.grad_clip": "global gradient-norm clip (0 = off)",
+    "optim.ema_decay": "EMA decay of the weights used for sampling (0 = no EMA)",
+    "optim.ema_warmup": "EMA decay min(ema_decay, (1+t)/(10+t))",
+    "train.steps": "steps per unit (each block, or the baseline)",
+    "train.log_every": "steps between log lines",
+    "train.ckpt_every": "steps between checkpoints",
+    "train.ckpt_every_secs": "also a checkpoint every N seconds (0 = off)",
+    "train.keep_checkpoints": "checkpoints kept per unit (>= 1)",
+    "train.allow_config_change": "resume a unit with a config that changes the result (recorded in its meta.json)",
+    "train.microbatches": "gradient accumulation: each step's batch in this many microbatches, one update",
+    "train.preflight": "compile each unit's step first and refuse one that cannot fit the device (exit 2)",
+    "train.memory_limit_gb": "the memory the preflight compares with (0 = the device's, or the host's available)",
+    "train.profile_steps": "'a,b': a jax.profiler trace of steps a..b in WORKDIR/profile/ ('' = off)",
+    "train.eval_every": "held-out loss of each unit every N steps, at a log point (0 = off)",
+    "train.sample_at_end": "write samples when training ends",
+    "train.plot_at_end": "plot the loss curves when training ends",
+    "parallel.mode": "'sequential' (units one after another) or 'mesh' (same-shape blocks side by side)",
+    "parallel.data": "devices each block's batch is split over (mesh)",
+    "parallel.blocks": "blocks side by side on the mesh (0 = as many as fit)",
+    "parallel.cpu_devices": "split the host CPU into this many devices, the batch over them (CPU only)",
+    "model.num_layers": "L: layers of the whole network",
+    "model.hidden": "model width",
+    "model.heads": "attention heads",
+    "model.patch": "image patch side",
+    "model.mlp_ratio": "MLP width as a multiple of hidden",
+    "model.dropout": "dropout rate in training",
+    "model.class_dropout": "share of labels dropped to the null class (classifier-free guidance)",
+    "model.scan_layers": "layers under nn.scan (one compiled layer, stacked parameters)",
+    "model.remat": "rematerialisation: none, full, dots, narrow or a jax.checkpoint_policies name",
+    "model.dtype": "compute dtype: float32 or bfloat16 (parameters and loss stay float32)",
+    "model.attention": "attention implementation: xla, cudnn, einsum or chunked (O(T) memory, pure JAX)",
+    "model.attention_chunk": "query rows per chunk of the chunked attention",
+    "model.mlp_chunk": "rows per chunk of every layer's MLP, each chunk rematerialised (0 = off)",
+    "model.layer_chunk": "samples per chunk of every layer's whole computation, each rematerialised (0 = off)",
+    "model.out_conv": "DiT: kernel size of a convolution after unpatchify (0 = none, the paper's DiT)",
+    "model.ar_layout": "AR block rows: '2t' ([clean ; noisy]) or 't' (the prior head only: one causal sequence)",
+    "model.target_dim": "width of the fixed target embedding E (0 = model.hidden)",
+    "model.target_norm": "norm of each row of E (0 = sigma_data * sqrt(target_dim))",
+    "model.target_seed": "seed of E's rows",
+    "model.match_sigma_data": "take sigma_data from E's rows (the scale contract)",
+    "model.likelihood": "add the analytic likelihood term <z, E>/sigma^2 to the logits",
+    "model.prev_token": "the noisy row also reads the previous token",
+    "model.lm_head": "'posterior' (the network reads z) or 'prior' (next-token prior + likelihood term)",
+    "model.loss_chunk": "rows per chunk of the chunked cross-entropy (0 = the whole logits)",
+    "model.prelude": "recurrent model: layers before the core",
+    "model.core": "recurrent model: layers of the repeated core",
+    "model.coda": "recurrent model: layers after the core",
+    "recurrent.mean_iterations": "mean core iterations per token",
+    "recurrent.backprop_iterations": "core iterations the baseline backpropagates through",
+    "recurrent.init_std": "standard deviation of the recurrent state's initial noise",
+    "recurrent.noisy_prelude": "the noisy row also runs the prelude (DiffusionBlocks only)",
+    "mdm.schedule": "masking schedule of masked diffusion",
+    "mdm.t_min": "lowest masking time",
+    "sample.grid_points": "noise levels the chain visits (0 = one per block; language tasks)",
+    "sample.grid_kind": "sigma grid: 'cdf' (equal CDF, the paper's) or 'karras'",
+    "sample.grid": "language tasks: explicit noise levels, e.g. '80,0.45,0.2' ('' = the CDF grid)",
+    "sample.sigma_end": "language tasks: where the chain stops (0 = sigma_min)",
+    "sample.solver": "ODE solver: euler, heun, dpmpp_2m (ancestral: language tasks)",
+    "sample.bridge": "language tasks: logits to target space, 'softmax' or 'sample'",
+    "sample.steps": "masked diffusion: unmasking steps",
+    "sample.guidance": "classifier-free guidance scale",
+    "sample.per_class": "images per class in a sample grid",
+    "sample.temperature": "softmax temperature of the drawn token",
+    "sample.top_p": "nucleus sampling threshold",
+    "sample.greedy": "take the most likely token",
+    "sample.num": "samples written at the end of training",
+    "sample.num_samples": "samples written at the end of training",
+    "sample.max_tokens": "tokens generated per sample",
+    "eval.batch_size": "evaluation batch size",
+    "eval.num_draws": "chain draws averaged per scored position",
+    "eval.max_windows": "held-out windows scored",
+    "eval.num_samples": "generated samples judged",
+    "eval.max_tokens": "tokens generated per judged sample",
+    "eval.prompt_len": "prompt tokens of each judged sample",
+    "eval.elbo_sigmas": "noise levels of the ELBO's quadrature",
+    "eval.max_sequences": "held-out sequences scored",
+    "eval.t_per_sequence": "masking times per sequence of the ELBO estimate",
+}
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """Every field of `config` as the task reads it (its defaults filled in), with its value and meaning: one line
+    each, `section.field = value  # meaning`."""
+    full = get_task(config).config
+    lines = []
+
+    def walk(node, prefix):
+        for k in sorted(node.keys()):
+            v = node[k]
+            if isinstance(v, ml_collections.ConfigDict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                name = prefix + k
+                meaning = FIELD_HELP.get(name, "a field of this config file")
+                lines.append(f"{name} = {v!r}  # {meaning}")
+    walk(full, "")
+    return "\n".join(lines)

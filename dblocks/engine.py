@@ -104,7 +104,7 @@ class Trainer:
         batch = self.batch(unit, 0) if batch is None else batch
         ema = float(self.config.optim.ema_decay)
         # one compiled program: run op by op, initialisation compiles and keeps hundreds of small programs (about
-        # 165 MiB of resident memory for the CIFAR-100 ViT block, docs/performance.md). Its output is committed to
+        # 165 MiB of resident memory for the CIFAR-100 ViT block, docs/lab/performance.md). Its output is committed to
         # the device the step runs on, as the step's own output is: an uncommitted first state would make the step
         # compile a second time at step 2.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

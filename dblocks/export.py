@@ -131,7 +131,7 @@ def sample_images(run: assemble.Run, num: int, seed: int = 0, batch_size: int = 
     task = run.task
     gen = _generator(task)
     accepted = inspect.signature(gen).parameters
-    s = run.config.get("sample", ml_collections.ConfigDict())
+    s = task.config.sample
     defaults = {k: s[k] for k in ("steps", "grid_points", "solver", "guidance") if k in s}
     kwargs = {k: v for k, v in {**defaults, **{k: v for k, v in options.items() if v is not None}}.items()
               if k in accepted}

@@ -2,7 +2,7 @@
 
 XLA's CPU runtime allocates each step's temporaries (1.7 GB for the CIFAR-100 ViT block step) and frees them after
 the step; glibc's malloc gives allocations that large back to the kernel, and the next step faults every 4 KiB page
-in again (about 450,000 page faults per step, a third of the step; docs/performance.md "The C allocator").
+in again (about 450,000 page faults per step, a third of the step; docs/lab/performance.md "The C allocator").
 glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 or newer) makes malloc ask for transparent huge pages
 (madvise(MADV_HUGEPAGE)), so the same memory comes back in 2 MiB pages: about 100 times fewer faults measured
 (450,000 -> 4,000 per step), the same peak RSS.

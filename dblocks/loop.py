@@ -228,7 +228,7 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
     """Trains the driver's units from `start` to `total` steps and saves them complete; see the module docstring."""
     t = config.train
     log_every, ckpt_every = int(t.log_every), int(t.ckpt_every)
-    every_secs = float(t.get("ckpt_every_secs", 0) or 0)
+    every_secs = float(t.ckpt_every_secs or 0)
     batch_size = int(config.data.batch_size)
     multi = jax.process_count() > 1
     progress = [logs.Progress(label, start, total, log_every) for label in driver.labels]

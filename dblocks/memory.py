@@ -97,7 +97,7 @@ def step_flops(task: Task, unit: Unit, batch_size: int, compiled=None) -> tuple[
     """(FLOPs of one training step, how they were counted). XLA's cost analysis counts the body of a loop once,
     so for scanned layers the FLOPs come from compiling the same step unrolled (same layers, same remat policy:
     jax.checkpoint's barriers keep the recomputation in the count)."""
-    if bool(task.config.model.get("scan_layers", False)):
+    if bool(task.config.model.scan_layers):
         unrolled = with_model_options(task, scan_layers=False)
         for k in ("_vocab",):   # keep a stand-in vocabulary
             if k in task.__dict__:

@@ -87,8 +87,8 @@ def claimed_params(config: ml_collections.ConfigDict, layers: int, is_block: boo
         V = int(vocab_size)
         rest = V * H + noise + head_adaln + (H * V + V)
         if is_block:
-            D = int(m.get("target_dim", 0) or H)
-            rest += (D * H + H) + (V * H if bool(m.get("prev_token", False)) else 0)
+            D = int(m.target_dim or H)
+            rest += (D * H + H) + (V * H if bool(m.prev_token) else 0)
     else:
         raise ValueError(f"claimed_params: task {config.task!r} is not a scale family (dit, ar)")
     return layers * layer + rest

@@ -72,13 +72,13 @@ def auto_mode(config) -> tuple[str, str]:
 
 def requested_mode(config) -> str:
     """config.parallel.mode with 'auto' resolved (absent in configs saved before it existed: sequential)."""
-    mode = str((config.get("parallel") or {}).get("mode", "sequential"))
+    mode = str(config.parallel.mode)
     return auto_mode(config)[0] if mode == "auto" else mode
 
 
 def device_plan(config) -> str:
     """One start-up log line: the devices visible, the mode (and for 'auto', why), and the devices that train."""
-    devices, asked = jax.devices(), str((config.get("parallel") or {}).get("mode", "sequential"))
+    devices, asked = jax.devices(), str(config.parallel.mode)
     mode = settings(config)[0]
     kinds = ", ".join(sorted({d.device_kind for d in devices}))
     line = f"{len(devices)} {jax.default_backend()} device(s) visible ({kinds}); parallel.mode={asked}"
@@ -92,9 +92,8 @@ def settings(config) -> tuple[str, int, int]:
     """(mode, data axis size, block axis size; 0 = as many as fit) from config.parallel (absent: sequential;
     'auto': auto_mode). A sequential run with parallel.cpu_devices = n > 1 on the CPU backend is a mesh of 1 block x
     n data devices: the same units one after another, each step's batch split over the host's n CPU devices."""
-    p = config.get("parallel") or {}
-    mode, data, blocks = requested_mode(config), int(p.get("data", 1)), int(p.get("blocks", 0))
-    cpus = int(p.get("cpu_devices", 1))
+    p = config.parallel
+    mode, data, blocks, cpus = requested_mode(config), int(p.data), int(p.blocks), int(p.cpu_devices)
     if mode == "sequential" and cpus > 1 and jax.default_backend() == "cpu":
         return "mesh", cpus, 1
     return mode, data, blocks

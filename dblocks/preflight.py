@@ -31,7 +31,7 @@ class DoesNotFitError(ConfigError):
 
 def available_bytes(config) -> tuple[int, str]:
     """(bytes one device has for a step, where the figure comes from)."""
-    limit = float(config.train.get("memory_limit_gb", 0.0) or 0.0)
+    limit = float(config.train.memory_limit_gb or 0.0)
     if limit > 0:
         return int(limit * GB), "train.memory_limit_gb"
     device = jax.local_devices()[0]

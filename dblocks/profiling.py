@@ -44,7 +44,7 @@ def peak_flops(device) -> float | None:
 def step_cost(driver, batch, config) -> tuple[float, float | None]:
     """(FLOPs of one step per lockstep slot of the loop's `driver`, the peak FLOP/s of the devices one slot uses);
     (0.0, None) when they cannot be known. Lowers the step again (no compile): call it off the timed steps."""
-    if bool((config.get("model") or {}).get("scan_layers", False)):
+    if bool(config.model.scan_layers):
         log.info("FLOP/s not reported: with model.scan_layers XLA counts the scanned layer once")
         return 0.0, None
     from dblocks.memory import flops_of   # imports the tasks: only when a loop starts
@@ -99,7 +99,7 @@ def parse_steps(spec: Any) -> tuple[int, int] | None:
 def config_problems(train) -> list[str]:
     """config.train.profile_steps problems, for dblocks.config.validate."""
     try:
-        parse_steps(train.get("profile_steps", ""))
+        parse_steps(train.profile_steps)
     except ValueError as e:
         return [str(e)]
     return []
@@ -111,7 +111,7 @@ class ProfileWindow:
     it; `close()` when the loop ends early."""
 
     def __init__(self, config, workdir: str, label: str):
-        spec = (config.get("train") or {}).get("profile_steps", "")
+        spec = config.train.profile_steps
         self.window = parse_steps(spec) if workdir else None   # no workdir (benchmarks): nowhere to write
         self.dir = os.path.join(workdir, "profile", label)
         self.active = self.done = False

@@ -5,7 +5,7 @@
   runtime.allocator()    which malloc this process runs on ('tcmalloc', 'jemalloc', 'glibc', ...)
   runtime.split_cpu(n)   split the host CPU into n JAX devices (before the backend starts; config.parallel.cpu_devices)
 
-On the CPU backend the allocator matters (docs/performance.md "The C allocator"): XLA frees its temporaries after
+On the CPU backend the allocator matters (docs/lab/performance.md "The C allocator"): XLA frees its temporaries after
 every step, glibc's malloc hands the large ones back to the kernel, and the next step faults every page in again
 (about 460,000 page faults per CIFAR-100 ViT block step). On transparent huge pages (glibc.malloc.hugetlb=1, set by
 the entry points and launch.sh: dblocks/hugepages.py) the pages come back 2 MiB at a time (about 100x fewer
@@ -121,7 +121,7 @@ def log_devices() -> dict:
         log.info("glibc malloc re-faults XLA's temporaries in 4 KiB pages every step on the CPU: "
                  "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (what `python -m experiments.*` and launch.sh set unless "
                  "DBLOCKS_HUGEPAGES=0 or the kernel's transparent huge pages are off) runs steps about 1.5x faster "
-                 "at the same peak RSS (docs/performance.md)")
+                 "at the same peak RSS (docs/lab/performance.md)")
     if info["backend"] == "cpu" and gpu_visible():
         log.warning("a GPU is visible but JAX runs on the CPU: install the CUDA build of jax "
                     "(pip install 'jax[cuda12]==%s') to use it", info["jax"])
@@ -151,7 +151,7 @@ def setup(cache: bool = True) -> dict:
 def split_cpu(n: int) -> bool:
     """Makes the CPU backend n devices (jax_num_cpu_devices, overriding --xla_force_host_platform_device_count).
     XLA's CPU runtime runs a step's matmuls on every core but its elementwise fusions and transposes on one;
-    a batch split over n host devices runs those on n cores (docs/performance.md "Two CPU devices"). Must run
+    a batch split over n host devices runs those on n cores (docs/lab/performance.md "Two CPU devices"). Must run
     before anything starts a backend; returns False (and changes nothing) when n <= 1 or a backend already runs,
     in which case the devices that exist are used."""
     if not isinstance(n, int) or n <= 1:

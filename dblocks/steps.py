@@ -69,8 +69,8 @@ def make_train_step(task, model: nn.Module, tx: optax.GradientTransformation, op
     state['step']), computed inside, so the loop never touches keys on the host. Pure: jit it, vmap it over a block
     axis, or lower it for the memory report. With config.train.microbatches = k > 1 the gradient is accumulated over
     k microbatches inside the step (`accumulated_loss_and_grad`), one optimizer update per step."""
-    ema_decay, warmup = float(optim.ema_decay), bool(optim.get("ema_warmup", True))
-    k = int(task.config.train.get("microbatches", 1))
+    ema_decay, warmup = float(optim.ema_decay), bool(optim.ema_warmup)
+    k = int(task.config.train.microbatches)
 
     def step(state: State, batch: dict, base_key: Array, train_range: Array):
         rng = jax.random.fold_in(base_key, state["step"])

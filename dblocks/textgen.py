@@ -45,7 +45,7 @@ def sample_token(logits: Array, key: Array, temperature: float = 1.0, top_p: flo
     if top_p < 1.0 and logits.shape[-1] <= _PAIRWISE_TOP_P:
         # the same set without a sort: token j is kept when the tokens ranked before it (higher logit, or equal
         # logit and lower index, as the stable argsort below ranks them) hold less than top_p. XLA's sort on the CPU
-        # took 494 us for [64, 65], this 172 us (docs/performance.md, "Compiled decoding").
+        # took 494 us for [64, 65], this 172 us (docs/lab/performance.md, "Where the decoding loop's time went").
         probs, idx = jax.nn.softmax(logits, axis=-1), jnp.arange(logits.shape[-1])
         li, lk = logits[:, :, None], logits[:, None, :]                      # [N, j, k]
         before = (lk > li) | ((lk == li) & (idx[None, None, :] < idx[None, :, None]))

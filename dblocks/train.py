@@ -65,8 +65,8 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     check_data(config, source)
     units = units_to_train(task, config)
     mode = parallel.settings(config)[0]
-    asked = config.get("parallel") or {}
-    cpus = int(asked.get("cpu_devices", 1))
+    asked = config.parallel
+    cpus = int(asked.cpu_devices)
     if cpus > 1 and jax.default_backend() != "cpu":
         logs.log.info("parallel.cpu_devices=%d ignored: the backend is %s", cpus, jax.default_backend())
     elif cpus > 1 and mode == "mesh" and parallel.requested_mode(config) == "sequential":
@@ -78,7 +78,7 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     # a step that cannot fit the device is refused before anything is written (locks included); the sequential
     # trainer trains with the preflight's compiled steps
     compiled = (preflight.check(task, unfinished(units, workdir, int(config.train.steps)), config, source)
-                if config.train.get("preflight", True) else {})
+                if config.train.preflight else {})
     # every unit's lock before anything is written (a second trainer is refused with the workdir unchanged);
     # config.json is written once a unit has restored (Trainer.record_config)
     locks = ckpt_lib.hold_locks([os.path.join(workdir, u.subdir()) for u in units])

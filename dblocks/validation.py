@@ -23,12 +23,12 @@ HELDOUT_SPLITS = ("validation", "test")
 
 def eval_every(config) -> int:
     """config.train.eval_every (absent in configs saved before it existed: 0, off)."""
-    return int((config.get("train") or {}).get("eval_every", 0) or 0)
+    return int(config.train.eval_every)
 
 
 def config_problems(train) -> list[str]:
     """config.train.eval_every problems, for dblocks.config.validate."""
-    v = train.get("eval_every", 0)
+    v = train.eval_every
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         return [f"train.eval_every={v!r} must be an integer >= 0 (0 = no held-out loss during training)"]
     return []

@@ -14,7 +14,7 @@ Each measurement runs in its own child process, so peak RSS belongs to that step
 from the config, or from --model dtype=bfloat16,scan_layers=true,remat=full (configs need not have the keys).
 --cpu_devices N (CPU only): the training rows split the host into N devices and the batch over them (data
 parallel, gradients all-reduced): the same step and FLOPs; XLA's CPU runtime runs elementwise work on one thread per
-device, so on a small CPU this is faster (docs/performance.md).
+device, so on a small CPU this is faster (docs/lab/performance.md).
 --device: cifar10_dit and cifar100_vit at their paper batch sizes (with --small: tiny shapes, for a CPU check),
 and the block-parallel mesh against data-parallel e2e when several devices are present.
 Rows decode_dblocks / decode_e2e (language configs): token generation at batch --sample_batch, --sample_tokens new
@@ -39,7 +39,7 @@ from ml_collections import config_flags
 from dblocks import config as config_lib
 from dblocks import logs, memory, runtime, steps
 from dblocks.tasks import get_task
-from experiments.common import user_errors
+from experiments.common import run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "timed training steps per row (median)")
@@ -93,7 +93,7 @@ def train_row(task, method: str, batch_size: int, n_steps: int, warmup: int) -> 
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     seconds = time_fn(n_steps + warmup - 1) if n_steps else float("nan")
     # minor page faults per step (the warm-up included): with glibc's malloc on the CPU backend, about one per 4 KiB
-    # page of XLA's temporaries (docs/performance.md "The C allocator")
+    # page of XLA's temporaries (docs/lab/performance.md "The C allocator")
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(n_steps + warmup, 1)
     return {"unit": unit.name, "layers": unit.num_layers, "batch_size": batch_size, "devices": devices,
             "compile_seconds": compile_s,
@@ -283,7 +283,7 @@ def _config_overrides(argv: list[str]) -> list[str]:
 
 def device_suite(small: bool) -> dict:
     """cifar10_dit and cifar100_vit at their paper batch sizes (tiny with small=True), e2e and block steps, and
-    sampling; with several devices also the mesh scaling of experiments.bench_parallel."""
+    sampling; with several devices also the mesh scaling of experiments.lab.bench_parallel."""
     tiny = ["--config.model.num_layers=3", "--config.model.hidden=32", "--config.model.heads=2",
             "--config.model.mlp_ratio=2.0", "--config.data.batch_size=8", "--config.data.name=synthetic"]
     suite = {}
@@ -293,7 +293,7 @@ def device_suite(small: bool) -> dict:
         overrides = (tiny if small else ["--config.data.name=synthetic"])
         suite[name] = bench(path, overrides, ["e2e", "block", "sample_dblocks"], extra)
     if jax.device_count() > 1:
-        cmd = [sys.executable, "-m", "experiments.bench_parallel", "--config",
+        cmd = [sys.executable, "-m", "experiments.lab.bench_parallel", "--config",
                os.path.join(CONFIGS, "scale_dit.py"), "--json"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -308,8 +308,7 @@ def main(argv):
     logs.setup()
     runtime.setup()
     if _CHILD.value:
-        with user_errors():
-            print(json.dumps(child_main(_CONFIG.value, _CHILD.value)))
+        print(json.dumps(child_main(_CONFIG.value, _CHILD.value)))
         return
     if _DEVICE.value:
         suite = device_suite(_SMALL.value)
@@ -318,18 +317,16 @@ def main(argv):
         else:
             print("\n\n".join(table(r) for k, r in suite.items() if k != "mesh"))
             if "mesh" in suite:
-                print("\nmesh scaling (experiments.bench_parallel):", json.dumps(suite["mesh"]))
+                print("\nmesh scaling (experiments.lab.bench_parallel):", json.dumps(suite["mesh"]))
         return
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (or --device)")
-    with user_errors():
-        config_lib.validate(_CONFIG.value)
-        n, batch = _CPU_DEVICES.value, int(_BATCH.value or _CONFIG.value.data.batch_size)
-        if n < 0 or (n > 1 and batch % n):
-            raise config_lib.ConfigError(f"--cpu_devices={n}: must be >= 0 and divide the batch size {batch}")
-        if n > 1 and jax.default_backend() != "cpu":
-            raise config_lib.ConfigError("--cpu_devices splits the host CPU; this backend is "
-                                         f"{jax.default_backend()}")
+    config_lib.validate(_CONFIG.value)
+    n, batch = _CPU_DEVICES.value, int(_BATCH.value or _CONFIG.value.data.batch_size)
+    if n < 0 or (n > 1 and batch % n):
+        raise config_lib.ConfigError(f"--cpu_devices={n}: must be >= 0 and divide the batch size {batch}")
+    if n > 1 and jax.default_backend() != "cpu":
+        raise config_lib.ConfigError(f"--cpu_devices splits the host CPU; this backend is {jax.default_backend()}")
     path = next(a.split("=", 1)[1] if "=" in a else sys.argv[sys.argv.index(a) + 1]
                 for a in sys.argv[1:] if a.split("=")[0] == "--config")
     extra = [f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}", f"--sample_batch={_SAMPLE.value}",
@@ -342,4 +339,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -12,8 +12,8 @@ Exit statuses of every entry point (docs/reliability.md):
   5  the workdir cannot be written (read-only, full, no permission); what was on disk is intact
   6  out of memory (device or host); what was on disk is intact
 
-Entry points call `run_main(main)` instead of `app.run(main)`: it parses the flags with the unknown-field message,
-and runs main inside `user_errors()`.
+Every command and lab driver calls `run_main(main)` instead of `app.run(main)` (tests/test_structure.py): it parses
+the flags with the unknown-field message, and runs main inside `user_errors()`.
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ def user_errors(workdir: str | None = None):
         _fail(str(e), EXIT_NONFINITE)
     except USER_ERRORS as e:
         _fail(str(e), EXIT_USER_ERROR)
+    except app.UsageError as e:   # a flag combination the flags parser cannot check
+        _fail(f"{e}\nPass --help to list the flags.", EXIT_USER_ERROR)
     except CheckpointWriteError as e:
         _fail(e.strerror or str(e), EXIT_CANNOT_WRITE)
     except Exception as e:  # noqa: BLE001 - OOM, a file that cannot be read or written; anything else re-raised

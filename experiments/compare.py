@@ -42,7 +42,7 @@ from dblocks import logs, memory, paths
 from dblocks import train as train_lib
 from dblocks.data import DatasetMissingError
 from dblocks.tasks import get_task
-from experiments.common import run_main, user_errors
+from experiments.common import run_main
 from experiments import lm_compare
 from dblocks.evaluation import evaluate_workdir
 from experiments.options import define_option_flags
@@ -198,7 +198,7 @@ def markdown(result: dict) -> str:
                      f"{e['eval']['seconds_per_image']:.4f}"))
     split = result.get("options", {}).get("split", "test")
     lines = [f"### {result['task']}: DiffusionBlocks (B={B}) vs end-to-end", "",
-             f"Config `{c.get('data', {}).get('name', '')}`, {c['model']['num_layers']} layers, seed {c['seed']}, "
+             f"Config `{c['data']['name']}`, {c['model']['num_layers']} layers, seed {c['seed']}, "
              f"batch {c['data']['batch_size']}; {result['machine']}; {result['date']}. Evaluated on the **{split}** "
              f"split{' (for choosing settings)' if split == 'validation' else ''}.", "",
              f"| | DiffusionBlocks (B={B}) | end-to-end |", "|---|---|---|"]
@@ -257,9 +257,8 @@ def plot_per_step(workdir: str, runs: dict) -> str | None:
 def main(argv):
     del argv
     logs.setup()
-    with user_errors():
-        command = " ".join(["python -m experiments.compare", *sys.argv[1:]])
-        result = compare(_CONFIG.value, _WORKDIR.value, {**_OPTIONS(), "split": _SPLIT.value}, command=command)
+    command = " ".join(["python -m experiments.compare", *sys.argv[1:]])
+    result = compare(_CONFIG.value, _WORKDIR.value, {**_OPTIONS(), "split": _SPLIT.value}, command=command)
     print(markdown(result))
 
 

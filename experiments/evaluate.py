@@ -23,7 +23,7 @@ from absl import flags
 
 from dblocks import logs, paths, runtime
 from dblocks.evaluation import evaluate_workdir
-from experiments.common import run_main, user_errors
+from experiments.common import run_main
 from experiments.options import define_option_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir")
@@ -41,9 +41,8 @@ def main(argv):
     del argv
     logs.setup()
     runtime.setup()
-    with user_errors():
-        result = evaluate_workdir(_WORKDIR.value, _METHOD.value, not _NO_EMA.value, _OUT.value,
-                                  **{**_OPTIONS(), "split": _SPLIT.value})
+    result = evaluate_workdir(_WORKDIR.value, _METHOD.value, not _NO_EMA.value, _OUT.value,
+                              **{**_OPTIONS(), "split": _SPLIT.value})
     print(json.dumps(result, indent=1))
 
 

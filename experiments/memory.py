@@ -14,14 +14,14 @@ configs).
 """
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dblocks import config as config_lib
 from dblocks import logs
 from dblocks import memory
 from dblocks.tasks import get_task
-from experiments.common import user_errors
+from experiments.common import run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
@@ -71,12 +71,11 @@ def main(argv):
     del argv
     logs.setup()
     config = _CONFIG.value
-    with user_errors():
-        config_lib.validate(config)
-        report = memory.memory_report(get_task(config), _BATCH.value, _REMAT.value,
-                                      _TIME_STEPS.value if _TIME.value else 0, vocab_size=_VOCAB.value)
+    config_lib.validate(config)
+    report = memory.memory_report(get_task(config), _BATCH.value, _REMAT.value,
+                                  _TIME_STEPS.value if _TIME.value else 0, vocab_size=_VOCAB.value)
     print(json.dumps(report) if _JSON.value else table(report, config.model))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

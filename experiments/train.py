@@ -10,8 +10,9 @@ Blocks side by side on a device mesh, and multi-host runs (docs/scale_out.md):
   python -m experiments.train --config ... --workdir W --config.parallel.mode=mesh [--config.parallel.data=2]
   python -m experiments.train --multihost --config ... --workdir W --config.parallel.mode=mesh   # on every host
 
+Every field of a config, with its default and meaning: `python -m experiments.train --config C --help_config`.
 On a multi-core CPU, --config.parallel.cpu_devices=2 (or the core count) splits each step's batch over that many
-host devices: faster steps, the same losses to float tolerance (docs/performance.md "Two CPU devices").
+host devices: faster steps, the same losses to float tolerance (docs/lab/performance.md "Two CPU devices").
 """
 import logging
 import os
@@ -23,13 +24,17 @@ from ml_collections import config_flags
 from dblocks import assemble, logs, parallel, paths, runtime
 from dblocks import train as train_lib
 from dblocks import config as config_lib
-from experiments.common import run_main, user_errors
+from experiments.common import run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one process per host; "
                                 "also done when JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES are set)")
-flags.mark_flags_as_required(["config", "workdir"])
+_HELP_CONFIG = flags.DEFINE_bool("help_config", False, "print every field of the config (defaults included) with its "
+                                  "value and meaning, then exit")
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(["workdir", "help_config"], lambda f: bool(f["workdir"] or f["help_config"]),
+                                     message="--workdir is required")
 paths.refuse_remote_flags(_WORKDIR)
 
 
@@ -58,15 +63,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def main(argv):
     del argv
     config = _CONFIG.value
-    runtime.split_cpu((config.get("parallel") or {}).get("cpu_devices", 1))  # before any backend starts
+    if _HELP_CONFIG.value:
+        print(config_lib.describe(config))
+        return
+    runtime.split_cpu(config.parallel.cpu_devices)  # before any backend starts
     parallel.init_distributed(_MULTIHOST.value)  # before anything touches a device
     logs.setup(logging.INFO if jax.process_index() == 0 else logging.WARNING)  # process 0 logs
     runtime.setup()   # compilation cache; backend, devices and jax version in the log
-    with user_errors(_WORKDIR.value):
-        if jax.process_count() > 1 and parallel.settings(config)[0] != "mesh":
-            raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
-                                         f"sequential engine trains on one device of one process)")
-        train_and_evaluate(config, _WORKDIR.value)
+    if jax.process_count() > 1 and parallel.settings(config)[0] != "mesh":
+        raise config_lib.ConfigError(f"{jax.process_count()} processes need --config.parallel.mode=mesh (the "
+                                     f"sequential engine trains on one device of one process)")
+    train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

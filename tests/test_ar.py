@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from dblocks import assemble, textgen
+from dblocks.assemble import randomize, random_run
 from dblocks import train as train_lib
 from dblocks import config as config_lib
 from dblocks.models import ar as ar_model
@@ -19,27 +20,6 @@ from dblocks.tasks import get_task
 from experiments.configs import tiny_ar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def randomize(params, key, scale=0.3):
-    """Every leaf random (the zero-initialised AdaLN gates and heads would hide any dependence)."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-
-
-def random_run(config, method):
-    """An assembled run with random (non-zero) parameters: exercises every code path without training."""
-    config = config.copy_and_resolve_references()
-    config.method = method
-    task = get_task(config)
-    units = task.units(method)
-    models = [task.make_model(u) for u in units]
-    init = jax.jit(lambda m, k: randomize(task.init_params(m, k, task.dummy_batch()), k), static_argnums=0)
-    params = [init(m, jax.random.PRNGKey(u.index)) for m, u in zip(models, units)]
-    part = task.partition() if method == "dblocks" else assemble.partition_lib.Partition(
-        boundaries=task.full_range(), ranges=(task.full_range(),))
-    return assemble.Run("<random>", config, task, method, part, units, models, params, [{}] * len(units))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from flax import traverse_util
 from dblocks import assemble, convert
 from dblocks import train as train_lib
 from dblocks.tasks import get_task
-from experiments import convert_curve
+from experiments.lab import convert_curve
 from experiments.configs import tiny_ar, tiny_dit, tiny_mdm, tiny_vit
 
 

@@ -15,7 +15,7 @@ import pytest
 from dblocks import textgen
 from dblocks.tasks import ar_infer, lm_decode
 from experiments.configs import tiny_ar, tiny_recurrent
-from tests.test_ar import random_run
+from dblocks.assemble import random_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -132,12 +132,12 @@ def test_the_decoding_programs_compile_without_ynn_fusions_where_jax_has_the_opt
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--src", "/nonexistent-tree"], "no dblocks package there"),
-    (["--config", "cifar100_vit"], "decoding speed needs 'ar' or 'recurrent'"),
-    (["--batch", "0"], "must be >= 1"),
+    (["--config", "experiments/configs/cifar100_vit.py"], "decoding speed needs 'ar' or 'recurrent'"),
+    (["--config", "experiments/configs/tiny_ar.py", "--batch", "0"], "--batch=0: 0 is not a positive integer"),
+    (["--config", "experiments/configs/tiny_ar.py", "--config.model.no_such_field=1"], "unknown field --config.model.no_such_field"),
 ])
 def test_decode_speed_refuses_bad_input_with_status_2(args, message):
-    """experiments.decode_speed: a clear error and exit status 2 before anything is compiled."""
-    proc = subprocess.run([sys.executable, "-m", "experiments.decode_speed", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    """experiments.lab.decode_speed: a clear error and exit status 2 before anything is compiled."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.lab.decode_speed", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-500:]

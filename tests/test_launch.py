@@ -218,7 +218,7 @@ def test_demo_as_a_user_without_the_data_prints_how_to_get_it(tmp_path):
 
 
 def test_tcmalloc_is_preloaded_only_when_asked_and_installed(tmp_path):
-    """use_tcmalloc: with DBLOCKS_MALLOC=tcmalloc, LD_PRELOAD names the library found (docs/performance.md "The C
+    """use_tcmalloc: with DBLOCKS_MALLOC=tcmalloc, LD_PRELOAD names the library found (docs/lab/performance.md "The C
     allocator"); nothing by default, when it is missing, or when LD_PRELOAD is already set. tcmalloc_package asks
     apt only when asked, and only as root."""
     lib_dir = tmp_path / "lib"

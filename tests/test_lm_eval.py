@@ -12,7 +12,7 @@ from dblocks import partition as partition_lib
 from dblocks.tasks import ar_eval, ar_infer, get_task
 from dblocks.tasks.lm_base import likelihood_logits
 from experiments.configs import tiny_ar
-from tests.test_ar import random_run
+from dblocks.assemble import random_run
 
 
 # -- ELBO --------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dblocks import edm as edm_lib
 from dblocks import sampling, targets
 from dblocks.tasks import ar_infer, get_task
 from experiments.configs import tiny_recurrent
-from tests.test_ar import random_run
+from dblocks.assemble import random_run
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The repository stands on its own: no tracked file points at files a user of the repository does not have, and
-every `docs/<name>.md` a tracked file cites exists. Fast, no jax."""
+every `docs/<name>.md` or `docs/lab/<name>.md` a tracked file cites exists. Fast, no jax."""
 from __future__ import annotations
 
 import pathlib
@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Built by concatenation so that this file does not match its own needles.
 NEEDLES = (".." + "/shared", "shared" + "/reference", "DESIGN" + ".md", "pitfalls" + ".md")
-DOC_CITATION = re.compile(r"\bdocs/([A-Za-z0-9_.-]+\.md)\b")
+DOC_CITATION = re.compile(r"\bdocs/((?:lab/)?[A-Za-z0-9_.-]+\.md)\b")
 
 
 def tracked_texts() -> dict[str, str]:
@@ -69,6 +69,8 @@ def test_every_cited_doc_exists():
 def test_the_checks_catch_what_they_guard():
     """The scanners on made-up files: a needle is found, a clean line is not, a missing doc is reported."""
     texts = {"a.py": "x = 1\n# see " + NEEDLES[0] + "/x\n",
-             "b.md": "cite docs/design.md and docs/" + "no_such_doc.md\n"}
+             "b.md": "cite docs/design.md and docs/" + "no_such_doc.md\n",
+             "c.md": "cite docs/lab/" + "no_such_study.md\n"}
     assert outside_references(texts) == ["a.py:2: " + NEEDLES[0]]
-    assert missing_doc_citations(texts) == ["b.md:1: docs/" + "no_such_doc.md"]
+    assert missing_doc_citations(texts) == ["b.md:1: docs/" + "no_such_doc.md",
+                                            "c.md:1: docs/lab/" + "no_such_study.md"]

@@ -9,7 +9,7 @@ import pytest
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
 from dblocks import sampling
-from experiments import solver_toy
+from experiments.lab import solver_toy
 
 EDM = edm_lib.EDM()
 PART = partition_lib.make_partition(3, EDM, gamma=0.05)
@@ -169,8 +169,8 @@ def test_the_mdm_sampler_schedules_on_the_host():
 
 
 def test_solver_curve_points_name_their_grid():
-    """experiments.solver_curve --first: solver:calls[:grid]; a bad item is refused before anything is loaded."""
-    from experiments import solver_curve
+    """experiments.lab.solver_curve --first: solver:calls[:grid]; a bad item is refused before anything is loaded."""
+    from experiments.lab import solver_curve
     assert solver_curve.parse_first("euler:50,dpmpp_2m:20:karras", "cdf") == [("euler", 50, "cdf"),
                                                                            ("dpmpp_2m", 20, "karras")]
     for bad in ("euler", "rk4:20", "euler:x", "euler:20:linear", "euler:20:cdf:1"):

@@ -1,5 +1,6 @@
-"""The structure holds: no import cycle anywhere in dblocks/ or experiments/ (imports inside functions included), and
-modules stay small (docs/design.md, Layout)."""
+"""The structure holds: no import cycle anywhere in dblocks/ or experiments/ (imports inside functions included),
+modules stay small, the library and the commands never reach into tests or the lab, and every entry point follows one
+convention (docs/design.md, Layout)."""
 import ast
 import pathlib
 
@@ -91,6 +92,131 @@ def test_modules_stay_small():
     big = {str(p.relative_to(ROOT)): n for p in _modules().values()
            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def _entry_points() -> dict[str, pathlib.Path]:
+    """Modules of experiments/ run as `python -m ...`: the ones with an `if __name__ == "__main__":` block."""
+    return {n: p for n, p in _modules().items()
+            if n.startswith("experiments.") and "__name__ == \"__main__\"" in p.read_text()}
+
+
+def entry_point_problems(sources: dict[str, str]) -> list[str]:
+    """'module: problem' for an entry point that parses its own flags (argparse, app.run) instead of run_main."""
+    problems = []
+    for name, text in sources.items():
+        tree = ast.parse(text)
+        calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        imports = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        if "argparse" in imports:
+            problems.append(f"{name}: imports argparse (use absl flags)")
+        if "app.run" in calls:
+            problems.append(f"{name}: calls app.run (use experiments.common.run_main)")
+        if "run_main" not in calls:
+            problems.append(f"{name}: does not call run_main")
+    return problems
+
+
+def test_every_entry_point_uses_run_main():
+    """One convention: absl flags, and run_main's messages and exit statuses for bad flags and user errors."""
+    entries = _entry_points()
+    assert {"experiments.train", "experiments.bench", "experiments.lab.solver_toy"} <= set(entries)
+    problems = entry_point_problems({n: p.read_text() for n, p in entries.items()})
+    assert not problems, "\n".join(problems)
+
+
+def test_entry_point_checker_sees_other_conventions():
+    bad = {"a": "import argparse\nif __name__ == '__main__':\n    argparse.ArgumentParser()\n",
+           "b": "from absl import app\nif __name__ == '__main__':\n    app.run(main)\n",
+           "c": "from experiments.common import run_main\nif __name__ == '__main__':\n    run_main(main)\n"}
+    assert entry_point_problems(bad) == ["a: imports argparse (use absl flags)", "a: does not call run_main",
+                                         "b: calls app.run (use experiments.common.run_main)",
+                                         "b: does not call run_main"]
+
+
+def test_nothing_imports_tests_and_only_the_lab_imports_the_lab():
+    """The library and the commands stand without tests/ and without the lab wing (experiments/lab/)."""
+    modules, graph = _modules(), import_graph()
+    bad = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{name} imports {t}" for t in names if t == "tests" or t.startswith("tests.")]
+        if not name.startswith("experiments.lab"):
+            bad += [f"{name} imports {t}" for t in graph[name] if t.startswith("experiments.lab")]
+    assert not bad, bad
+
+
+def test_experiments_call_no_private_library_function():
+    """Commands and lab drivers use the library's public names only (a private one may change without notice)."""
+    bad = []
+    for name, path in _modules().items():
+        if not name.startswith("experiments"):
+            continue
+        tree = ast.parse(path.read_text())
+        aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                   and (n.module or "").startswith("dblocks") for a in n.names}
+        for n in ast.walk(tree):
+            if (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+                    and n.attr.startswith("_") and not n.attr.startswith("__")):
+                bad.append(f"{name}: {n.value.id}.{n.attr}")
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("dblocks"):
+                bad += [f"{name}: from {n.module} import {a.name}" for a in n.names if a.name.startswith("_")]
+    assert not bad, bad
+
+
+# The config module owns the defaults (its builders and each task's `defaults`); user_data resolves the data fields
+# of configs that are not validated yet (older runs' saved configs included), where an absent field is the point.
+CONFIG_GET_ALLOWED = {"dblocks.config", "dblocks.user_data", "dblocks.run_record"}   # run_record: saved metas
+
+
+def _is_part_of(value: ast.AST) -> bool:
+    """A name, attribute or item (or a tuple of them): what `m = config.model` binds, unlike a call's result."""
+    if isinstance(value, ast.Tuple):
+        return all(_is_part_of(v) for v in value.elts)
+    return isinstance(value, (ast.Name, ast.Attribute, ast.Subscript))
+
+
+def config_get_calls(source: str) -> list[str]:
+    """`X.get("field", ...)` calls on a config: X names `config` (self.config.model, run.config) or a local name bound
+    to one (`m = self.config.model`, `c = config; d = c.data`). Every field has its default in the config module, so
+    a read site states none of its own."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        bound, grew = {a.arg for a in fn.args.args if "config" in a.arg}, True
+        while grew:   # names bound to a config, or to a part of one, anywhere in the function
+            grew = False
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Assign) or not _is_part_of(node.value):
+                    continue
+                names = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+                if "config" in ast.unparse(node.value) or names & bound:
+                    new = {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)} - bound
+                    bound |= new
+                    grew = grew or bool(new)
+        for node in ast.walk(fn):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                recv = node.func.value
+                roots = {n.id for n in ast.walk(recv) if isinstance(n, ast.Name)}
+                if "config" in ast.unparse(recv) or roots & bound:
+                    found.append(ast.unparse(node))
+    return sorted(set(found))
+
+
+def test_config_fields_are_read_without_inline_defaults():
+    bad = {n: calls for n, p in _modules().items() if n not in CONFIG_GET_ALLOWED
+           and (calls := config_get_calls(p.read_text()))}
+    assert not bad, f"config fields read with an inline default (give the field a default in the config module): {bad}"
+
+
+def test_config_get_checker_sees_bound_names():
+    src = ("def f(self, config, meta):\n    m = self.config.model\n    c = config\n    d = c.data\n"
+           "    n = int(d.n)\n    r = run(n)\n"
+           "    return m.get('a', 0), d.get('b'), meta.get('c'), config.get('e', 1), m.a, r.get('f')\n")
+    assert config_get_calls(src) == ["config.get('e', 1)", "d.get('b')", "m.get('a', 0)"]
 
 
 def test_requirements_and_pyproject_agree():

@@ -84,7 +84,7 @@ def attend_cached(q: Array, k: Array, v: Array, cache: tuple[Array, Array], mask
     [N, heads, S, T_max + S] (cache slots first). The same softmax as `attend` on the concatenation, computed in two
     parts that share one maximum and one denominator. Measured at decoding shapes on the CPU (batch 64, 64 slots,
     4 heads of 32): 112 us against 339 us for concatenate + attend, whose dot transposes the whole cache per call
-    (docs/performance.md, "Compiled decoding")."""
+    (docs/lab/performance.md, "Where the decoding loop's time went")."""
     t_max, scale = cache[0].shape[2], 1.0 / math.sqrt(q.shape[-1])
     ck, cv = cache[0].astype(k.dtype), cache[1].astype(v.dtype)
     lc = jnp.einsum("nqhd,nhkd->nhqk", q, ck, preferred_element_type=jnp.float32) * scale
@@ -188,8 +188,8 @@ def dense_dot_general(x: Array, kernel: Array, dimension_numbers, precision=None
     contracted over its leading (row) axis. A CPU matmul kernel (XLA's YNNPACK) wants the left operand contracted
     over its last axis, so XLA copies g transposed first: for an expanding layer (in < out, e.g. an MLP's 128 ->
     3072) that is the large tensor; removing the copy made the CIFAR-100 ViT block step 8-14 % faster on the CPU
-    (docs/performance.md, "The kernel gradient"). Here, when in < out, the kernel gradient is computed as x^T g (x is
-    the smaller one) by a custom-VJP term that is zero in the forward pass and that XLA removes; the product itself
+    (docs/lab/performance.md, "The kernel gradient"). Here, when in < out, the kernel gradient is computed as x^T g
+    (x is the smaller one) by a custom-VJP term that is zero in the forward pass and that XLA removes; the product itself
     stays an ordinary `dot_general`, so rematerialisation policies that save matmul outputs still see it. Same
     values to float rounding (tests/test_models_perf.py); the input gradient is JAX's own. Being a custom VJP, the
     term supports reverse-mode differentiation only: nothing in dblocks uses `jax.jvp` on a model, and code that

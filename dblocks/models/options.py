@@ -32,6 +32,8 @@ from dblocks.models.stack import REMAT
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "fp32": jnp.float32}
 ATTENTION = ("xla", "cudnn", "einsum", "chunked")
+DEFAULTS = {"scan_layers": False, "remat": "none", "dtype": "float32", "attention": "xla", "attention_chunk": 128,
+            "mlp_chunk": 0, "layer_chunk": 0}
 
 
 def model_options(m: Any) -> dict:

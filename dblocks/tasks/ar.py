@@ -25,10 +25,11 @@ LAYOUTS = ("2t", "t")
 @register
 class ARTask(LMTask):
     name = "ar"
+    defaults = {"model": {"ar_layout": "2t"}}   # rows of a block: [clean ; noisy] ('2t') or one sequence ('t')
 
     def validate(self) -> list[str]:
         p, m = super().validate(), self.config.model
-        layout = str(m.get("ar_layout", "2t"))
+        layout = str(m.ar_layout)
         if layout not in LAYOUTS:
             p.append(f"model.ar_layout={layout!r}; choose one of {LAYOUTS}")
         elif layout == "t" and self.config.method == "dblocks" and not self.prior_head:
@@ -39,18 +40,18 @@ class ARTask(LMTask):
     @property
     def layout(self) -> str:
         """The denoiser's rows: '2t' ([clean ; noisy]) or 't' (the clean rows only; prior head)."""
-        return str(self.config.model.get("ar_layout", "2t"))
+        return str(self.config.model.ar_layout)
 
     def make_model(self, unit: Unit) -> ar_model.ARModel:
         m = self.config.model
         return ar_model.ARModel(vocab=self.vocab.size, num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads,
                                 mlp_ratio=m.mlp_ratio, diffusion=unit.is_block, sigma_min=self.edm.sigma_min,
-                                prev_token=bool(m.get("prev_token", False)), layout=self.layout, **model_options(m))
+                                prev_token=bool(m.prev_token), layout=self.layout, **model_options(m))
 
     def loss_on(self, model, params, inputs, rng, train=True):
         tokens = inputs["tokens"]
         if not model.diffusion:
-            chunk = int(self.config.model.get("loss_chunk", 0) or 0)
+            chunk = int(self.config.model.loss_chunk)
             if chunk:   # dblocks.losses: the [N, T, V] logits are never held whole
                 h, head = model.apply({"params": params}, tokens, features=True), params["head"]["Dense_1"]
                 ce = losses.chunked_cross_entropy(h[:, :-1], head["kernel"], head["bias"], tokens[:, 1:], chunk)
@@ -58,7 +59,7 @@ class ARTask(LMTask):
                 logits = model.apply({"params": params}, tokens)
                 ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
             return ce.mean(), {"ce": ce.mean()}
-        chunk = int(self.config.model.get("loss_chunk", 0) or 0)
+        chunk = int(self.config.model.loss_chunk)
         prior_ce = None
         if chunk and self.prior_head:   # the prior head's CE needs no likelihood term: chunk it as the LM's
             def prior_ce(z, sigma):
@@ -79,7 +80,7 @@ class ARTask(LMTask):
             return {"forward_layer_rows_per_token": L, "backward_layer_rows_per_token": L, "units": 1,
                     "inference_layer_rows_per_token": L}
         rows = 1 if self.layout == "t" else 2
-        calls = int(grid_points or self.config.sample.get("grid_points", 0) or self.default_grid_points())
+        calls = int(grid_points or self.config.sample.grid_points or self.default_grid_points())
         return {"forward_layer_rows_per_token": rows * L // B, "backward_layer_rows_per_token": rows * L // B,
                 "units": B, "inference_layer_rows_per_token": int(clean_blocks or B) * L // B + calls * L // B,
                 "note": f"training: per block step (the B blocks together: {rows}L layer-rows per token per baseline "

@@ -151,7 +151,7 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
     seed = int(seed or 0)
     sampler = ar_infer.sampler_options(task, run, **sampler_overrides)
     draws = int(num_draws or e.num_draws) if task.noisy_readout(run) else 1
-    name = "bits_per_token" if task.config.data.get("tokenizer") else "bits_per_char"
+    name = "bits_per_token" if task.config.data.tokenizer else "bits_per_char"
     windows = ar_infer.heldout_windows(task, int(max_windows or limit or e.max_windows), split)
     bs = int(batch_size or e.batch_size)
     sc = score_windows(task, run, windows, draws, bs, seed, sampler)
@@ -169,7 +169,7 @@ def evaluate(task, run, num_draws=None, max_windows=None, batch_size=None, num_s
         out["per_step"] = {"name": f"{name} of the read-out after each block call", "values": sc["per_step_bits"]}
         out["first_call_bits"] = sc["per_step_bits"][0]
     if run.method == "dblocks":
-        out.update(elbo(task, run, windows, int(elbo_sigmas or e.get("elbo_sigmas", 32)), bs, seed))
+        out.update(elbo(task, run, windows, int(elbo_sigmas or e.elbo_sigmas), bs, seed))
     if not generation:
         return out
 

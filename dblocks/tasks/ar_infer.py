@@ -82,15 +82,14 @@ def sampler_options(task, run, grid=None, grid_points=None, sigma_end=None, solv
     evaluate command's generic --steps, means grid_points here)."""
     s = task.config.sample
     grid_points = steps if grid_points is None else grid_points
-    pick = lambda v, key, default=None: s.get(key, default) if v is None else v  # noqa: E731
-    common = dict(temperature=float(pick(temperature, "temperature", 1.0)), top_p=float(pick(top_p, "top_p", 1.0)),
-                  greedy=bool(pick(greedy, "greedy", False)))
+    pick = lambda v, key: s[key] if v is None else v  # noqa: E731
+    common = dict(temperature=float(pick(temperature, "temperature")), top_p=float(pick(top_p, "top_p")),
+                  greedy=bool(pick(greedy, "greedy")))
     if run.method == "e2e":
         return Sampler(**common)
-    g = make_grid(task, pick(grid, "grid", ""), pick(grid_points, "grid_points", s.get("steps", 0)),
-                  pick(sigma_end, "sigma_end", 0.0))
-    return Sampler(grid=tuple(float(v) for v in g), solver=str(pick(solver, "solver", "euler")),
-                   bridge=str(pick(bridge, "bridge", "softmax")), **common)
+    g = make_grid(task, pick(grid, "grid"), pick(grid_points, "grid_points"), pick(sigma_end, "sigma_end"))
+    return Sampler(grid=tuple(float(v) for v in g), solver=str(pick(solver, "solver")),
+                   bridge=str(pick(bridge, "bridge")), **common)
 
 
 # -- jitted pieces of one model shape ---------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def block_fns(task, model, bridge: str) -> dict:
         def apply(zz, cn):                                     # prev [N]: the token at pos - 1
             # the chain calls a block at one level for every row (sigma is a grid point), so the noise conditioning
             # (noise embedder, every layer's AdaLN Linear) runs on one row and is broadcast over the N rows
-            # (docs/performance.md, "Compiled decoding")
+            # (docs/lab/performance.md, "Where the decoding loop's time went")
             return model.apply({"params": params}, zz, cn[:1], jnp.full((1, 1), pos - shift),
                                ar_model.prefix_mask(pos - shift, t_max), cache, prev, method=model.noisy_rows)
         logits = task.precondition_logits(apply, z, sigma[:, None])

@@ -12,11 +12,13 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from dblocks import order
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
+from dblocks.models import options as options_lib
 
 Array = jax.Array
 METHODS = ("dblocks", "e2e")
@@ -41,10 +43,23 @@ class Unit:
 def block_layers(config) -> list[int]:
     """Layers per block: config.blocks.layers (e.g. '2,4,6' for the Table 7 ablation) or an even split."""
     L, B = int(config.model.num_layers), int(config.blocks.num_blocks)
-    spec = str(config.blocks.get("layers", "") or "")
+    spec = str(config.blocks.layers or "")
     if spec:
         return [int(v) for v in spec.split(",")]
     return [L // B] * B
+
+
+def with_defaults(config: ml_collections.ConfigDict, defaults: dict[str, dict]) -> ml_collections.ConfigDict:
+    """A copy of `config` with every field of `defaults` ({section: {field: value}}) that it does not set."""
+    out = config.copy_and_resolve_references()
+    out.unlock()
+    for section, fields in defaults.items():
+        if section not in out:
+            out[section] = ml_collections.ConfigDict()
+        for k, v in fields.items():
+            if k not in out[section]:
+                out[section][k] = v
+    return out
 
 
 class Task:
@@ -54,9 +69,13 @@ class Task:
     in the task's own `*_eval` / `*_infer` modules that take (task, run, ...), reached through `write_samples` and
     `evaluate` below."""
     name = ""
+    # The fields this task reads that a config file may leave out, with their defaults ({section: {field: value}}).
+    # A subclass declares only its own; `all_defaults` merges them along the class hierarchy.
+    defaults: dict[str, dict] = {"model": dict(options_lib.DEFAULTS)}   # how the model computes
 
     def __init__(self, config):
-        self.config = config
+        self.declared = config                                           # as written: what the signature hashes
+        self.config = with_defaults(config, self.all_defaults())         # what the task reads: every field set
         self.edm = edm_lib.EDM.from_config(config.edm)
         self._jitted: dict[tuple, Callable] = {}
 
@@ -74,12 +93,22 @@ class Task:
         """Task-specific config problems (empty when fine). Called before anything is compiled."""
         return []
 
+    @classmethod
+    def all_defaults(cls) -> dict[str, dict]:
+        """The `defaults` of this class and of every base class (a subclass's value wins)."""
+        out: dict[str, dict] = {}
+        for klass in reversed(cls.__mro__):
+            for section, fields in vars(klass).get("defaults", {}).items():
+                out.setdefault(section, {}).update(fields)
+        return out
+
     def signature(self) -> dict:
-        """Config fields that every block of one run must share; hashed into each block's meta."""
-        c = self.config
+        """Config fields that every block of one run must share; hashed into each block's meta. Taken from the
+        config as written, so a field that a later version gives a default does not change an older run's hash."""
+        c = self.declared
         blocks = {k: c.blocks[k] for k in ("num_blocks", "gamma", "partition", "layers")}
-        if float(c.blocks.get("sigma_floor", 0.0) or 0.0):   # changes every block's range; 0 (none) keeps old hashes
-            blocks["sigma_floor"] = float(c.blocks.sigma_floor)
+        if float(self.config.blocks.sigma_floor or 0.0):   # changes every block's range; 0 (none) keeps old hashes
+            blocks["sigma_floor"] = float(self.config.blocks.sigma_floor)
         return {"task": self.name, "model": c.model.to_dict(), "edm": c.edm.to_dict(), "blocks": blocks,
                 "data": {k: c.data[k] for k in self.data_signature_fields() if k in c.data},
                 "batch_order": order.BATCH_ORDER}

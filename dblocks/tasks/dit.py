@@ -24,6 +24,8 @@ from dblocks.tasks.image_data import LabelledImages
 @register
 class DiTTask(LabelledImages, Task):
     name = "dit"
+    defaults = {"sample": {"grid_kind": "cdf"},   # sigma grid of the sampler: equal-CDF ('cdf') or 'karras'
+                "model": {"out_conv": 0}}   # a convolution after unpatchify (0 = none, the paper's DiT)
 
     # -- config --------------------------------------------------------------------------------------------------
     def validate(self) -> list[str]:
@@ -35,7 +37,7 @@ class DiTTask(LabelledImages, Task):
             p.append(f"data.image_size={d.image_size} is not divisible by model.patch={m.patch}")
         if m.hidden % m.heads or m.hidden % 4:
             p.append(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads} and by 4")
-        oc = m.get("out_conv", 0)
+        oc = m.out_conv
         if not (isinstance(oc, int) and oc >= 0 and (oc == 0 or oc % 2 == 1)):
             p.append(f"model.out_conv={oc!r} must be 0 (none) or an odd kernel size such as 3")
         if not 0 <= m.class_dropout < 1:
@@ -43,7 +45,7 @@ class DiTTask(LabelledImages, Task):
         s = c.sample
         if s.solver not in sampling.SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
-        kind = s.get("grid_kind", "cdf")
+        kind = s.grid_kind
         if kind not in sampling.GRID_KINDS:
             p.append(f"sample.grid_kind={kind!r}; choose one of {sampling.GRID_KINDS}")
         if s.grid_points < max(2, int(c.blocks.num_blocks)):
@@ -62,7 +64,7 @@ class DiTTask(LabelledImages, Task):
         m, d = self.config.model, self.config.data
         return DiT(num_layers=unit.num_layers, hidden=m.hidden, heads=m.heads, patch=m.patch,
                    image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
-                   mlp_ratio=m.mlp_ratio, dropout=m.dropout, out_conv=int(m.get("out_conv", 0)),
+                   mlp_ratio=m.mlp_ratio, dropout=m.dropout, out_conv=int(m.out_conv),
                    **model_options(m))
 
     def init_params(self, model, rng, batch):
@@ -83,7 +85,7 @@ class DiTTask(LabelledImages, Task):
         k_sigma, k_eps, k_drop, k_flip, k_dropout = jax.random.split(rng, 5)
         y, label = images_lib.to_model_range(batch["image"]), batch["label"]
         n = y.shape[0]
-        if train and c.data.get("flip", False):
+        if train and c.data.flip:
             y = jnp.where(jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1)), y[:, :, ::-1], y)
         if train:   # classifier-free guidance: labels dropped to the null class
             label = jnp.where(jax.random.uniform(k_drop, (n,)) < c.model.class_dropout, c.data.num_classes, label)

@@ -38,7 +38,7 @@ def sampler_options(task, grid_points=None, solver=None, guidance=None, grid_kin
     s = task.config.sample
     return {"grid_points": int(grid_points or s.grid_points), "solver": solver or s.solver,
             "guidance": float(s.guidance if guidance is None else guidance),
-            "grid_kind": grid_kind or s.get("grid_kind", "cdf")}
+            "grid_kind": grid_kind or s.grid_kind}
 
 
 def generate(task, run, labels: np.ndarray, grid_points: int, solver: str, guidance: float, seed: int,
@@ -62,7 +62,7 @@ def class_names(config) -> list[str]:
     k = int(config.data.num_classes)
     if config.data.name == "fashion_mnist":
         return list(data_lib.FASHION_MNIST_CLASSES)
-    names = [n for n in str(config.data.get("class_names", "") or "").split(",") if n]
+    names = [n for n in str(config.data.class_names or "").split(",") if n]
     return names if len(names) == k else [f"class {c}" for c in range(k)]
 
 

@@ -10,6 +10,8 @@ from dblocks import data as data_lib
 class LabelledImages:
     """Mixin for a Task whose data is `config.data` = (name, image_size, channels, num_classes, path, data_dir,
     and optionally test_fraction / val_fraction)."""
+    defaults = {"data": {"flip": False,          # random horizontal flips in training
+                         "class_names": ""}}                         # comma-separated row labels of sample grids
 
     def data_signature_fields(self):
         return ("name", "image_size", "channels", "num_classes")

@@ -42,6 +42,24 @@ def likelihood_logits(z: Array, sigma: Array, E: Array) -> Array:
 
 class LMTask(Task):
     """Base of the language tasks; subclasses add make_model, init_params, loss and training_compute."""
+    defaults = {
+        "data": {"tokenizer": ""},          # a SentencePiece model for tfds text ('' = characters)
+        "model": {"target_dim": 0,          # width of the token embedding E (0 = model.hidden)
+                  "target_norm": 0.0,       # norm of each token's row of E (0 = the scale contract's)
+                  "target_seed": 0,         # seed of E's rows
+                  "match_sigma_data": False,   # sigma_data taken from E's rows (the scale contract)
+                  "likelihood": False,      # the analytic likelihood term <z, E>/sigma^2 in the logits
+                  "prev_token": False,      # the noisy row also reads the previous token
+                  "lm_head": "posterior",   # 'posterior' (reads z) or 'prior' (next-token prior + likelihood)
+                  "loss_chunk": 0},         # rows per chunk of the chunked cross-entropy (0 = whole logits)
+        "blocks": {"sigma_floor": 0.0},     # lowest sigma any block trains on (0 = sigma_min)
+        "sample": {"grid": "",              # noise levels of the chain, e.g. '80,0.45,0.2' ('' = CDF grid)
+                   "grid_points": 0,        # points of the CDF grid (0 = one per block)
+                   "sigma_end": 0.0,        # where the chain stops (0 = sigma_min)
+                   "solver": "euler", "bridge": "softmax",   # ODE solver; logits -> target space bridge
+                   "temperature": 1.0, "top_p": 1.0, "greedy": False},   # how the token is drawn
+        "eval": {"elbo_sigmas": 32},        # noise levels of the ELBO's quadrature
+    }
 
     # -- config ----------------------------------------------------------------------------------------------------
     def validate(self) -> list[str]:
@@ -51,7 +69,7 @@ class LMTask(Task):
             text_lib.vocab_for(d.name)
         except ValueError as e:
             p.append(f"data.name: {e}")
-        if d.get("tokenizer"):
+        if d.tokenizer:
             if not str(d.name).startswith("tfds:"):
                 p.append("data.tokenizer (a SentencePiece model) is only used with tfds text data (e.g. tfds:lm1b)")
             else:
@@ -63,19 +81,19 @@ class LMTask(Task):
             p.append(f"data.seq_len={d.seq_len} must be >= 2")
         if m.hidden % m.heads or (m.hidden // m.heads) % 2:
             p.append(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads} with an even head size")
-        if m.get("target_dim", 0) < 0 or m.get("target_norm", 0.0) < 0:
-            p.append(f"model.target_dim={m.get('target_dim')} and model.target_norm={m.get('target_norm')} must be "
+        if m.target_dim < 0 or m.target_norm < 0:
+            p.append(f"model.target_dim={m.target_dim} and model.target_norm={m.target_norm} must be "
                      f">= 0 (0 = hidden, and the sigma_data * sqrt(dim) scale contract)")
-        if s.get("steps"):
+        if "steps" in s and s.steps:
             p.append(f"sample.steps={s.steps}: language tasks call it sample.grid_points (noise levels the chain "
                      f"visits; 0 = default)")
         if s.solver not in sampling.ALL_SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.ALL_SOLVERS}")
-        gp = int(s.get("grid_points", 0) or 0)
+        gp = int(s.grid_points or 0)
         if gp and gp < max(2, self.min_grid_points()):
             p.append(f"sample.grid_points={gp} cannot visit all {self.min_grid_points()} blocks (0 = one per block)")
         try:
-            ar_infer.parse_grid(s.get("grid", ""))
+            ar_infer.parse_grid(s.grid)
         except ValueError as e:
             p.append(f"sample.grid: {e}")
         if s.bridge not in targets.BRIDGES:
@@ -84,19 +102,19 @@ class LMTask(Task):
             p.append(f"sample.temperature={s.temperature} must be > 0 and sample.top_p={s.top_p} in (0, 1]")
         if c.eval.num_draws < 1:
             p.append(f"eval.num_draws={c.eval.num_draws} must be >= 1")
-        head = str(m.get("lm_head", "posterior"))
+        head = str(m.lm_head)
         if head not in ("posterior", "prior"):
             p.append(f"model.lm_head={head!r}; choose 'posterior' or 'prior'")
-        elif head == "prior" and not m.get("likelihood", False):
+        elif head == "prior" and not m.likelihood:
             p.append("model.lm_head='prior' needs model.likelihood=True (the posterior is the prior plus the "
                      "analytic likelihood term)")
-        chunk = int(m.get("loss_chunk", 0) or 0)
+        chunk = int(m.loss_chunk or 0)
         if chunk < 0:
             p.append(f"model.loss_chunk={chunk} must be >= 0 (0 = the whole logits at once)")
         elif chunk and c.method == "dblocks" and head != "prior":
             p.append(f"model.loss_chunk={chunk} needs model.lm_head='prior' for DiffusionBlocks: the posterior head's "
                      f"loss adds the likelihood term to the whole [N, T, V] logits (or set loss_chunk=0)")
-        if float(c.blocks.get("sigma_floor", 0.0) or 0.0) < 0:
+        if float(c.blocks.sigma_floor or 0.0) < 0:
             p.append(f"blocks.sigma_floor={c.blocks.sigma_floor} must be >= 0 (0 = none)")
         return p
 
@@ -115,15 +133,15 @@ class LMTask(Task):
         """Characters (CharVocab) or a SentencePiece model: .size, .encode(str), .decode(ids)."""
         if "_vocab" not in self.__dict__:
             d = self.config.data
-            self._vocab = (tokenized.load_tokenizer(d.tokenizer) if d.get("tokenizer")
+            self._vocab = (tokenized.load_tokenizer(d.tokenizer) if d.tokenizer
                            else text_lib.vocab_for(d.name))
         return self._vocab
 
     def source(self, split: str):
         d = self.config.data
-        if d.get("tokenizer"):
+        if d.tokenizer:
             return tokenized.packed_source(d.name[5:], split, int(d.seq_len), self.vocab, d.data_dir)
-        return text_lib.load_text(d.name, split, int(d.seq_len), d.data_dir, d.get("path", ""))[0]
+        return text_lib.load_text(d.name, split, int(d.seq_len), d.data_dir, d.path)[0]
 
     def make_batch(self, examples, train):
         return {"tokens": np.asarray(examples["tokens"], np.int32)}
@@ -143,19 +161,19 @@ class LMTask(Task):
     @property
     def target_dim(self) -> int:
         m = self.config.model
-        return int(m.get("target_dim", 0) or m.hidden)
+        return int(m.target_dim or m.hidden)
 
     @property
     def target_norm(self) -> float:
         """Row norm r of E: model.target_norm, or the contract sigma_data * sqrt(D) when it is 0."""
-        r = float(self.config.model.get("target_norm", 0.0) or 0.0)
+        r = float(self.config.model.target_norm or 0.0)
         return r if r > 0 else self.edm.sigma_data * float(np.sqrt(self.target_dim))
 
     @property
     def sigma_data(self) -> float:
         """The sigma_data of the input scaling: the rows' per-coordinate RMS r / sqrt(D) with model.match_sigma_data
         (the scale contract), else edm.sigma_data (how runs before the option were trained)."""
-        if self.config.model.get("match_sigma_data", False):
+        if self.config.model.match_sigma_data:
             return self.target_norm / float(np.sqrt(self.target_dim))
         return self.edm.sigma_data
 
@@ -165,12 +183,12 @@ class LMTask(Task):
         if "_E" not in self.__dict__:   # kept as numpy: a jnp constant cached during a trace would leak a tracer
             m = self.config.model
             self._E = targets.fixed_embedding(self.vocab.size, self.target_dim, self.edm.sigma_data,
-                                              int(m.get("target_seed", 0)), float(m.get("target_norm", 0.0) or 0.0))
+                                              int(m.target_seed), float(m.target_norm or 0.0))
         return jnp.asarray(self._E)
 
     @property
     def likelihood(self) -> bool:
-        return bool(self.config.model.get("likelihood", False))
+        return bool(self.config.model.likelihood)
 
     # -- the noise partition ------------------------------------------------------------------------------------------
     def unigram(self) -> np.ndarray:
@@ -196,7 +214,7 @@ class LMTask(Task):
                                                          self.edm.sigma_max)
         extra = {"boundaries": bounds} if bounds is not None else {}
         part = partition_lib.make_partition(B, self.edm, float(b.gamma), kind, **extra)
-        floor = float(b.get("sigma_floor", 0.0) or 0.0)
+        floor = float(b.sigma_floor or 0.0)
         if floor > 0:
             part = information.with_sigma_floor(part, floor)
         self._partition = part
@@ -207,7 +225,7 @@ class LMTask(Task):
     def prior_head(self) -> bool:
         """model.lm_head == 'prior': the network reads no z and its logits are the next-token prior (see
         denoising_loss); the denoiser's posterior is formed analytically with the likelihood term."""
-        return str(self.config.model.get("lm_head", "posterior")) == "prior"
+        return str(self.config.model.lm_head) == "prior"
 
     def network_inputs(self, z: Array, sigma: Array) -> tuple[Array, Array]:
         """What the network reads for raw noisy targets z [..., D] at sigma [...]: (c_in z, c_noise). With the prior

@@ -45,8 +45,8 @@ _REGION_ANALYSIS = {"cpu": "xla_cpu_copy_insertion_use_region_analysis",
 # YNNPACK's fusions (XLA's CPU default in jax 0.10) cost more than they give on the decoding loop's small
 # operands: each token is ~100 matmuls of 64 rows or fewer, and the fused library calls' dispatch and threading
 # dominate. Without them the compiled loop decoded 1.3-1.6x more tokens/s at batch 64 on the 2-core CPU
-# (docs/performance.md, "Compiled decoding"). Per program: training keeps the default. A jax without the option
-# compiles without it.
+# (docs/lab/performance.md, "Where the decoding loop's time went"). Per program: training keeps the default. A
+# jax without the option compiles without it.
 _CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

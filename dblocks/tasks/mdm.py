@@ -26,6 +26,7 @@ from dblocks.tasks.base import Task, Unit, register
 @register
 class MDMTask(Task):
     name = "mdm"
+    defaults = {"data": {"seq_len": 0}}   # characters per training window (required: 0 is refused)
 
     def __init__(self, config):
         super().__init__(config)
@@ -60,8 +61,8 @@ class MDMTask(Task):
             text_lib.vocab_for(str(d.name))
         except ValueError as err:
             p.append(f"data.name: {err}")
-        if int(d.get("seq_len", 0)) < 2:
-            p.append(f"data.seq_len={d.get('seq_len')} must be >= 2")
+        if int(d.seq_len) < 2:
+            p.append(f"data.seq_len={d.seq_len} must be >= 2")
         if m.hidden % m.heads or (m.hidden // m.heads) % 2:
             p.append(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads} into even head sizes "
                      f"(rotary positions)")
@@ -104,8 +105,7 @@ class MDMTask(Task):
     def source(self, split: str):
         if split not in self._sources:
             d = self.config.data
-            self._sources[split], _ = text_lib.load_text(d.name, split, int(d.seq_len), d.get("data_dir", ""),
-                                                         d.get("path", ""))
+            self._sources[split], _ = text_lib.load_text(d.name, split, int(d.seq_len), d.data_dir, d.path)
         return self._sources[split]
 
     def make_batch(self, examples, train):

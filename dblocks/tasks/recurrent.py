@@ -29,6 +29,7 @@ DEPTH_STD = 0.5   # Huginn's sigma of the log-normal Poisson depth distribution
 @register
 class RecurrentTask(LMTask):
     name = "recurrent"
+    defaults = {"recurrent": {"noisy_prelude": False}}   # the noisy row also runs the prelude (DiffusionBlocks)
 
     def validate(self) -> list[str]:
         c, p = self.config, super().validate()
@@ -57,8 +58,8 @@ class RecurrentTask(LMTask):
                               coda=m.coda, mlp_ratio=m.mlp_ratio, diffusion=unit.is_block,
                               iterations=int(self.config.recurrent.mean_iterations),
                               init_std=float(self.config.recurrent.init_std), sigma_min=self.edm.sigma_min,
-                              prev_token=bool(m.get("prev_token", False)),
-                              noisy_prelude=bool(self.config.recurrent.get("noisy_prelude", False)), **model_options(m))
+                              prev_token=bool(m.prev_token),
+                              noisy_prelude=bool(self.config.recurrent.noisy_prelude), **model_options(m))
 
     # -- the baseline's training: random depth, truncated backprop ---------------------------------------------------
     def sample_depth(self, key) -> jax.Array:
@@ -120,8 +121,8 @@ class RecurrentTask(LMTask):
             return {"forward_layer_rows_per_token": P + K * C + D, "backward_layer_rows_per_token": P + k * C + D,
                     "inference_layer_rows_per_token": P + K * C + D,
                     "note": f"mean {K} core iterations, backprop through the last {k}"}
-        K = int(grid_points or self.config.sample.get("grid_points", 0) or K)
-        noisy = (P if r.get("noisy_prelude", False) else 0) + C + D
+        K = int(grid_points or self.config.sample.grid_points or K)
+        noisy = (P if r.noisy_prelude else 0) + C + D
         return {"forward_layer_rows_per_token": (P + C + D) + noisy,
                 "backward_layer_rows_per_token": (P + C + D) + noisy,
                 "inference_layer_rows_per_token": (P + C + D) + K * noisy,

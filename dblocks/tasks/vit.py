@@ -30,14 +30,18 @@ from dblocks.tasks.image_data import LabelledImages
 @register
 class ViTTask(LabelledImages, Task):
     name = "vit"
+    defaults = {"model": {"target_dim": 0,      # label embedding width (0 = model.hidden)
+                          "target_norm": 0.0,   # norm of each label's row of E (0 = the scale contract's)
+                          "target_seed": 0},    # seed of E's rows
+                "data": {"randaugment_ops": 0, "randaugment_magnitude": 9},   # RandAugment in training (0 ops: off)
+                "sample": {"per_class": 8}}     # sample grids: images per class
 
     def __init__(self, config):
         super().__init__(config)
-        m = config.model
-        self.target_dim = int(m.get("target_dim", 0) or m.hidden)
-        self.E = jnp.asarray(targets.fixed_embedding(int(config.data.num_classes), self.target_dim,
-                                                     self.edm.sigma_data, int(m.get("target_seed", 0)),
-                                                     float(m.get("target_norm", 0.0) or 0.0)))
+        m = self.config.model
+        self.target_dim = int(m.target_dim or m.hidden)
+        self.E = jnp.asarray(targets.fixed_embedding(int(self.config.data.num_classes), self.target_dim,
+                                                     self.edm.sigma_data, int(m.target_seed), float(m.target_norm)))
 
     # -- config --------------------------------------------------------------------------------------------------
     def validate(self) -> list[str]:
@@ -51,12 +55,12 @@ class ViTTask(LabelledImages, Task):
             p.append(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads}")
         if d.num_classes < 2:
             p.append(f"data.num_classes={d.num_classes} must be >= 2")
-        if m.get("target_dim", 0) < 0 or m.get("target_norm", 0.0) < 0:
-            p.append(f"model.target_dim={m.get('target_dim')} and model.target_norm={m.get('target_norm')} must be "
+        if m.target_dim < 0 or m.target_norm < 0:
+            p.append(f"model.target_dim={m.target_dim} and model.target_norm={m.target_norm} must be "
                      ">= 0 (0 = defaults: dim = model.hidden, norm = sigma_data * sqrt(dim))")
         if not 0 <= m.dropout < 1:
             p.append(f"model.dropout={m.dropout} must be in [0, 1)")
-        if d.get("randaugment_ops", 0) < 0 or not 0 <= d.get("randaugment_magnitude", 9) <= 30:
+        if d.randaugment_ops < 0 or not 0 <= d.randaugment_magnitude <= 30:
             p.append("data.randaugment_ops must be >= 0 and data.randaugment_magnitude in [0, 30]")
         if s.solver not in sampling.SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.SOLVERS}")
@@ -91,10 +95,9 @@ class ViTTask(LabelledImages, Task):
     def augment(self, rng, image):
         d = self.config.data
         k_flip, k_ra = jax.random.split(rng)
-        if d.get("flip", False):
+        if d.flip:
             image = augment.random_flip(k_flip, image)
-        return augment.rand_augment(k_ra, image, int(d.get("randaugment_ops", 0)),
-                                    float(d.get("randaugment_magnitude", 9)))
+        return augment.rand_augment(k_ra, image, int(d.randaugment_ops), float(d.randaugment_magnitude))
 
     def draw(self, model, batch, rng, train_range, train=True):
         k_aug, k_sigma, k_eps, k_drop = jax.random.split(rng, 4)

@@ -106,7 +106,7 @@ def evaluate(task, run, grid_points=None, bridge=None, solver=None, seed=0, limi
 def write_samples(task, run, out_path, grid_points=None, per_class=None, seed=0, **_) -> dict:
     """A grid of test images, one row per true class, and their predicted classes (in the summary)."""
     src, k = task.source("test"), int(task.config.data.num_classes)
-    per_class = int(per_class or task.config.sample.get("per_class", 8))
+    per_class = int(per_class or task.config.sample.per_class)
     labels = np.asarray(src.get(np.arange(min(len(src), 50 * k * per_class)))["label"])
     idx = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(k)])
     if len(idx) != k * per_class:

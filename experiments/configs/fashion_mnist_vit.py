@@ -25,18 +25,15 @@ def get_config(arg=None):
     c.data.batch_size = 128
 
     # The fixed label space E: one orthogonal row per class in target_dim = hidden (0) dimensions, every row of norm
-    # target_norm = 0.1 (rows 0.14 apart) instead of the scale contract's sigma_data*sqrt(96) = 4.9. With norm 4.9 the
-    # noisy label gives the class away for any sigma below ~3, so every block learns to read z and not the image,
-    # and the chain collapses (17-25 % test accuracy); at 0.1 the label hides under the noise in most of each block's
-    # range, each block must classify the image, and the chain improves with every call. Measured (1,200 steps per
-    # block, docs/classification.md): norm 4.9 / 1.0 / 0.25 / 0.1 -> 17.2 / 79.7 / 83.6 / 85.0 % (loss weighting
-    # none); end-to-end 86.6 % at the same steps.
+    # target_norm = 0.1 instead of the scale contract's sigma_data*sqrt(96) = 4.9: the label must hide under the
+    # noise in most of each block's range, or every block reads z instead of the image (docs/classification.md,
+    # "Choosing the label space").
     c.model = dict(**model_defaults(), num_layers=6, hidden=96, heads=4, patch=7, mlp_ratio=4.0, dropout=0.0,
                    target_dim=0, target_norm=0.1, target_seed=0)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05
-    c.edm.loss_weighting = "none"   # edm vs none: 78.3 vs 79.7 % at target_norm 1.0 (docs/classification.md)
+    c.edm.loss_weighting = "none"   # measured against edm: docs/classification.md
 
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100

@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.data.seq_len = 256
     c.data.batch_size = 256
 
-    # The settings measured best on Shakespeare (docs/language_models.md, "Results"; not run at LM1B scale here):
+    # The settings measured best on Shakespeare (docs/lab/language_models.md; not run at LM1B scale here):
     # rows of E of norm 0.25, the likelihood term with matched sigma_data, the previous token in the noisy row, the
     # prior head, and the ancestral sampler on [80, 0.45, 0.2]. They are taken unchanged, because the partition is
     # in sigma and the band where z reveals the token depends on r / sigma, so changing r alone would move the band
@@ -36,8 +36,8 @@ def get_config(arg=None):
     # of every block's range. With 32K tokens in 768 dimensions the rows are near-orthogonal, not orthogonal, so the
     # band is not exactly Shakespeare's (dblocks.information.information_curve measures it for a given E).
     # lm_head="prior": each block's network predicts the next-token prior and the posterior is formed with the exact
-    # likelihood term; its CE has the posterior's optimum and trains the low-noise blocks fully (on Shakespeare the
-    # ELBO went from 3.03 to 2.82 bits/char: docs/language_models.md). It also lets the block's loss run through
+    # likelihood term; its CE has the posterior's optimum and trains the low-noise blocks fully
+    # (docs/lab/language_models.md). It also lets the block's loss run through
     # the chunked cross-entropy (loss_chunk=4096 rows at a time), so no [256, 256, 32000] logits are held whole.
     # loss weighting "none": the prior's CE does not depend on sigma, so lambda(sigma) would only add variance.
     c.model = dict(**model_defaults(), num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, target_dim=0, target_norm=0.25, target_seed=0,

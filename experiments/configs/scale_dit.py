@@ -1,7 +1,7 @@
 r"""A small DiT for the scale-out benchmark: 8 layers as B blocks on a ('block', 'data') mesh; synthetic 28x28 data.
 
-  python -m experiments.bench_parallel --config experiments/configs/scale_dit.py --cpu_devices 8
-  python -m experiments.bench_parallel --config experiments/configs/scale_dit.py:4,2 --cpu_devices 8  # B=4, data 2
+  python -m experiments.lab.bench_parallel --config experiments/configs/scale_dit.py --cpu_devices 8
+  python -m experiments.lab.bench_parallel --config experiments/configs/scale_dit.py:4,2 --cpu_devices 8  # B=4, data 2
   python -m experiments.train --config experiments/configs/scale_dit.py --workdir runs/scale --config.parallel.mode=mesh
 
 The argument is 'B,data' (default '8,1'): B blocks side by side, each block's batch split over `data` devices.

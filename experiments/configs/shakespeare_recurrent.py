@@ -24,20 +24,15 @@ def get_config(arg=None):
     c.model = dict(**model_defaults(), num_layers=4, prelude=1, core=2, coda=1, hidden=128, heads=4, mlp_ratio=4.0,
                    target_dim=0, target_norm=0.25, target_seed=0,    # as shakespeare_ar (see there)
                    likelihood=True, match_sigma_data=True, prev_token=True, lm_head="prior", loss_chunk=0)
-    # As shakespeare_ar (measured, docs/language_models.md "Results", test works, 400 steps): the likelihood term,
-    # prev_token and the prior head took the sampler from 3.697 (likelihood only) to 3.148 bits/char (prev_token with
-    # the posterior head: 3.189), and recurrent.noisy_prelude (below) to 2.825; Huginn measures 2.967 at the same
-    # steps.
+    # As shakespeare_ar: the likelihood term, prev_token and the prior head (measured for this model too:
+    # docs/lab/language_models.md, "Why shakespeare_recurrent is set as it is").
     c.blocks.num_blocks = 1
     c.blocks.gamma = 0.0
     # noisy_prelude: the noisy row also runs the prelude (DiffusionBlocks only; the paper leaves the prelude's role
-    # open). Measured (test works, 400 steps, prior head): 3.148 -> 2.825 bits/char; with the prelude on clean rows
-    # only the noisy stream trained 0.3 bits worse than the same depth in the AR layout.
+    # open).
     c.recurrent = dict(mean_iterations=8, backprop_iterations=2, init_std=1.0, noisy_prelude=True)
     c.sample.grid_points = 0   # with grid "" : recurrent.mean_iterations points per token
-    # the ancestral chain on [80, 0.45] (two calls of the one denoiser), measured on the validation works: 3.775
-    # bits/char against 3.84 for 8-level grids (likelihood term, no prev_token); the old 8-step Euler grid to
-    # sigma_min made the last softmax one-hot (1132 bits/char teacher-forced)
+    # the ancestral chain on [80, 0.45]: two calls of the one denoiser (chosen on the validation works)
     c.sample.grid = "80,0.45"
     c.sample.solver = "ancestral"
     c.sample.bridge = "sample"

@@ -1,6 +1,6 @@
-r"""FID against block calls for each solver, on a trained DiT workdir (docs/solvers.md).
+r"""FID against block calls for each solver, on a trained DiT workdir (docs/lab/solvers.md).
 
-  python -m experiments.solver_curve --workdir runs/solver_dit --out runs/solver_dit/solver_curve.json \
+  python -m experiments.lab.solver_curve --workdir runs/solver_dit --out runs/solver_dit/solver_curve.json \
       --plot docs/images/solver_curve.png
 
 For each solver and each budget of block calls (default 6, 10, 20, 50) the chain uses the most grid points that fit
@@ -11,12 +11,15 @@ class-balanced samples with the config's guidance.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
+from absl import flags
+
 from dblocks import assemble, logs, sampling
+from dblocks.config import ConfigError
+from experiments.common import run_main
 
 
 def parse_first(text: str, grid_kind: str) -> list[tuple[str, int, str]]:
@@ -85,36 +88,38 @@ def plot(rows: list[dict], path: str, title: str) -> str:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--out", default=None, help="JSON rows (default WORKDIR/solver_curve.json)")
-    parser.add_argument("--plot", default=None, help="PNG of FID against block calls")
-    parser.add_argument("--calls", default="6,10,20,50")
-    parser.add_argument("--solvers", default=",".join(sampling.SOLVERS))
-    parser.add_argument("--num_samples", type=int, default=1000)
-    parser.add_argument("--grid_kind", default="cdf", choices=list(sampling.GRID_KINDS))
-    parser.add_argument("--seed", type=int, default=0, help="the samples' noise (the same for every point)")
-    parser.add_argument("--cache_dir", default=None, help="FID feature network cache")
-    parser.add_argument("--same_points", action="store_true", help="also Heun on Euler's grids")
-    parser.add_argument("--first", default="", help="solver:calls[:grid] to evaluate first, e.g. "
-                        "euler:50,dpmpp_2m:20:karras (grid: --grid_kind unless given)")
-    args = parser.parse_args()
+def main(argv):
+    del argv
     try:
-        first = parse_first(args.first, args.grid_kind)
+        first = parse_first(_FIRST.value, _GRID_KIND.value)
+        calls = [int(c) for c in _CALLS.value]
     except ValueError as e:
-        parser.exit(2, f"solver_curve: {e}\n")
+        raise ConfigError(str(e)) from None
+    if set(_SOLVERS.value) - set(sampling.SOLVERS):
+        raise ConfigError(f"--solvers {','.join(_SOLVERS.value)}: each one of {', '.join(sampling.SOLVERS)}")
     logs.setup()
-    out = args.out or os.path.join(args.workdir, "solver_curve.json")
-    rows = points(args.workdir, [int(c) for c in args.calls.split(",")], args.solvers.split(","), args.num_samples,
-                  args.grid_kind, args.cache_dir, args.same_points, seed=args.seed, out_path=out, order=first)
+    out = _OUT.value or os.path.join(_WORKDIR.value, "solver_curve.json")
+    rows = points(_WORKDIR.value, calls, _SOLVERS.value, _NUM_SAMPLES.value,
+                  _GRID_KIND.value, _CACHE_DIR.value, _SAME_POINTS.value, seed=_SEED.value, out_path=out, order=first)
     print("| solver | grid | grid points | block calls | FID |\n|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["solver"], r["grid_kind"], r["block_calls"])):
         print(f"| {r['solver']} | {r['grid_kind']} | {r['grid_points']} | {r['block_calls']} | {r['fid']:.2f} |")
-    if args.plot:
+    if _PLOT.value:
         kinds = "/".join(sorted({r["grid_kind"] for r in rows}))
-        print("plot:", plot(rows, args.plot, f"Fashion-MNIST DiT, B=3, {kinds} grid, {args.num_samples} samples"))
+        print("plot:", plot(rows, _PLOT.value, f"Fashion-MNIST DiT, B=3, {kinds} grid, {_NUM_SAMPLES.value} samples"))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # flags only when run: tests import parse_first
+    _WORKDIR = flags.DEFINE_string("workdir", None, "a trained DiT workdir", required=True)
+    _OUT = flags.DEFINE_string("out", None, "JSON rows (default WORKDIR/solver_curve.json)")
+    _PLOT = flags.DEFINE_string("plot", None, "PNG of FID against block calls")
+    _CALLS = flags.DEFINE_list("calls", ["6", "10", "20", "50"], "budgets of block calls per sample")
+    _SOLVERS = flags.DEFINE_list("solvers", list(sampling.SOLVERS), f"solvers, of {', '.join(sampling.SOLVERS)}")
+    _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "samples per FID", lower_bound=1)
+    _GRID_KIND = flags.DEFINE_enum("grid_kind", "cdf", list(sampling.GRID_KINDS), "sigma grid")
+    _SEED = flags.DEFINE_integer("seed", 0, "the samples' noise (the same for every point)")
+    _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "FID feature network cache")
+    _SAME_POINTS = flags.DEFINE_bool("same_points", False, "also Heun on Euler's grids")
+    _FIRST = flags.DEFINE_string("first", "", "solver:calls[:grid] to evaluate first, e.g. euler:50,dpmpp_2m:20:karras "
+                                 "(grid: --grid_kind unless given)")
+    run_main(main)

@@ -1,7 +1,7 @@
 r"""Solvers against an exact denoiser: a known 2-D Gaussian mixture through `dblocks.sampling.sample`.
 
-  python -m experiments.solver_toy            # the table of docs/solvers.md (sliced Wasserstein, B=3, gamma 0.05)
-  python -m experiments.solver_toy --order    # relative error against grid size, Gaussian data (exact flow)
+  python -m experiments.lab.solver_toy            # the table of docs/lab/solvers.md (sliced Wasserstein, B=3, gamma 0.05)
+  python -m experiments.lab.solver_toy --order    # relative error against grid size, Gaussian data (exact flow)
 
 For y ~ sum_k w_k N(mu_k, s_k^2 I), the noisy marginal at sigma is the mixture with variances s_k^2 + sigma^2, and
 the exact denoiser is the posterior mean
@@ -13,16 +13,17 @@ tests/test_solvers.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
 from dblocks import sampling
+from experiments.common import run_main
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,17 +114,14 @@ def order_table(sd: float, kind: str, ns) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=20_000)
-    parser.add_argument("--order", action="store_true", help="error against grid size for Gaussian data")
-    args = parser.parse_args()
-    if args.order:
+def main(argv):
+    del argv
+    if _ORDER.value:
         for sd in (0.5, 0.05):
             for kind, ns in (("cdf", (4, 6, 10, 20, 40, 80, 160)), ("karras", (10, 20, 40, 80, 160))):
                 print("\n".join(order_table(sd, kind, ns)) + "\n")
         return
-    rows = table(args.num)
+    rows = table(_NUM.value)
     solvers = [s for s in ("euler", "heun", "dpmpp_2m") if s in sampling.SOLVERS]
     print("| grid | " + " | ".join(f"{s} (calls)" for s in solvers) + " |")
     print("|---|" + "---|" * len(solvers))
@@ -135,5 +133,7 @@ def main() -> None:
         print(f"| {r['grid']}, {r['points']} points | " + " | ".join(cells) + " |")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # flags only when run: tests import the mixture and the distance
+    _NUM = flags.DEFINE_integer("num", 20_000, "samples per chain", lower_bound=2)
+    _ORDER = flags.DEFINE_bool("order", False, "error against grid size for Gaussian data")
+    run_main(main)

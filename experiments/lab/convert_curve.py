@@ -1,10 +1,10 @@
 r"""The conversion curve: test quality against block steps, blocks converted from a trained end-to-end run vs blocks
-trained from scratch (docs/conversion.md "Measurement").
+trained from scratch (docs/lab/conversion.md).
 
-  python -m experiments.convert_curve --config experiments/configs/fashion_mnist_vit.py --root runs/h2/vit \
-      --steps 1200 --out docs/results/conversion/vit.json --plot docs/results/conversion/vit.png
-  python -m experiments.convert_curve --config experiments/configs/fashion_mnist_dit.py --root runs/h2/dit \
-      --steps 600 --eval num_samples=500 --eval repeats=1 --eval grid_points=20 --out docs/results/conversion/dit.json
+  python -m experiments.lab.convert_curve --config experiments/configs/fashion_mnist_vit.py --root runs/h2/vit \
+      --steps 1200 --out docs/lab/results/conversion/vit.json --plot docs/lab/results/conversion/vit.png
+  python -m experiments.lab.convert_curve --config experiments/configs/fashion_mnist_dit.py --root runs/h2/dit \
+      --steps 600 --eval num_samples=500 --eval repeats=1 --eval grid_points=20 --out docs/lab/results/conversion/dit.json
 
 Stages (--stages, default all, in this order; a stage whose output exists is skipped, so a killed run resumes):
   e2e      python -m experiments.train --config C --workdir ROOT/e2e --config.method=e2e   (S steps)
@@ -21,7 +21,6 @@ usual random init. Step 0 of the scratch arm is that init (`steps.init_key`, as 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,12 +30,16 @@ import sys
 import time
 
 import jax
+from absl import flags
 
 from dblocks import assemble
 from dblocks import checkpoint as ckpt_lib
 from dblocks import logs, steps
+from dblocks.config import ConfigError
+from experiments.common import run_main
 
 STAGES = ("e2e", "convert", "conv", "scratch", "eval")
+ARMS = ("e2e", "conv", "scratch")
 
 
 def train_overrides(total: int, eval_steps: list[int], extra: list[str]) -> list[str]:
@@ -177,31 +180,24 @@ def _parse_options(items: list[str]) -> dict:
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--root", required=True, help="workdirs ROOT/e2e, ROOT/conv, ROOT/scratch")
-    p.add_argument("--steps", type=int, required=True, help="S: steps per block (and of the e2e run)")
-    p.add_argument("--e2e_steps", type=int, default=None, help="steps of the e2e run (default S); ROOT/e2e may be "
-                   "an existing run (a link), e.g. to convert one e2e run into blocks of a shorter budget")
-    p.add_argument("--fractions", default="0,0.125,0.25,0.5,1")
-    p.add_argument("--stages", default=",".join(STAGES))
-    p.add_argument("--override", action="append", default=[], help="extra --config.x=y for every training")
-    p.add_argument("--eval", action="append", default=[], help="evaluation option key=value (as experiments.evaluate)")
-    p.add_argument("--arms", default="e2e,conv,scratch", help="the runs the eval stage evaluates")
-    p.add_argument("--out", required=True, help="JSON; rows already in it are kept and not evaluated again (several "
-                   "processes may fill one file, e.g. one arm each)")
-    p.add_argument("--plot", default=None)
-    p.add_argument("--also", action="append", default=[], help="JSON:label, another curve's converted arm to plot")
-    a = p.parse_args(argv)
+def main(argv):
+    del argv
+    a = flags.FLAGS
+    try:
+        fractions = [float(f) for f in a.fractions]
+        options = _parse_options(a.eval)
+    except ValueError as e:
+        raise ConfigError(f"--fractions or --eval: {e} (fractions are numbers, options key=value)") from None
+    for name, allowed in (("stages", STAGES), ("arms", ARMS)):
+        if set(a[name].value) - set(allowed):
+            raise ConfigError(f"--{name} {','.join(a[name].value)}: each one of {','.join(allowed)}")
     logs.setup()
     total = a.steps
-    at = eval_steps_for(total, [float(f) for f in a.fractions.split(",")])
+    at = eval_steps_for(total, fractions)
     over = train_overrides(total, at, a.override)
     e2e_total = a.e2e_steps or total
     cmds = commands(a.config, a.root, over, train_overrides(e2e_total, [e2e_total], a.override))
-    options = _parse_options(a.eval)
-    stages = a.stages.split(",")
+    stages = a.stages
     result = {"config": a.config, "root": a.root, "steps": total, "e2e_steps": e2e_total, "eval_steps": at,
               "eval_options": options,
               "commands": {k: " ".join(["python"] + v[1:]) for k, v in cmds.items()}, "wall_seconds": {},
@@ -238,7 +234,7 @@ def main(argv=None):
         subprocess.run(cmds[stage], check=True)
         result["wall_seconds"][stage] = round(time.time() - t0, 1)
         save()
-    arms = a.arms.split(",")
+    arms = a.arms
     if "eval" in stages:
         merge()
         if result["e2e"] is None and "e2e" in arms:
@@ -261,5 +257,19 @@ def main(argv=None):
     print(json.dumps(result["summary"], indent=1))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # flags only when run: tests import the loading and the summary
+    flags.DEFINE_string("config", None, "the experiment config file", required=True)
+    flags.DEFINE_string("root", None, "workdirs ROOT/e2e, ROOT/conv, ROOT/scratch", required=True)
+    flags.DEFINE_integer("steps", None, "S: steps per block (and of the e2e run)", required=True, lower_bound=1)
+    flags.DEFINE_integer("e2e_steps", None, "steps of the e2e run (default S); ROOT/e2e may be an existing run (a "
+                         "link), e.g. to convert one e2e run into blocks of a shorter budget", lower_bound=1)
+    flags.DEFINE_list("fractions", ["0", "0.125", "0.25", "0.5", "1"], "evaluated steps, as fractions of S")
+    flags.DEFINE_list("stages", list(STAGES), f"stages to run, of {','.join(STAGES)}")
+    flags.DEFINE_multi_string("override", [], "extra --config.x=y for every training")
+    flags.DEFINE_multi_string("eval", [], "evaluation option key=value (as experiments.evaluate)")
+    flags.DEFINE_list("arms", list(ARMS), f"the runs the eval stage evaluates, of {','.join(ARMS)}")
+    flags.DEFINE_string("out", None, "JSON; rows already in it are kept and not evaluated again (several processes "
+                        "may fill one file, e.g. one arm each)", required=True)
+    flags.DEFINE_string("plot", None, "PNG of the curve")
+    flags.DEFINE_multi_string("also", [], "JSON:label, another curve's converted arm to plot")
+    run_main(main)

@@ -1,7 +1,7 @@
 r"""Sampler sweep for a trained language DiffusionBlocks run: the teacher-forced read-outs of several samplers (grid,
 solver, bridge) on one run, in one process (each block's compiled pass is reused across arms), without generation.
 
-  python -m experiments.lm_sweep --workdir runs/lm/db_lik_s0 --split validation --limit 64 --out sweep.json \
+  python -m experiments.lab.lm_sweep --workdir runs/lm/db_lik_s0 --split validation --limit 64 --out sweep.json \
       --arm "euler4=solver=euler,bridge=softmax,grid=80;0.45;0.2;0.1" \
       --arm "anc4=solver=ancestral,bridge=sample,grid=80;0.45;0.2;0.1"
 
@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import flags
 
 from dblocks import assemble, paths
 from dblocks.checkpoint import write_json_atomic
+from dblocks.config import ConfigError
 from dblocks.tasks import ar_eval, ar_infer
+from experiments.common import run_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained ar or recurrent DiffusionBlocks workdir", required=True)
 _ARMS = flags.DEFINE_multi_string("arm", [], "NAME=key=value,... (see the module docstring)")
@@ -34,21 +36,24 @@ paths.refuse_remote_flags(_WORKDIR, _OUT)
 def parse_arm(spec: str) -> tuple[str, dict]:
     """'NAME=k=v,k=v' -> (NAME, {k: v}); numbers are converted, grid levels separated by ';'."""
     if "=" not in spec:
-        raise ValueError(f"arm {spec!r}: expected NAME=key=value,...")
+        raise ConfigError(f"arm {spec!r}: expected NAME=key=value,...")
     name, rest = spec.split("=", 1)
     opts = {}
     for item in filter(None, rest.split(",")):
         k, _, v = item.partition("=")
-        if k == "grid":
-            opts[k] = v.replace(";", ",")
-        elif k in ("grid_points",):
-            opts[k] = int(v)
-        elif k in ("sigma_end", "temperature", "top_p"):
-            opts[k] = float(v)
-        elif k == "greedy":
-            opts[k] = v.lower() in ("1", "true", "yes")
-        else:
-            opts[k] = v
+        try:
+            if k == "grid":
+                opts[k] = v.replace(";", ",")
+            elif k in ("grid_points",):
+                opts[k] = int(v)
+            elif k in ("sigma_end", "temperature", "top_p"):
+                opts[k] = float(v)
+            elif k == "greedy":
+                opts[k] = v.lower() in ("1", "true", "yes")
+            else:
+                opts[k] = v
+        except ValueError:
+            raise ConfigError(f"arm {spec!r}: {k}={v!r} is not a number") from None
     return name, opts
 
 
@@ -63,7 +68,7 @@ def main(argv):
            "arms": {}}
     if _ELBO.value and run.method == "dblocks":
         t0 = time.perf_counter()
-        out["elbo"] = ar_eval.elbo(task, run, windows, int(task.config.eval.get("elbo_sigmas", 32)), bs, 0)
+        out["elbo"] = ar_eval.elbo(task, run, windows, int(task.config.eval.elbo_sigmas), bs, 0)
         print(f"elbo {out['elbo']['elbo_bits']:.3f} bits ({time.perf_counter() - t0:.0f} s)", flush=True)
     for name, opts in arms:
         t0 = time.perf_counter()
@@ -82,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

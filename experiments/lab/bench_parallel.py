@@ -1,6 +1,6 @@
 r"""Block-parallel training on B devices against the end-to-end data-parallel step on the same devices.
 
-  python -m experiments.bench_parallel --config experiments/configs/scale_dit.py --cpu_devices 8 [--json]
+  python -m experiments.lab.bench_parallel --config experiments/configs/scale_dit.py --cpu_devices 8 [--json]
 
 Four ways to advance a config's network by one training step of every block (the paper's matched compute: every
 block takes as many steps as the baseline):
@@ -16,14 +16,14 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dblocks import config as config_lib
 from dblocks import engine, logs, parallel
 from dblocks import steps as steps_lib
 from dblocks.tasks import get_task
-from experiments.common import user_errors
+from experiments.common import run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps per row (after warm-up)")
@@ -111,9 +111,8 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", _CPU.value)
     logs.setup()
     config = _CONFIG.value
-    with user_errors():
-        config_lib.validate(config)
-        report = benchmark(config, _STEPS.value, _WARMUP.value)
+    config_lib.validate(config)
+    report = benchmark(config, _STEPS.value, _WARMUP.value)
     if _JSON.value:
         print(json.dumps(report))
     else:
@@ -121,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)
