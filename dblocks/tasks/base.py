@@ -107,8 +107,9 @@ class Task:
         config as written, so a field that a later version gives a default does not change an older run's hash."""
         c = self.declared
         blocks = {k: c.blocks[k] for k in ("num_blocks", "gamma", "partition", "layers")}
-        if float(self.config.blocks.sigma_floor or 0.0):   # changes every block's range; 0 (none) keeps old hashes
-            blocks["sigma_floor"] = float(self.config.blocks.sigma_floor)
+        floor = float(self.config.blocks.sigma_floor or 0.0) if "sigma_floor" in self.config.blocks else 0.0
+        if floor:   # the LM tasks' sigma floor changes every block's range; 0 (none) keeps old hashes
+            blocks["sigma_floor"] = floor
         return {"task": self.name, "model": c.model.to_dict(), "edm": c.edm.to_dict(), "blocks": blocks,
                 "data": {k: c.data[k] for k in self.data_signature_fields() if k in c.data},
                 "batch_order": order.BATCH_ORDER}
