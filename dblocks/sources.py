@@ -137,3 +137,12 @@ def check_class_ids(labels: np.ndarray, where: str) -> int:
                         f"({len(missing)} of them) have no example. Number the classes 0..K-1 without gaps "
                         f"(np.unique(labels, return_inverse=True)[1])")
     return k
+
+
+HF_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+
+
+def hf_own_splits(ds) -> dict[str, str]:
+    """{split: the dataset's own split of that role} for the splits it has (e.g. {'train': 'train', 'validation':
+    'dev'})."""
+    return {s: next(n for n in names if n in ds) for s, names in HF_SPLIT_NAMES.items() if any(n in ds for n in names)}

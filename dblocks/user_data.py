@@ -118,6 +118,10 @@ def resolve_fields(config, workdir: str | None = None, read_data: bool = True):
                 fix = (f"set --config.data.{field}={info[field]}, or 0 to take it from the data" if field ==
                        "num_classes" else f"set --config.data.{field}={info[field]} (the arrays are not resized)")
                 problems.append(f"data.{field}={have} but {name} has {info[field]}: {fix}")
+        if config.get("task") == "vit" and info["num_classes"] < 2:
+            problems.append(f"{name} holds one class ({info['class_names'] or 'label 0'}), and classification needs "
+                            f"two or more: put the images in one subfolder per class (a flat folder of images is "
+                            f"for the generation task, dit)")
         if info["class_names"] and not d.get("class_names", ""):
             updates["class_names"] = info["class_names"]
     elif text_lib.is_text_dataset(name):

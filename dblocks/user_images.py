@@ -19,11 +19,10 @@ import numpy as np
 from dblocks import files as files_lib
 from dblocks.data_errors import DataError, DatasetMissingError
 from dblocks.sources import (SPLITS, TEST_FRACTION, VAL_FRACTION, ArraySource, check_label_format, check_labels,
-                             split_rows)
+                             hf_own_splits, split_rows)
 
 log = logging.getLogger("dblocks")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
 
 
 def fit_image(img, size: int, channels: int) -> np.ndarray:
@@ -94,8 +93,8 @@ class DecodedImages:
 
 class FolderSource(DecodedImages):
     """Image files in class subfolders: ROOT/<class>/*.png, or ROOT/train/<class>/ (and test/, validation/ or val/
-    when present; missing held-out splits are carved from train). Class ids follow the sorted class-folder names of
-    the train split. Files are decoded when a batch asks for them (see DecodedImages)."""
+    when present; missing held-out splits are carved from train); images directly in ROOT (or ROOT/train/) are one
+    class named after ROOT. Class ids follow the sorted class-folder names of the train split. Files are decoded when a batch asks for them (see DecodedImages)."""
 
     def __init__(self, root: str, split: str, size: int, channels: int, test_fraction: float = TEST_FRACTION,
                  val_fraction: float = VAL_FRACTION):
@@ -189,10 +188,17 @@ def scan_folder(root: str) -> FolderScan:
                 stored[split] = d
 
     def class_dirs(top: str) -> list[str]:
+        """The class folders of `top`; [''] (top itself, one class) when it holds images and no folders."""
         try:
-            return sorted(e.name for e in os.scandir(top) if e.is_dir() and not e.name.startswith("."))
+            entries = [e for e in os.scandir(top) if not e.name.startswith(".")]
+            dirs = sorted(e.name for e in entries if e.is_dir())
+            loose = sorted(e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
         except OSError as e:
             raise files_lib.cannot_read(top, e) from e
+        if dirs and loose:
+            raise DataError(f"{top} mixes class folders {dirs[:3]} with loose images {loose[:3]}: put every image "
+                            f"in a class folder, or (one class, e.g. for unconditional generation) none of them")
+        return dirs or ([""] if loose else [])
 
     seen_files: set = set()
     skipped: list[tuple[str, str]] = []
@@ -215,10 +221,13 @@ def scan_folder(root: str) -> FolderScan:
                     headers[f] = h
                     ok.append(f)
             per_split[split][c] = ok
+    flat = os.path.basename(os.path.realpath(root).rstrip(os.sep)) or "images"   # the one class of a flat folder
+    per_split = {split: {c or flat: fs for c, fs in by_class.items()} for split, by_class in per_split.items()}
     classes = tuple(c for c, fs in per_split["train"].items() if fs)
     if not classes:
-        raise DatasetMissingError(f"no images in {root}: expected one subfolder per class holding image files "
-                                  f"({', '.join(IMAGE_EXTENSIONS)}), optionally under train/ and test/")
+        raise DatasetMissingError(f"no images in {root}: expected image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                                  f"in one subfolder per class, or directly in it (one class), optionally under "
+                                  f"train/ and test/")
     splits = {}
     for split, by_class in per_split.items():
         unknown = sorted(c for c, fs in by_class.items() if fs and c not in classes)
@@ -345,15 +354,6 @@ def _hf_offline(datasets):
             else:
                 os.environ[k] = v
         datasets.config.HF_DATASETS_OFFLINE, datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = flags
-
-
-HF_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
-
-
-def hf_own_splits(ds) -> dict[str, str]:
-    """{split: the dataset's own split of that role} for the splits it has (e.g. {'train': 'train', 'validation':
-    'dev'})."""
-    return {s: next(n for n in names if n in ds) for s, names in HF_SPLIT_NAMES.items() if any(n in ds for n in names)}
 
 
 def open_hf(spec: str, split: str, test_fraction: float = TEST_FRACTION, stratify: str = "",

@@ -93,6 +93,29 @@ def test_disagreements_are_refused_before_training(folder, tmp_path):
         user_data.resolve_fields(image_config(f"folder:{tmp_path / 'nothing'}"))
 
 
+def test_flat_folder_is_one_class_for_generation_and_refused_for_classification(tmp_path):
+    root = tmp_path / "faces"
+    for i in range(6):
+        png(str(root / f"{i}.png"), (12, 12), value=10 * i, seed=i)
+    c = image_config(f"folder:{root}", image_size=0, channels=0, num_classes=0)
+    user_data.resolve_fields(c)
+    assert (c.data.num_classes, c.data.class_names) == (1, "faces")
+    config_lib.validate(c)
+    splits = [get_task(c).source(s) for s in data_lib.SPLITS]
+    assert sorted(f for s in splits for f in s.files) == sorted(str(root / f"{i}.png") for i in range(6))
+    assert all((s.labels == 0).all() for s in splits)
+    assert splits[0].get(np.arange(len(splits[0])))["image"].shape == (len(splits[0]), 12, 12, 1)
+    with pytest.raises(config_lib.ConfigError, match="one class .*classification needs two"):
+        user_data.resolve_fields(image_config(f"folder:{root}", base=tiny_vit, num_classes=0))
+
+
+def test_folder_mixing_class_folders_and_loose_images_is_refused(tmp_path):
+    png(str(tmp_path / "m" / "cats" / "0.png"), (8, 8))
+    png(str(tmp_path / "m" / "loose.png"), (8, 8))
+    with pytest.raises(data_lib.DataError, match=r"mixes class folders \['cats'\] with loose images"):
+        user_data.resolve_fields(image_config(f"folder:{tmp_path / 'm'}"))
+
+
 def test_npz_single_and_split_arrays(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "one.npz", image=rng.integers(0, 255, (20, 8, 8), dtype=np.uint8), label=np.arange(20) % 4)
