@@ -1,5 +1,6 @@
-"""Token vocabularies beyond dblocks.text's characters: a SentencePiece model the user supplies (LM1B, paper §5.5),
-with a tfds text dataset tokenized once, packed into fixed-length windows and cached.
+"""Token vocabularies beyond dblocks.text's characters: a SentencePiece model the user supplies (LM1B, paper §5.5).
+A tfds text dataset is tokenized once, packed into fixed-length windows and cached; your own text (text:, jsonl:,
+hf:) is tokenized line by line in memory. Both encode in batches of ENCODE_BATCH lines (one SentencePiece call each).
 
 SentencePiece is not a requirement of dblocks: it is imported only when `config.data.tokenizer` is set, and a missing
 package is a clear error. The paper uses the Llama-2 tokenizer (32K pieces): point `data.tokenizer` at its
@@ -10,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
 from dblocks import files as files_lib
 from dblocks import text as text_lib
 from dblocks.data import ArraySource, DatasetMissingError
+
+ENCODE_BATCH = 1000   # lines per SentencePiece encode call
 
 
 class SentencePieceVocab:
@@ -26,7 +30,7 @@ class SentencePieceVocab:
             import sentencepiece as spm
         except ImportError as e:
             raise DatasetMissingError("data.tokenizer is a SentencePiece model, but the `sentencepiece` package is not "
-                                      "installed: `pip install sentencepiece`") from e
+                                      "installed: pip install 'dblocks[text]' (or pip install sentencepiece)") from e
         if not os.path.exists(path):
             raise DatasetMissingError(f"data.tokenizer={path!r} does not exist: give the path of a SentencePiece "
                                       f"model file (e.g. Llama-2's tokenizer.model)")
@@ -43,6 +47,10 @@ class SentencePieceVocab:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.sp.encode(text), np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, from one SentencePiece call (its C++ loop, not one Python call per text)."""
+        return self.sp.encode(texts)
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in np.asarray(ids).ravel()])
@@ -73,17 +81,46 @@ def packed_tokens(name: str, split: str, vocab, data_dir: str = "", cache_dir: s
             f"tfds dataset {name!r} (split {split!r}) is not prepared in {where}: {type(e).__name__}: {e}\n"
             f"Prepare it once, on a machine with TensorFlow, with:  pip install tensorflow tensorflow-datasets "
             f"&& tfds build {name} --data_dir {where} --file_format=array_record") from e
-    eos = np.asarray([vocab.eos() if hasattr(vocab, "eos") else 0], np.int32)
-    parts = []
-    for i in range(len(ds)):
-        t = ds[i]["text"]
-        parts += [vocab.encode(t.decode("utf-8") if isinstance(t, bytes) else str(t)), eos]
-    tokens = np.concatenate(parts).astype(np.int32)
+    texts = (ds[i]["text"] for i in range(len(ds)))
+    tokens = encode_lines((t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts), vocab)
     try:
         files_lib.save_npy_atomic(path, tokens)   # tmp + rename: an interrupted write leaves no half cache
     except OSError:
         pass   # a read-only directory only costs the tokenization next time
     return tokens
+
+
+def encode_lines(lines: Iterable[str], vocab, batch: int = ENCODE_BATCH) -> np.ndarray:
+    """Every line's ids followed by EOS, joined: int32 [num_tokens]. Encoded `batch` lines per call when the vocab
+    has encode_batch (SentencePieceVocab), else one line at a time."""
+    eos = vocab.eos() if hasattr(vocab, "eos") else 0
+    parts: list[np.ndarray] = []
+
+    def flush(chunk: list[str]) -> None:
+        ids = vocab.encode_batch(chunk) if hasattr(vocab, "encode_batch") else [vocab.encode(t) for t in chunk]
+        flat = [i for row in ids for i in (*row, eos)]
+        parts.append(np.asarray(flat, np.int32))
+
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == batch:
+            flush(chunk)
+            chunk = []
+    if chunk:
+        flush(chunk)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def user_source(name: str, split: str, seq_len: int, vocab) -> ArraySource:
+    """Your own text (text:, jsonl:, hf:; split as dblocks.text splits it) tokenized with a SentencePiece model:
+    each non-empty line, then EOS, packed into windows {'tokens': [num_windows, seq_len]}."""
+    lines = [t for t in text_lib.user_text(name, split).split("\n") if t.strip()]
+    tokens = encode_lines(lines, vocab)
+    if len(tokens) < seq_len:
+        raise DatasetMissingError(f"the {split} split of {name} has {len(tokens)} tokens, fewer than one sequence of "
+                                  f"data.seq_len={seq_len}: add text or lower data.seq_len")
+    return text_lib.sequence_source(tokens, seq_len)
 
 
 # Datasets with no validation split of their own: the fraction of the train split's tokens (its tail) held out as

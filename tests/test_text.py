@@ -103,3 +103,43 @@ def test_tfds_text_through_data_source():
     with tfds.testing.mock_data(num_examples=3, as_data_source_fn=as_source):
         txt, vocab = text.split_text("tfds:tiny_shakespeare", "test")
     assert txt == "test line 0\ntest line 1\ntest line 2" and vocab is text.SHAKESPEARE_VOCAB
+
+
+def test_own_text_with_a_sentencepiece_model_is_encoded_in_batches(tmp_path, monkeypatch):
+    spm = pytest.importorskip("sentencepiece")
+    from dblocks import config as config_lib
+    from dblocks import tokenized, user_data
+    from dblocks.tasks import get_task
+    from experiments.configs import tiny_ar
+    lines = [t for t in text.shakespeare_works()[text.shakespeare_split("train")[0]].split("\n") if t.strip()][:600]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=100, model_type="unigram", minloglevel=2)
+    c = tiny_ar.get_config()
+    c.data.name, c.data.tokenizer, c.data.seq_len = f"text:{tmp_path / 'corpus.txt'}", str(tmp_path / "sp.model"), 16
+    user_data.resolve_fields(c)
+    config_lib.validate(c)                                    # text: with a tokenizer is accepted
+    task = get_task(c)
+    assert task.vocab.size == 100
+    calls = []
+    encode = task.vocab.sp.encode
+    monkeypatch.setattr(task.vocab.sp, "encode", lambda x, *a, **k: calls.append(len(x)) or encode(x, *a, **k))
+    monkeypatch.setattr(tokenized, "ENCODE_BATCH", 1000)
+    src = task.source("train")
+    train_lines = [t for t in text.user_text(c.data.name, "train").split("\n") if t.strip()]
+    expected = np.concatenate([np.append(encode(t), task.vocab.eos()) for t in train_lines]).astype(np.int32)
+    n = len(expected) // 16
+    np.testing.assert_array_equal(src.arrays["tokens"], expected[:n * 16].reshape(n, 16))
+    assert calls == [len(train_lines)]                        # every line in one call, not one call per line
+    chunks = []
+    monkeypatch.setattr(task.vocab, "encode_batch", lambda x: chunks.append(len(x)) or [encode(t) for t in x])
+    np.testing.assert_array_equal(tokenized.encode_lines(train_lines, task.vocab, batch=100), expected)
+    assert chunks == [100] * (len(train_lines) // 100) + ([len(train_lines) % 100] if len(train_lines) % 100 else [])
+
+
+def test_a_tokenizer_without_sentencepiece_installed_names_the_extra(tmp_path, monkeypatch):
+    import sys
+    from dblocks import tokenized
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)   # as if not installed
+    with pytest.raises(data_lib.DatasetMissingError, match=r"pip install 'dblocks\[text\]'"):
+        tokenized.load_tokenizer(str(tmp_path / "sp.model"))

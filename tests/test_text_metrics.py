@@ -70,7 +70,9 @@ def test_sentencepiece_vocab_and_packed_lm1b_source(tmp_path, monkeypatch):
         def eos_id(self):
             return 2
 
-        def encode(self, text):
+        def encode(self, text):   # a str, or a list of them (a batch), as SentencePiece takes
+            if isinstance(text, list):
+                return [self.encode(t) for t in text]
             return [3 + ord(ch) % 200 for ch in text]
 
         def decode(self, ids):

@@ -43,7 +43,7 @@ def likelihood_logits(z: Array, sigma: Array, E: Array) -> Array:
 class LMTask(Task):
     """Base of the language tasks; subclasses add make_model, init_params, loss and training_compute."""
     defaults = {
-        "data": {"tokenizer": ""},          # a SentencePiece model for tfds text ('' = characters)
+        "data": {"tokenizer": ""},          # a SentencePiece model for tfds:/text:/jsonl:/hf: text ('' = characters)
         "model": {"target_dim": 0,          # width of the token embedding E (0 = model.hidden)
                   "target_norm": 0.0,       # norm of each token's row of E (0 = the scale contract's)
                   "target_seed": 0,         # seed of E's rows
@@ -70,8 +70,9 @@ class LMTask(Task):
         except ValueError as e:
             p.append(f"data.name: {e}")
         if d.tokenizer:
-            if not str(d.name).startswith("tfds:"):
-                p.append("data.tokenizer (a SentencePiece model) is only used with tfds text data (e.g. tfds:lm1b)")
+            if not str(d.name).startswith(("tfds:",) + text_lib.USER_TEXT_PREFIXES):
+                p.append("data.tokenizer (a SentencePiece model) is used with tfds:, text:, jsonl: or hf: text data, "
+                         f"not data.name={d.name!r}")
             else:
                 try:
                     self.vocab  # noqa: B018 - loading the vocabulary is the check
@@ -139,8 +140,10 @@ class LMTask(Task):
 
     def source(self, split: str):
         d = self.config.data
-        if d.tokenizer:
+        if d.tokenizer and d.name.startswith("tfds:"):
             return tokenized.packed_source(d.name[5:], split, int(d.seq_len), self.vocab, d.data_dir)
+        if d.tokenizer:
+            return tokenized.user_source(d.name, split, int(d.seq_len), self.vocab)
         return text_lib.load_text(d.name, split, int(d.seq_len), d.data_dir, d.path)[0]
 
     def make_batch(self, examples, train):
