@@ -9,6 +9,7 @@ package is a clear error. The paper uses the Llama-2 tokenizer (32K pieces): poi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterable
@@ -98,8 +99,12 @@ def encode_lines(lines: Iterable[str], vocab, batch: int = ENCODE_BATCH) -> np.n
 
     def flush(chunk: list[str]) -> None:
         ids = vocab.encode_batch(chunk) if hasattr(vocab, "encode_batch") else [vocab.encode(t) for t in chunk]
-        flat = [i for row in ids for i in (*row, eos)]
-        parts.append(np.asarray(flat, np.int32))
+        lens = np.fromiter(map(len, ids), np.int64, len(ids))
+        out = np.full(int(lens.sum()) + len(ids), eos, np.int32)   # EOS after each line's ids
+        is_eos = np.zeros(len(out), bool)
+        is_eos[np.cumsum(lens + 1) - 1] = True
+        out[~is_eos] = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lens.sum()))
+        parts.append(out)
 
     chunk: list[str] = []
     for line in lines:
