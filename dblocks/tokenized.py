@@ -61,6 +61,30 @@ def load_tokenizer(path: str) -> SentencePieceVocab:
     return SentencePieceVocab(path)
 
 
+def train_tokenizer(name: str, vocab_size: int, workdir: str) -> str:
+    """data.tokenizer=train:VOCAB: a SentencePiece model of vocab_size pieces trained on the non-empty lines of the
+    train split of your own text, written to WORKDIR/tokenizer.model (kept: a resumed run reuses it). Its path."""
+    path = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(path):
+        return path
+    try:
+        import sentencepiece as spm
+    except ImportError as e:
+        raise DatasetMissingError("data.tokenizer=train:... trains a SentencePiece model, but the `sentencepiece` "
+                                  "package is not installed: pip install 'dblocks[text]'") from e
+    lines = [t for t in text_lib.user_text(name, "train").split("\n") if t.strip()]
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, f".tokenizer.{os.getpid()}")
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=tmp, vocab_size=vocab_size,
+                                       minloglevel=2)
+    except RuntimeError as e:   # e.g. a vocabulary larger than the text allows
+        raise DatasetMissingError(f"data.tokenizer=train:{vocab_size} on the train split of {name}: {e}") from e
+    os.replace(tmp + ".model", path)   # the .model alone is what loading needs
+    os.remove(tmp + ".vocab")
+    return path
+
+
 def packed_tokens(name: str, split: str, vocab, data_dir: str = "", cache_dir: str | None = None) -> np.ndarray:
     """All sentences of a tfds text dataset, tokenized and joined with EOS: int32 [num_tokens]. Cached as .npy next
     to the tokenizer (first use tokenizes the whole split once, which takes minutes for LM1B's 30M sentences). The

@@ -22,6 +22,7 @@ import numpy as np
 from dblocks import data as data_lib
 from dblocks import files as files_lib
 from dblocks import text as text_lib
+from dblocks import tokenized
 from dblocks.config import ConfigError
 
 IMAGE_FIELDS = ("num_classes", "image_size", "channels")
@@ -132,6 +133,12 @@ def resolve_fields(config, workdir: str | None = None, read_data: bool = True):
             vocab = text_lib.train_chars(name)
             text_lib.register(name, vocab, d.get("text_field", ""))
         updates["vocab"] = vocab
+        tok = str(d.get("tokenizer", ""))
+        if tok.startswith("train:"):
+            if not (tok[6:].isdigit() and workdir):
+                raise ConfigError(f"data.tokenizer={tok!r}: train:VOCAB (a whole number of pieces, e.g. train:8000) "
+                                  f"trains a SentencePiece model into the run's workdir, and needs one")
+            updates["tokenizer"] = tokenized.train_tokenizer(name, int(tok[6:]), workdir)
         seq_len = int(d.get("seq_len", 0) or 0)
         for split in ("train", "test"):
             n = len(text_lib.user_text(name, split))

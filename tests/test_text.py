@@ -143,3 +143,25 @@ def test_a_tokenizer_without_sentencepiece_installed_names_the_extra(tmp_path, m
     monkeypatch.setitem(sys.modules, "sentencepiece", None)   # as if not installed
     with pytest.raises(data_lib.DatasetMissingError, match=r"pip install 'dblocks\[text\]'"):
         tokenized.load_tokenizer(str(tmp_path / "sp.model"))
+
+
+def test_tokenizer_trained_on_the_train_split_into_the_workdir(tmp_path):
+    pytest.importorskip("sentencepiece")
+    from dblocks import config as config_lib
+    from dblocks import user_data
+    from dblocks.tasks import get_task
+    from experiments.configs import tiny_ar
+    lines = [t for t in text.shakespeare_works()[text.shakespeare_split("train")[0]].split("\n") if t.strip()][:400]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines))
+    c = tiny_ar.get_config()
+    c.data.name, c.data.tokenizer, c.data.seq_len = f"text:{tmp_path / 'corpus.txt'}", "train:80", 16
+    user_data.resolve_fields(c, str(tmp_path / "run"))
+    assert c.data.tokenizer == str(tmp_path / "run" / "tokenizer.model")
+    assert get_task(c).vocab.size == 80 and len(get_task(c).source("train")) > 0
+    stamp = os.stat(c.data.tokenizer).st_mtime_ns
+    c.data.tokenizer = "train:80"
+    user_data.resolve_fields(c, str(tmp_path / "run"))          # a resumed run reuses the model
+    assert os.stat(c.data.tokenizer).st_mtime_ns == stamp
+    c.data.tokenizer = "train:lots"
+    with pytest.raises(config_lib.ConfigError, match="train:VOCAB"):
+        user_data.resolve_fields(c, str(tmp_path / "run"))
