@@ -60,8 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     # How the units are trained (docs/scale_out.md): 'auto' (the default: 'mesh' with several GPUs / TPUs and several
     # blocks to train, else 'sequential'; dblocks.parallel.auto_mode), 'sequential' (one after another, one device) or
     # 'mesh' (up to `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data`
-    # ways; 0 = as many blocks as the devices allow). cpu_devices (CPU backend only; ignored on GPU / TPU): split the host CPU into
-    # this many JAX devices and each step's batch over them; with mode 'sequential' the units then train one at a
+    # ways; 0 = as many blocks as the devices allow). cpu_devices (CPU backend only; ignored on GPU / TPU): split the
+    # host CPU into this many JAX devices and each step's batch over them; with mode 'sequential' the units then train one at a
     # time on a (1 block x cpu_devices) mesh. Faster steps on a multi-core CPU (docs/performance.md "Two CPU devices").
     c.parallel = ml_collections.ConfigDict(dict(mode="auto", data=1, blocks=0, cpu_devices=1))
     return c
@@ -294,7 +294,7 @@ FIELD_HELP = {
     "data.randaugment_ops": "RandAugment operations per training image (0 = off)",
     "data.randaugment_magnitude": "RandAugment magnitude, 0 to 30",
     "data.seq_len": "tokens per training window",
-    "data.tokenizer": "SentencePiece model for tfds text ('' = characters)",
+    "data.tokenizer": "SentencePiece model for tfds:, text:, jsonl: or hf: text; train:VOCAB trains one ('' = chars)",
     "edm.sigma_min": "lowest noise level",
     "edm.sigma_max": "highest noise level",
     "edm.sigma_data": "data standard deviation of the EDM preconditioning",
