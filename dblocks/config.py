@@ -61,8 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     # blocks to train, else 'sequential'; dblocks.parallel.auto_mode), 'sequential' (one after another, one device) or
     # 'mesh' (up to `blocks` same-shape blocks at once on a ('block', 'data') mesh, each block's batch split `data`
     # ways; 0 = as many blocks as the devices allow). cpu_devices (CPU backend only; ignored on GPU / TPU): split the
-    # host CPU into this many JAX devices and each step's batch over them; with mode 'sequential' the units then train one at a
-    # time on a (1 block x cpu_devices) mesh. Faster steps on a multi-core CPU (docs/performance.md "Two CPU devices").
+    # host CPU into this many JAX devices and each step's batch over them; with mode 'sequential' the units then train
+    # one at a time on a (1 block x cpu_devices) mesh. Faster steps on a multi-core CPU (docs/training.md).
     c.parallel = ml_collections.ConfigDict(dict(mode="auto", data=1, blocks=0, cpu_devices=1))
     return c
 
