@@ -79,9 +79,18 @@ def _check_metas(task: Task, units: list[Unit], workdir: str, allow_incomplete: 
     return metas
 
 
+def weights_target(abstract_state: dict, use_ema: bool) -> dict:
+    """The part of a unit's train state that sampling uses: the step counter (the integrity check reads it) and the
+    EMA weights, or the parameters where there is no EMA or use_ema is off. Restoring only this leaves the optimizer
+    state (two more parameter-sized trees under Adam) and the unused weights on disk."""
+    key = "ema" if use_ema and abstract_state["ema"] else "params"
+    return {"step": abstract_state["step"], key: abstract_state[key]}
+
+
 def load_run(workdir: str, method: str | None = None, use_ema: bool = True, allow_incomplete: bool = False,
              config_overrides: dict | None = None) -> Run:
-    """Loads every unit of a workdir's run (all B blocks, or the e2e network) with its latest checkpoint."""
+    """Loads every unit of a workdir's run (all B blocks, or the e2e network) with its latest checkpoint: only the
+    weights it runs with are read (weights_target), not the whole train state."""
     config = load_config(workdir)
     user_data.resolve_fields(config, workdir, read_data=False)   # a saved text vocabulary is registered
     method = method or detect_method(workdir)
@@ -101,11 +110,12 @@ def load_run(workdir: str, method: str | None = None, use_ema: bool = True, allo
         dummy = task.dummy_batch()
         abstract = jax.eval_shape(lambda: steps.init_state(task.init_params(model, jax.random.PRNGKey(0), dummy),
                                                             tx, float(config.optim.ema_decay)))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-        state = ckpt.restore(abstract)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                weights_target(abstract, use_ema))
+        state = ckpt.restore(abstract, partial=True)
         ckpt.close()
         models.append(model)
-        params.append(state["ema"] if use_ema and state["ema"] else state["params"])
+        params.append(state["ema"] if "ema" in state else state["params"])
     part = task.partition() if method == "dblocks" else partition_lib.Partition(
         boundaries=task.full_range(), ranges=(task.full_range(),))
     return Run(workdir, config, task, method, part, units, models, params, metas)

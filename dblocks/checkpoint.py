@@ -177,6 +177,13 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _restore_args(abstract_state: Any, partial: bool) -> ocp.args.CheckpointArgs:
+    if not partial:
+        return ocp.args.StandardRestore(abstract_state)
+    return ocp.args.PyTreeRestore(abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+        abstract_state), partial_restore=True)
+
+
 def state_problems(state: Any, abstract: Any, step: int) -> list[str]:
     """What is wrong with a restored step: its tree, shapes or dtypes differ from the expected (abstract) state,
     its step counter is not the step it is filed under, or it holds NaN/inf."""
@@ -304,16 +311,18 @@ class UnitCheckpoint:
         del state
         return step
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    def restore(self, abstract_state: Any, step: int | None = None, partial: bool = False) -> Any:
         """The newest good step at or before `step` (default: the latest). A step that cannot be read or fails the
         integrity check is moved aside with a warning, and the next older one is tried; read `state['step']` for
-        the step actually restored. No good step: CheckpointUnreadableError, and nothing is moved."""
+        the step actually restored. No good step: CheckpointUnreadableError, and nothing is moved.
+        With `partial`, abstract_state may hold only some entries of the saved state (e.g. step and params): only
+        those are read, the rest (the optimizer state) never leaves the disk."""
         steps = sorted((s for s in self.manager.all_steps() if step is None or s <= step), reverse=True)
         failures: list[tuple[int, str]] = []
         for s in steps:
             try:
                 with _quiet_libraries():
-                    state = self.manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
+                    state = self.manager.restore(s, args=_restore_args(abstract_state, partial))
                 problems = state_problems(state, abstract_state, s)
             except Exception as e:  # noqa: BLE001 - whatever stops a step from being read makes it unusable
                 problems = [_short(e)]

@@ -3,10 +3,12 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from dblocks import assemble
+from dblocks import assemble, steps
+from dblocks import checkpoint as ckpt_lib
 from dblocks import train as train_lib
 from dblocks.checkpoint import CheckpointMismatchError
 from experiments.configs import tiny_dit
@@ -39,6 +41,36 @@ def test_assembly_loads_all_blocks_and_samples(trained, tmp_path):
     summary = run.task.write_samples(run, out, grid_points=6, per_class=2)
     assert os.path.getsize(out) > 0
     assert summary["block_calls_per_sample"] == 6 and summary["images"] == 8
+
+
+def test_assembly_restores_only_the_weights(trained, monkeypatch):
+    """Assembly reads each block's parameters and step counter, not its Adam moments (the 1.8B chain's sampling
+    peaked above any block's training when it restored the whole train state), and the parameters are those a
+    full restore of the same step gives."""
+    restored = []
+    full_restore = ckpt_lib.UnitCheckpoint.restore
+
+    def spy(self, abstract_state, step=None, partial=False):
+        state = full_restore(self, abstract_state, step, partial)
+        restored.append(state)
+        return state
+
+    monkeypatch.setattr(ckpt_lib.UnitCheckpoint, "restore", spy)
+    run = assemble.load_run(trained)
+    monkeypatch.undo()
+    assert [sorted(s) for s in restored] == [["params", "step"]] * 3   # no opt_state (nor an empty ema) was read
+    tx = steps.make_optimizer(run.config.optim, int(run.config.train.steps))
+    for u, model, params in zip(run.units, run.models, run.params):
+        abstract = jax.eval_shape(lambda: steps.init_state(
+            run.task.init_params(model, jax.random.PRNGKey(0), run.task.dummy_batch()), tx, 0.0))
+        ckpt = ckpt_lib.UnitCheckpoint(os.path.join(trained, u.subdir()), ckpt_lib.unit_meta(run.task, u, run.config),
+                                       read_only=True)
+        full = ckpt.restore(abstract)
+        ckpt.close()
+        assert jax.tree.leaves(full["opt_state"])   # the full state does hold Adam's moments
+        assert jax.tree.structure(full["params"]) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_heun_and_karras_sampling_run(trained):
