@@ -40,8 +40,13 @@ BATCH_SIZE = 32           # per-step batch of every row (images 32x32x3, or sequ
 LM_VOCAB = 32_000         # lm1b_ar's Llama-2 SentencePiece size; a stand-in (memory.with_vocab_size)
 
 # Row variants: option overrides by dotted config key. "remat" is the baseline a user short of memory tries first.
+# "remat_chunked" adds the options that bound one layer's working set (docs/performance.md, "Attention and MLP in O(T)
+# memory"): attention in chunks of query rows, and every layer run on chunks of LAYER_CHUNK samples, each
+# rematerialised. The same settings on both sides, so its ratio is block / e2e at their best memory settings.
 REMAT = {"model.scan_layers": True, "model.remat": "full"}
-VARIANTS = {"": {}, "_remat": REMAT}
+LAYER_CHUNK = 4           # samples per layer chunk: 8 chunks at BATCH_SIZE
+REMAT_CHUNKED = {**REMAT, "model.attention": "chunked", "model.layer_chunk": LAYER_CHUNK}
+VARIANTS = {"": {}, "_remat": REMAT, "_remat_chunked": REMAT_CHUNKED}
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
@@ -119,21 +124,29 @@ def largest_block_row(task: Task, batch_size: int) -> dict:
 
 
 def size_report(base: ml_collections.ConfigDict, size: Size, blocks: Iterable[int] = BLOCKS,
-                variants: dict = VARIANTS, batch_size: int = BATCH_SIZE, vocab_size: int | None = None) -> dict:
+                variants: dict = VARIANTS, batch_size: int = BATCH_SIZE, vocab_size: int | None = None,
+                done: dict | None = None) -> dict:
     """All rows of one size: 'e2e<variant>' once, 'block<variant>' per B (under 'blocks'[str(B)]), and per B the
-    ratios block<variant> / e2e<variant> ('ratio<variant>')."""
+    ratios block<variant> / e2e<variant> ('ratio<variant>'). `done` is an earlier report of the same size (and
+    batch): its rows are kept and not compiled again, so a new variant or B is added to an existing file."""
     blocks = tuple(int(b) for b in blocks)
-    out = {"family": base.task, "hidden": size.hidden, "layers": size.layers, "heads": size.heads,
-           "batch_size": batch_size, "vocab_size": vocab_size, "blocks": {str(b): {} for b in blocks}}
+    out = copy.deepcopy(done) if done else {
+        "family": base.task, "hidden": size.hidden, "layers": size.layers, "heads": size.heads,
+        "batch_size": batch_size, "vocab_size": vocab_size, "blocks": {}}
+    if (out["hidden"], out["layers"], out["batch_size"]) != (size.hidden, size.layers, batch_size):
+        raise ValueError(f"size_report: done is of another size or batch ({out['hidden']} x {out['layers']}, "
+                         f"batch {out['batch_size']})")
     for suffix, overrides in variants.items():
-        config = with_overrides(scaled_config(base, size, blocks[0], batch_size), overrides)
-        task = scaled_task(config, vocab_size)
-        e2e = unit_row(task, task.units("e2e")[0], batch_size)
-        out["e2e" + suffix] = e2e
+        if "e2e" + suffix not in out:
+            config = with_overrides(scaled_config(base, size, blocks[0], batch_size), overrides)
+            task = scaled_task(config, vocab_size)
+            out["e2e" + suffix] = unit_row(task, task.units("e2e")[0], batch_size)
+        e2e = out["e2e" + suffix]
         out["params"] = e2e["params"]
         for b in blocks:
-            config_b = with_overrides(scaled_config(base, size, b, batch_size), overrides)
-            row = largest_block_row(scaled_task(config_b, vocab_size), batch_size)
-            out["blocks"][str(b)]["block" + suffix] = row
-            out["blocks"][str(b)]["ratio" + suffix] = row["total_bytes"] / e2e["total_bytes"]
+            rows = out["blocks"].setdefault(str(b), {})
+            if "block" + suffix not in rows:
+                config_b = with_overrides(scaled_config(base, size, b, batch_size), overrides)
+                rows["block" + suffix] = largest_block_row(scaled_task(config_b, vocab_size), batch_size)
+            rows["ratio" + suffix] = rows["block" + suffix]["total_bytes"] / e2e["total_bytes"]
     return out

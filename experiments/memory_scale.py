@@ -7,7 +7,8 @@ r"""Compiled training-step memory over model size, end to end against one block,
 Families (dblocks.memory_scale): 'dit' scales experiments/configs/cifar10_dit.py, 'lm' scales
 experiments/configs/lm1b_ar.py (stand-in vocabulary of 32,000 tokens); sizes index dblocks.memory_scale.LADDER.
 Each (family, size) is written to OUT/<family>_h<hidden>_l<layers>.json as soon as it is measured, and a size whose
-file exists is skipped, so an interrupted sweep resumes. --report prints the Markdown tables of the files in a
+file exists gets only the rows (variants, B) it lacks, so an interrupted sweep resumes and a new variant is added to
+the files of an earlier one. --report prints the Markdown tables of the files in a
 directory; --plot draws total step memory against parameter count.
 """
 import glob
@@ -32,7 +33,8 @@ _SIZES = flags.DEFINE_list("sizes", None, "indices into dblocks.memory_scale.LAD
 _BLOCKS = flags.DEFINE_list("blocks", [str(b) for b in ms.BLOCKS], "numbers of blocks B")
 _BATCH = flags.DEFINE_integer("batch_size", ms.BATCH_SIZE, "batch of every row (images or sequences)")
 _VARIANTS = flags.DEFINE_list("variants", list(ms.VARIANTS), "row variants (dblocks.memory_scale.VARIANTS; '' is "
-                              "the model as configured, '_remat' scanned layers + full remat)")
+                              "the model as configured, '_remat' scanned layers + full remat, '_remat_chunked' also chunked "
+                              "attention and layers)")
 _REPORT = flags.DEFINE_string("report", None, "print the Markdown tables of this directory's results instead")
 _PLOT = flags.DEFINE_string("plot", None, "with --report: also write the plot to this PNG")
 
@@ -136,15 +138,17 @@ def main(argv):
         get_config, vocab = FAMILIES[family]
         for size in sizes:
             path = os.path.join(_OUT.value, f"{family}_h{size.hidden}_l{size.layers}.json")
-            if os.path.exists(path):
-                logs.log.info("%s exists: skipped", path)
+            done = json.load(open(path)) if os.path.exists(path) else None
+            r = ms.size_report(get_config(), size, [int(b) for b in _BLOCKS.value], variants, _BATCH.value, vocab,
+                               done)
+            if r == done:
+                logs.log.info("%s has every row asked for: skipped", path)
                 continue
-            r = ms.size_report(get_config(), size, [int(b) for b in _BLOCKS.value], variants, _BATCH.value, vocab)
             with open(path + ".tmp", "w") as f:
                 json.dump(r, f, indent=1)
             os.replace(path + ".tmp", path)
-            logs.log.info("%s: %s params, B=4 remat ratio %s", path, f"{r['params']:,}",
-                          r["blocks"].get("4", {}).get("ratio_remat"))
+            logs.log.info("%s: %s params, B=4 ratios %s", path, f"{r['params']:,}",
+                          {k: v for k, v in r["blocks"].get("4", {}).items() if k.startswith("ratio")})
 
 
 if __name__ == "__main__":

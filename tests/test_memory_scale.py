@@ -39,3 +39,29 @@ def test_size_report_block_rows_are_blocks():
     for row in (e2e, block):   # Adam's two moments sit in the state, apart from the temporaries
         assert row["total_bytes"] == row["state_bytes"] + row["temp_bytes"]
         assert row["state_bytes"] >= row["params_bytes"] + row["opt_state_bytes"] >= 3 * row["params_bytes"]
+
+
+def test_size_report_adds_only_missing_rows(monkeypatch):
+    """A report passed back as `done` keeps its rows and compiles only what it lacks (a new variant or B is added
+    to the files of an earlier sweep): here the chunked variant at B = 2, two compiles, and the remat rows are the
+    earlier ones. Recompiling the kept rows would call unit_row four times."""
+    base = cifar10_dit.get_config()
+    done = {"family": "dit", "hidden": TINY.hidden, "layers": TINY.layers, "heads": TINY.heads, "batch_size": 4,
+            "vocab_size": None, "params": 1,
+            "e2e_remat": {"total_bytes": 100, "params": 1},
+            "blocks": {"2": {"block_remat": {"total_bytes": 40}, "ratio_remat": 0.4}}}
+    compiled = []
+
+    def fake_row(task, unit, batch_size):
+        compiled.append((unit.name, task.config.model.layer_chunk))
+        return {"unit": unit.name, "total_bytes": 50 if unit.is_block else 200, "params": 2}
+
+    monkeypatch.setattr(ms, "unit_row", fake_row)
+    variants = {"_remat": ms.REMAT, "_remat_chunked": ms.REMAT_CHUNKED}
+    r = ms.size_report(base, TINY, blocks=(2,), variants=variants, batch_size=4, done=done)
+    assert compiled == [("e2e", ms.LAYER_CHUNK), ("block_00", ms.LAYER_CHUNK)]
+    assert r["e2e_remat"] == done["e2e_remat"] and r["blocks"]["2"]["ratio_remat"] == 0.4
+    assert r["blocks"]["2"]["ratio_remat_chunked"] == 0.25
+    assert "ratio_remat_chunked" not in done["blocks"]["2"]   # the caller's report is not changed
+    with pytest.raises(ValueError, match="another size"):
+        ms.size_report(base, ms.Size(64, 4, 2), blocks=(2,), variants=variants, batch_size=4, done=done)
