@@ -26,6 +26,8 @@ from experiments.configs import cifar10_dit, lm1b_ar
 FAMILIES = {"dit": (cifar10_dit.get_config, None), "lm": (lm1b_ar.get_config, ms.LM_VOCAB)}
 GIB = 2 ** 30
 TITLES = {"dit": "DiT family", "ar": "LM family"}   # by config task
+VARIANT_TITLES = {"": "", "_remat": " + remat", "_remat_chunked": " + remat + chunked (attention, layer_chunk "
+                  f"{ms.LAYER_CHUNK})"}
 
 _OUT = flags.DEFINE_string("out", None, "directory of the per-size JSON files (written one size at a time)")
 _FAMILY = flags.DEFINE_list("family", ["dit", "lm"], "families to sweep: dit, lm")
@@ -74,7 +76,7 @@ def markdown(results: list[dict], variant: str = "_remat", detail: int = 4) -> s
         bs = sorted({int(b) for r in rs for b in r["blocks"]})
         head = "| params | H x L | e2e state | e2e temps | e2e total | " + " | ".join(
             f"B={b} block total (ratio)" for b in bs) + f" | B={detail} block state | B={detail} block temps |"
-        out += [f"**{family}{' + remat' if variant else ''}** (GiB; batch {rs[0]['batch_size']})", "", head,
+        out += [f"**{family}{VARIANT_TITLES[variant]}** (GiB; batch {rs[0]['batch_size']})", "", head,
                 "|" + "---|" * (7 + len(bs))]
         for r in rs:
             e = r["e2e" + variant]
@@ -92,7 +94,8 @@ def markdown(results: list[dict], variant: str = "_remat", detail: int = 4) -> s
 
 
 def plot(results: list[dict], path: str) -> str:
-    """Total step memory against parameter count (log-log): e2e + remat and block + remat per B, a line at 24 GiB."""
+    """Total step memory against parameter count (log-log): e2e + remat and block + remat per B (solid), the same
+    with chunked attention and layers where measured (dashed), a line at 24 GiB."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,12 +104,16 @@ def plot(results: list[dict], path: str) -> str:
     for ax, family in zip(axes[0], families):
         rs = [r for r in results if r["family"] == family and "e2e_remat" in r]
         x = [r["params"] for r in rs]
-        ax.plot(x, [r["e2e_remat"]["total_bytes"] / GIB for r in rs], "k-o", label="end-to-end + remat")
-        for b in sorted({int(b) for r in rs for b in r["blocks"]}):
-            pts = [(r["params"], r["blocks"][str(b)]["block_remat"]["total_bytes"] / GIB) for r in rs
-                   if "block_remat" in r["blocks"].get(str(b), {})]
+        for variant, style, marker in (("_remat", "-", "o"), ("_remat_chunked", "--", "s")):
+            name = VARIANT_TITLES[variant]
+            pts = [(r["params"], r["e2e" + variant]["total_bytes"] / GIB) for r in rs if "e2e" + variant in r]
             if pts:
-                ax.plot(*zip(*pts), "o--", color=f"C{b.bit_length() - 1}", label=f"one block + remat, B={b}")
+                ax.plot(*zip(*pts), "k" + style + marker, label="end-to-end" + name)
+            for b in sorted({int(b) for r in rs for b in r["blocks"]}):
+                pts = [(r["params"], r["blocks"][str(b)]["block" + variant]["total_bytes"] / GIB) for r in rs
+                       if "block" + variant in r["blocks"].get(str(b), {})]
+                if pts:
+                    ax.plot(*zip(*pts), style + marker, color=f"C{b.bit_length() - 1}", label=f"one block{name}, B={b}")
         ax.axhline(24, color="r", lw=1)
         ax.text(x[0], 24 * 1.1, "24 GiB", color="r")
         ax.set(xscale="log", yscale="log", xlabel="parameters (whole network)", ylabel="compiled step memory (GiB)",
