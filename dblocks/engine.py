@@ -46,6 +46,7 @@ class Trainer:
         self.lr_at = steps.lr_schedule(c.optim, int(c.train.steps))
         self.writer = logs.MetricsWriter(self.workdir)
         self.config_recorded = False
+        self._heldout: dict | None = None
 
     def record_config(self) -> None:
         """Writes WORKDIR/config.json once, when a unit is about to train (its lock held, its checkpoint restored): a
@@ -63,7 +64,6 @@ class Trainer:
                                                     f"{e.strerror or e}. The workdir must be writable and have free "
                                                     f"space; nothing on disk was lost.") from None
         self.config_recorded = True
-        self._heldout: dict | None = None
 
     def model(self, unit: Unit) -> nn.Module:
         return self.task.make_model(unit)

@@ -78,7 +78,7 @@ def test_one_unit_step_compiles_once(tmp_path):
     task = get_task(cfg)
     trainer = engine.Trainer(task, cfg, str(tmp_path), task.source("train"))
     trainer.train_unit(task.units("dblocks")[0])
-    assert [f._cache_size() for f in trainer._compiled.values()] == [1]
+    assert [f._cache_size() for f in trainer.compiled.values()] == [1]
 
 
 class Killed(Exception):
