@@ -47,6 +47,7 @@ class Trainer:
         self.writer = logs.MetricsWriter(self.workdir)
         self.config_recorded = False
         self._heldout: dict | None = None
+        self._evals: dict[tuple, Callable] = {}   # the held-out loss, jitted once per model shape
 
     def record_config(self) -> None:
         """Writes WORKDIR/config.json once, when a unit is about to train (its lock held, its checkpoint restored): a
@@ -82,9 +83,9 @@ class Trainer:
     def compiled_eval(self, model: nn.Module) -> Callable:
         """The jitted held-out loss (dblocks.validation), one per model shape."""
         key = ("eval", type(model).__name__, repr(model))
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(validation.make_eval_loss(self.task, model))
-        return self._compiled[key]
+        if key not in self._evals:
+            self._evals[key] = jax.jit(validation.make_eval_loss(self.task, model))
+        return self._evals[key]
 
     def heldout(self) -> dict:
         """The fixed held-out batch every unit is evaluated on (host arrays; {} when there is none), loaded at the
@@ -181,7 +182,10 @@ class _OneUnit:
         return {"val_loss": fn(self.state["params"], batch, key, self.train_range)}
 
     def lower(self, batch):
-        """The step lowered for these arguments (its cost analysis gives FLOPs; dblocks.profiling)."""
+        """The step lowered for these arguments (its cost analysis gives FLOPs; dblocks.profiling); a step the memory
+        preflight compiled ahead of time is its own cost analysis."""
+        if not hasattr(self.step_fn, "lower"):
+            return self.step_fn
         return self.step_fn.lower(self.state, batch, self.base_key, self.train_range)
 
     def to_host(self, tree):

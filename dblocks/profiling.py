@@ -44,7 +44,7 @@ def peak_flops(device) -> float | None:
 def step_cost(driver, batch, config) -> tuple[float, float | None]:
     """(FLOPs of one step per lockstep slot of the loop's `driver`, the peak FLOP/s of the devices one slot uses);
     (0.0, None) when they cannot be known. Lowers the step again (no compile): call it off the timed steps."""
-    if bool(config.model.scan_layers):
+    if "model" in config and bool(config.model.scan_layers):   # a loop driven without a model config: no scan
         log.info("FLOP/s not reported: with model.scan_layers XLA counts the scanned layer once")
         return 0.0, None
     from dblocks.memory import flops_of   # imports the tasks: only when a loop starts
