@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from dblocks import logs
+from dblocks import files, logs
 # the run record (meta.json) lives in run_record; its names are re-exported here for the callers of checkpoint
 from dblocks.run_record import (META, CheckpointMismatchError, CheckpointUnreadableError,  # noqa: F401
                                  ConfigChangedError, check_compatible, diff_dicts, read_json, record_so_far,
@@ -75,18 +75,8 @@ def is_write_error(e: BaseException) -> bool:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes to a temporary file, fsyncs it and renames it over `path`: readers see the old or the new file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """JSON, atomically (files.write_atomic): readers see the old or the new file."""
+    files.write_atomic(path, lambda f: json.dump(obj, f, indent=1, sort_keys=True, default=str), mode="w")
 
 
 # -- one trainer per unit directory ------------------------------------------------------------------------------

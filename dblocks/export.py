@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dblocks import assemble
+from dblocks import assemble, files
 from dblocks import partition as partition_lib
 from dblocks import user_data
 from dblocks.tasks import get_task
@@ -66,9 +66,7 @@ def export_run(run: assemble.Run, out: str) -> dict:
     arrays["__dblocks__"] = np.asarray(json.dumps(header))
     arrays["__config__"] = np.asarray(run.config.to_json_best_effort())
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
+    files.write_atomic(out, lambda f: np.savez(f, **arrays))
     n = sum(int(np.prod(a.shape)) for k, a in arrays.items() if not k.startswith("__"))
     return {"path": out, "method": run.method, "units": len(run.units), "parameters": n,
             "bytes": os.path.getsize(out)}

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from dblocks import logs
+from dblocks import files, logs
 from dblocks.checkpoint import write_json_atomic
 
 Array = jax.Array
@@ -148,10 +148,7 @@ def load_or_train(cache_dir: str | None, dataset_key: dict, sources: Callable[[s
                 "features": features, "test_accuracy": float(np.mean(logits.argmax(-1) == y)),
                 "train_seconds": round(time.time() - t0, 1), "path": path}
     os.makedirs(path, exist_ok=True)
-    tmp = f"{params_file}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(serialization.to_bytes(params))
-    os.replace(tmp, params_file)
+    files.write_atomic(params_file, lambda f: f.write(serialization.to_bytes(params)))
     write_json_atomic(meta_file, ext.meta)   # after the params: a meta.json is never beside half a network
     logs.log.info("FID feature network: test accuracy %.4f", ext.meta["test_accuracy"])
     return ext

@@ -18,6 +18,7 @@ import functools
 import os
 import warnings
 import zipfile
+from typing import IO, Callable
 
 import numpy as np
 
@@ -149,12 +150,13 @@ def open_image(source):
 
 # -- side files ---------------------------------------------------------------------------------------------------
 
-def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    """np.save to a temporary file beside `path`, fsync, rename: a reader (or a crash) never sees half a file."""
+def write_atomic(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """`write(f)` into a temporary file beside `path`, fsync, rename over `path`: a reader (or a crash) sees the old
+    file or the new one, never half a file. The one place dblocks writes a side file (arrays, JSON, exports)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -162,3 +164,8 @@ def save_npy_atomic(path: str, array: np.ndarray) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> None:
+    """np.save, atomically (write_atomic)."""
+    write_atomic(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
