@@ -56,7 +56,12 @@ def train(config, workdir: str, on_step: Callable[[Unit, int], None] | None = No
     """Validates the config and the data, then trains this process's units (sequentially, or side by side on a
     mesh when config.parallel.mode == 'mesh'). With return_params, returns {unit name: final params} as host trees."""
     check_workdir(workdir)
-    user_data.resolve_fields(config, workdir)   # fields left to the data (classes, image size, vocabulary)
+    # fields left to the data (classes, image size, vocabulary); a tokenizer to train (data.tokenizer=train:VOCAB)
+    # is trained into the workdir only once every other field has passed
+    user_data.resolve_fields(config, workdir, train_tokenizer=False)
+    if user_data.tokenizer_to_train(config):
+        config_lib.validate(user_data.with_char_vocab(config))
+        user_data.resolve_fields(config, workdir)
     config_lib.validate(config)
     task = get_task(config)
     for unit in task.units(config.method):  # refuse a workdir of another config before writing anything into it

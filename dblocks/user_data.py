@@ -95,11 +95,13 @@ def _saved_config(workdir: str | None) -> dict:
     return {}
 
 
-def resolve_fields(config, workdir: str | None = None, read_data: bool = True):
+def resolve_fields(config, workdir: str | None = None, read_data: bool = True, train_tokenizer: bool = True):
     """Fills the data-decided fields of `config` (in place; the config may be locked) and returns it. Raises
     ConfigError listing every disagreement between the data and the config. Built-in datasets are left alone.
     workdir: a run's folder whose config.json, when there is one, gives the text vocabulary (resumes, evaluation).
-    read_data=False (a saved config: sampling, exported models) only registers the saved text vocabulary."""
+    read_data=False (a saved config: sampling, exported models) only registers the saved text vocabulary.
+    train_tokenizer=False leaves data.tokenizer=train:VOCAB as it is (format checked): the trainer validates every
+    other field before a tokenizer is trained into the workdir (`tokenizer_to_train`)."""
     d = config.data
     name = str(d.get("name", ""))
     if not is_user_dataset(name):
@@ -138,7 +140,8 @@ def resolve_fields(config, workdir: str | None = None, read_data: bool = True):
             if not (tok[6:].isdigit() and workdir):
                 raise ConfigError(f"data.tokenizer={tok!r}: train:VOCAB (a whole number of pieces, e.g. train:8000) "
                                   f"trains a SentencePiece model into the run's workdir, and needs one")
-            updates["tokenizer"] = tokenized.train_tokenizer(name, int(tok[6:]), workdir)
+            if train_tokenizer:
+                updates["tokenizer"] = tokenized.train_tokenizer(name, int(tok[6:]), workdir)
         seq_len = int(d.get("seq_len", 0) or 0)
         for split in ("train", "test"):
             n = len(text_lib.user_text(name, split))
@@ -151,6 +154,20 @@ def resolve_fields(config, workdir: str | None = None, read_data: bool = True):
         for k, v in updates.items():
             d[k] = v
     return config
+
+
+def tokenizer_to_train(config) -> bool:
+    """Whether data.tokenizer asks for a SentencePiece model trained on the run's own text (train:VOCAB)."""
+    return str(config.data.get("tokenizer", "")).startswith("train:")
+
+
+def with_char_vocab(config):
+    """A copy of `config` whose text is read as characters (data.tokenizer=''): the fields a config sets besides
+    its tokenizer can be validated before the tokenizer exists."""
+    out = config.copy_and_resolve_references()
+    with out.unlocked():
+        out.data.tokenizer = ""
+    return out
 
 
 class _nothing:

@@ -165,3 +165,18 @@ def test_tokenizer_trained_on_the_train_split_into_the_workdir(tmp_path):
     c.data.tokenizer = "train:lots"
     with pytest.raises(config_lib.ConfigError, match="train:VOCAB"):
         user_data.resolve_fields(c, str(tmp_path / "run"))
+
+
+def test_no_tokenizer_is_trained_for_a_config_that_fails(tmp_path):
+    """train:VOCAB trains into the workdir only after every other field passed: a bad config writes nothing."""
+    pytest.importorskip("sentencepiece")
+    from dblocks import config as config_lib
+    from dblocks import train as train_lib
+    from experiments.configs import tiny_ar
+    (tmp_path / "corpus.txt").write_text("\n".join(f"line {i} of some text to read" for i in range(300)))
+    c = tiny_ar.get_config()
+    c.data.name, c.data.tokenizer, c.data.seq_len = f"text:{tmp_path / 'corpus.txt'}", "train:60", 16
+    c.blocks.num_blocks = 0
+    with pytest.raises(config_lib.ConfigError, match="num_blocks"):
+        train_lib.train(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "tokenizer.model")
