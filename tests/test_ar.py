@@ -313,6 +313,7 @@ def test_train_evaluate_and_write_samples(trained, tmp_path):
     assert text.count("=== sample") == 2 and "the king[[" in text
 
 
+@pytest.mark.slow
 def test_t_layout_trains_evaluates_and_samples(tmp_path):
     wd = str(tmp_path / "t")
     train_lib.train(t_layout_config(), wd)

@@ -132,8 +132,8 @@ def _task_loss_and_grad(name, **options):
     return jax.jit(fn)(params)
 
 
-@pytest.mark.parametrize("name", ["tiny_vit", "tiny_dit", "tiny_ar", pytest.param("tiny_mdm", marks=pytest.mark.slow),
-                                  pytest.param("tiny_recurrent", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tiny_ar"] + [pytest.param(n, marks=pytest.mark.slow)   # AR: the most masks
+                                                for n in ("tiny_vit", "tiny_dit", "tiny_mdm", "tiny_recurrent")])
 def test_tiny_models_same_loss(name):
     """A block of each tiny config: the same loss and gradients with chunked attention (chunks that do not divide
     T), a chunked MLP and layers in chunks of samples as with the default, from the same parameters (same tree)."""
@@ -158,6 +158,7 @@ def _vit_stack_temps(mlp_chunk, remat="full"):
     return fn.lower(params, img).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_chunked_mlp_same_layer():
     """A layer with mlp_chunk: the same parameter tree (initialised whole) and the same values and gradients."""
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 16))

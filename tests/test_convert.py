@@ -81,6 +81,7 @@ def test_vit_classifier_maps_onto_the_denoiser_with_conditioning_off(tmp_path):
         offset += unit.num_layers
 
 
+@pytest.mark.slow
 def test_convert_a_trained_e2e_workdir_then_train_the_blocks(tmp_path):
     c = tiny_dit.get_config()
     c.method, c.train.steps, c.train.ckpt_every, c.train.keep_checkpoints = "e2e", 3, 1, 6

@@ -171,6 +171,7 @@ def _expected_val_loss(c, params, index):
         jax.numpy.asarray(unit.train_range, jax.numpy.float32)))
 
 
+@pytest.mark.slow
 def test_held_out_loss_of_blocks_trained_side_by_side_on_the_mesh(tmp_path):
     from dblocks import train as train_lib
     from experiments.configs import tiny_dit
@@ -231,6 +232,7 @@ def test_auto_mode_uses_the_mesh_with_several_accelerators_and_says_why_not(monk
     assert parallel.auto_mode(c)[0] == "sequential"
 
 
+@pytest.mark.slow
 def test_a_run_on_two_cpu_devices_names_them_and_says_why_it_uses_one(tmp_path):
     """The default (parallel.mode=auto) on 2 forced CPU devices: the start-up log names the devices and says why
     it trains on one of them, and how to use both."""

@@ -137,6 +137,7 @@ def test_metrics_file_has_a_record_per_log_step(all_blocks):
     assert sorted(r["step"] for r in records if r["unit"] == "block_00") == [3, 6]
 
 
+@pytest.mark.slow
 def test_metrics_are_interval_means_in_both_modes(tmp_path):
     """A logged loss is the mean over its log interval (not the loss of the logging step), sequentially and on the
     mesh: a record every 3 steps equals the mean of the per-step records, in both modes."""

@@ -114,6 +114,7 @@ def test_command_lines(tmp_path):
     assert bad.returncode == 2 and "sample.grid_points=1" in bad.stderr
 
 
+@pytest.mark.slow
 def test_compare_trains_both_methods_before_evaluating_either(monkeypatch, tmp_path):
     """The text tasks score DiffusionBlocks samples under the e2e model: it must exist when the first evaluation
     runs. Training and evaluation are stubbed; the order of calls and the generation rows of the table are checked."""

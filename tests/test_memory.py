@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dblocks import memory
 from dblocks.tasks import get_task
 from experiments.configs import tiny_dit
@@ -33,6 +35,7 @@ def test_memory_report_block_smaller_than_e2e():
     assert r["block"]["flops"] < e["flops"]
 
 
+@pytest.mark.slow
 def test_memory_cli_json():
     proc = subprocess.run([sys.executable, "-m", "experiments.memory", "--config", "experiments/configs/tiny_dit.py",
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -56,7 +56,8 @@ def _families():
 FAMILIES = _families()
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", [n if n in ("vit_classifier", "ar_denoiser") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(FAMILIES)])   # two families by default, every one with -m slow
 def test_scan_and_remat_match_unrolled(name):
     make, args = FAMILIES[name]
     base = make()
@@ -84,7 +85,7 @@ def test_scan_and_remat_match_unrolled(name):
         assert jax.tree.structure(stack.unstack_params(stack.stack_params(p0))) == jax.tree.structure(p0)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_ar_cache_paths_scanned(scan):
     """Prefill + cached noisy rows, and prefill + one cached clean row, equal the uncached full passes of the
     unrolled model, scanned or not."""
@@ -117,6 +118,7 @@ def test_ar_cache_paths_scanned(scan):
     check(False)
 
 
+@pytest.mark.slow
 def test_bf16_cache_holds_the_compute_dtype_and_decodes_identically():
     """A bfloat16 model's K/V cache is bfloat16 (half the bytes, no conversion per call): the keys and values are
     computed in bf16, so storing them in float32 only round-tripped them exactly, and the next clean and noisy rows
@@ -190,6 +192,7 @@ def _kernel_grad_dots(fn, *args):
     return shapes
 
 
+@pytest.mark.slow
 def test_dense_kernel_gradient_transposes_the_smaller_operand():
     """An expanding Dense (in < out) differentiates its kernel as x^T g, not (g^T x)^T: on the CPU the left operand
     of a dot is copied transposed, and g [rows, out] is the large one. Same values and gradients as lax.dot_general,
@@ -237,6 +240,7 @@ def _mlp_stack_grad(second_dense, n_layers=4, rows=512, hidden=16, wide=256):
     return jax.grad(loss), params, jax.random.normal(keys[-1], (rows, hidden))
 
 
+@pytest.mark.slow
 def test_gelu_dense_keeps_only_its_input_for_the_backward_pass():
     """gelu_input=True (an MLP's second Dense given the first one's output h): the same values and gradients as
     gelu(h) @ kernel, f32 and bf16, with or without a remat policy; and the compiled gradient keeps one [rows, wide]
@@ -271,6 +275,7 @@ def test_gelu_dense_keeps_only_its_input_for_the_backward_pass():
     assert temps["fused"] <= temps["plain"] - 2 * 3 * wide_bytes + wide_bytes, temps
 
 
+@pytest.mark.slow
 def test_rematerialised_layers_use_the_plain_gelu_dense():
     """Under remat the layer recomputes its MLP anyway: stack.apply_layers turns gelu_dense_dot_general off there
     (inside a scanned, rematerialised body it let XLA materialise the GELU's constants at full width: cifar10_dit's
@@ -305,6 +310,7 @@ def test_fused_attention_matches_explicit_under_task_masks():
     np.testing.assert_allclose(bf.astype(jnp.float32), layers.attend(q, k, v, m, "einsum"), atol=0.05)
 
 
+@pytest.mark.slow
 def test_bf16_trains_like_fp32():
     """bf16 compute, float32 parameters and optimizer state: the loss curve of a tiny DiT regression run stays
     within a few per cent of the fp32 one."""
@@ -423,6 +429,7 @@ def test_bench_device_suite_small():
         assert suite[name]["sample_dblocks"]["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_splits_the_cpu_for_data_parallel_training_rows():
     """experiments.bench --cpu_devices N: the training rows run with the batch split over N CPU devices (reported as
     such, with the whole batch's FLOPs); a count that does not divide the batch is refused with status 2."""

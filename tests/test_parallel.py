@@ -189,6 +189,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_on_loopback(sequential, tmp_path):
     """Two processes with 2 CPU devices each form one (2 blocks x 2 data) mesh through jax.distributed; each feeds
     its share of the batch; the checkpoints they write together assemble into the sequential run's blocks.
@@ -212,6 +213,7 @@ def test_two_processes_on_loopback(sequential, tmp_path):
         assert max_diff(run.params[i], sequential[1][f"block_{i:02d}"]) < 2e-5
 
 
+@pytest.mark.slow
 def test_the_mesh_step_traces_randaugment():
     """A ViT with RandAugment (lax.switch per image, under vmap inside the shard_map) compiles on the mesh; with
     shard_map's varying-axes check on it failed to trace ('pvary is a invariant->variant collective')."""

@@ -39,6 +39,7 @@ def test_a_step_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, 
     assert "model.attention" in message
 
 
+@pytest.mark.slow
 def test_suggestions_offer_more_blocks_and_microbatches():
     c = config(microbatches=1)
     c.model.num_layers, c.blocks.num_blocks = 4, 2
@@ -71,6 +72,7 @@ def test_a_step_that_fits_trains_with_the_preflight_executable(tmp_path):
     assert float(compiled[engine.step_key(model)](state, *args)[1]["loss"]) == pytest.approx(float(jitted), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_preflight_off_trains_whatever_the_limit(tmp_path):
     workdir = str(tmp_path / "run")
     out = train_lib.train(config(memory_limit_gb=1e-6, preflight=False, steps=3), workdir, return_params=True)

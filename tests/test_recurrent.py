@@ -69,7 +69,8 @@ def test_denoiser_is_causal(runs):
             assert np.abs(out[:, j + 1:] - base[:, j + 1:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("method", ["dblocks", "dblocks_prev", "dblocks_np", "e2e"])
+@pytest.mark.parametrize("method", ["dblocks"] + [pytest.param(m, marks=pytest.mark.slow)
+                                                 for m in ("dblocks_prev", "dblocks_np", "e2e")])
 def test_cached_generation_equals_uncached(runs, method):
     run = runs[method]
     prompts = np.array([[1, 2, 3, 4, 9, 10, 11, 12], [5, 6, 7, 8, 13, 14, 15, 16]], np.int32)

@@ -126,6 +126,7 @@ def test_gradient_clipping_is_applied():
 
 # -- uneven blocks, log-uniform partition, the sigma each unit draws ---------------------------------------------------
 
+@pytest.mark.slow
 def test_uneven_layers_train_and_sample(tmp_path):
     c = _cfg(**{"blocks.num_blocks": 2, "blocks.layers": "1,2", "train.steps": 3, "train.ckpt_every": 3})
     finals = train(c, str(tmp_path), return_params=True)
@@ -154,6 +155,7 @@ def drawn_sigmas(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_loguniform_partition_trains_and_each_unit_draws_from_its_own_range(tmp_path, drawn_sigmas):
     c = _cfg(**{"blocks.partition": "loguniform", "train.steps": 2, "train.ckpt_every": 2, "train.log_every": 2,
                 "optim.warmup_steps": 1})
@@ -202,6 +204,7 @@ def test_nan_before_any_checkpoint_says_none_yet(tmp_path):
 
 # -- the recurrent baseline's truncated backprop ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_recurrent_baseline_backprops_only_through_the_last_iterations(monkeypatch):
     """With the no-gradient depth fixed at 3, the task's gradient equals a by-hand pass whose first 3 core
     iterations are constants, and differs from full backprop through all 3 + k: the frozen iterations contribute
