@@ -56,7 +56,7 @@ def detect_method(workdir: str) -> str:
 
 
 def _check_metas(task: Task, units: list[Unit], workdir: str, allow_incomplete: bool) -> list[dict]:
-    expected = ckpt_lib.signature_hash(task.signature())
+    expected = task.signature()
     metas, problems = [], []
     for u in units:
         path = os.path.join(workdir, u.subdir(), ckpt_lib.META)
@@ -66,8 +66,8 @@ def _check_metas(task: Task, units: list[Unit], workdir: str, allow_incomplete: 
             continue
         meta = ckpt_lib.read_json(path)
         metas.append(meta)
-        if meta.get("signature_hash") != expected:
-            diffs = ckpt_lib.diff_dicts(meta.get("signature", {}), task.signature())
+        diffs = ckpt_lib.signature_differences(meta, expected)
+        if diffs is not None:
             problems.append(f"{u.name} was trained with a different config: {diffs}")
         elif u.is_block and meta.get("block") != u.index:
             problems.append(f"{u.name}'s meta says it is block {meta.get('block')}")

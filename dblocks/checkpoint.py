@@ -41,7 +41,7 @@ from dblocks import files, logs
 # the run record (meta.json) lives in run_record; its names are re-exported here for the callers of checkpoint
 from dblocks.run_record import (META, CheckpointMismatchError, CheckpointUnreadableError,  # noqa: F401
                                  ConfigChangedError, check_compatible, diff_dicts, read_json, record_so_far,
-                                 signature_hash, unit_meta)
+                                 signature_differences, signature_hash, unit_meta)
 
 QUARANTINE = "quarantine"
 LOCK = ".lock"

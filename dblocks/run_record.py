@@ -32,6 +32,28 @@ def signature_hash(signature: dict) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Model fields that say how a layer is computed, not what: the parameter tree and the values (to float rounding) are
+# the same either way (docs/performance.md), so blocks trained with different settings assemble together, and a
+# resume may change them (e.g. turn on remat after running out of memory).
+HOW_FIELDS = ("remat", "attention", "attention_chunk", "mlp_chunk", "layer_chunk")
+
+
+def signature_core(signature: dict) -> dict:
+    """The signature without the model's HOW_FIELDS: what two units must share to belong to one run."""
+    if not isinstance(signature.get("model"), dict):
+        return signature
+    return {**signature, "model": {k: v for k, v in signature["model"].items() if k not in HOW_FIELDS}}
+
+
+def signature_differences(meta: dict, signature: dict) -> list[str] | None:
+    """None when a unit's meta.json was written by a config of this signature (HOW_FIELDS aside), else the differing
+    fields (a meta without its signature, only the hash, is compared by hash)."""
+    if "signature" not in meta:
+        return None if meta.get("signature_hash") == signature_hash(signature) else ["signature_hash"]
+    old, new = signature_core(meta["signature"]), signature_core(signature)
+    return None if signature_hash(old) == signature_hash(new) else diff_dicts(old, new)
+
+
 
 def read_json(path: str) -> dict:
     """A JSON object dblocks wrote; a truncated or corrupt one, or one that is not an object, is a
@@ -68,7 +90,7 @@ def diff_dicts(a: dict, b: dict, prefix: str = "") -> list[str]:
 FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.ckpt_every_secs", "train.keep_checkpoints",
                "train.sample_at_end", "train.plot_at_end", "train.allow_config_change", "train.microbatches",
                "train.profile_steps", "train.eval_every", "train.preflight", "train.memory_limit_gb", "blocks.train",
-               "parallel.", "data.data_dir", "model.remat", "model.attention", "model.mlp_chunk", "model.layer_chunk")
+               "parallel.", "data.data_dir") + tuple(f"model.{f}" for f in HOW_FIELDS)
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
@@ -84,8 +106,8 @@ def check_compatible(directory: str, meta: dict, check_config: bool = True) -> l
     if not os.path.exists(path):
         return []
     old = read_json(path)
-    if old.get("signature_hash") != meta["signature_hash"] or old.get("block") != meta["block"]:
-        diffs = diff_dicts(old.get("signature", {}), meta["signature"])
+    diffs = signature_differences(old, meta["signature"])
+    if diffs is not None or old.get("block") != meta["block"]:
         raise CheckpointMismatchError(
             f"{directory} holds a checkpoint trained with a different config; refusing to resume or overwrite it. "
             f"Differences: {diffs or ['block id']}. Use another --workdir or delete that directory.")

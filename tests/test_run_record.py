@@ -128,9 +128,20 @@ def test_a_resume_that_would_change_the_result_is_refused_before_anything_is_wri
 
 
 def test_settings_that_do_not_change_the_result_may_change(copy):
-    train(_cfg(**{"train.log_every": 1, "train.keep_checkpoints": 3, "blocks.train": "0"}), copy)
+    # how a layer is computed (remat, chunked attention, layer chunks) is neither a config change nor another run
+    train(_cfg(**{"train.log_every": 1, "train.keep_checkpoints": 3, "blocks.train": "0", "model.remat": "full",
+                  "model.attention": "chunked", "model.layer_chunk": 2}), copy)
     assert "history" not in _meta(copy)
     assert _meta(copy)["config"]["train"]["log_every"] == 1
+
+
+def test_blocks_computed_differently_belong_to_one_run_and_other_shapes_do_not():
+    from dblocks.tasks import get_task
+    meta = ckpt_lib.unit_meta(get_task(_cfg()), get_task(_cfg()).units("dblocks")[0], _cfg())
+    same = get_task(_cfg(**{"model.remat": "full", "model.attention": "chunked", "model.mlp_chunk": 8})).signature()
+    assert ckpt_lib.signature_differences(meta, same) is None
+    other = get_task(_cfg(**{"model.remat": "full", "model.hidden": 32})).signature()
+    assert ckpt_lib.signature_differences(meta, other) == ["model.hidden: 16 != 32"]
 
 
 def test_an_allowed_change_is_trained_and_recorded(copy):
