@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from dblocks import memory
+from dblocks.models import options as options_lib
 from dblocks.tasks import Task, Unit, get_task
 
 
@@ -61,8 +62,10 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_col
 
 def scaled_config(base: ml_collections.ConfigDict, size: Size, num_blocks: int,
                   batch_size: int = BATCH_SIZE) -> ml_collections.ConfigDict:
-    """base with the layer shape `size`, `num_blocks` blocks (an even split) and `batch_size`; all else unchanged."""
-    return with_overrides(base, {"model.hidden": size.hidden, "model.num_layers": size.layers,
+    """base with the layer shape `size`, `num_blocks` blocks (an even split), `batch_size` and the default model
+    options (how a layer is computed: the VARIANTS set them, whatever the base config chose); all else unchanged."""
+    defaults = {f"model.{k}": v for k, v in options_lib.DEFAULTS.items()}
+    return with_overrides(base, {**defaults, "model.hidden": size.hidden, "model.num_layers": size.layers,
                                  "model.heads": size.heads, "blocks.num_blocks": num_blocks,
                                  "blocks.layers": "", "data.batch_size": batch_size})
 

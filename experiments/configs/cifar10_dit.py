@@ -21,7 +21,10 @@ def get_config(arg=None):
     c.data.flip = True
     c.data.batch_size = 512
 
-    c.model = dict(**model_defaults(), num_layers=12, hidden=384, heads=6, patch=2, mlp_ratio=4.0, dropout=0.0, class_dropout=0.1)
+    c.model = dict(**model_defaults(), num_layers=12, hidden=384, heads=6, patch=2, mlp_ratio=4.0, dropout=0.0,
+                   class_dropout=0.1)
+    # 256 tokens: attention in query chunks is as fast here and needs less memory (docs/performance.md, "Speed")
+    c.model.attention = "chunked"
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05
