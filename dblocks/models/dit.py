@@ -60,7 +60,7 @@ class DiT(nn.Module):
         # briefly trained DiT shows its patch grid. The final layer is zero-initialised, so either way the model
         # starts at output 0.
         k = CONV_FEATURES if self.out_conv else C
-        out = FinalLayer(self.hidden, p * p * k, self.dtype)(h, c)  # [N, g*g, p*p*k] float32
+        out = FinalLayer(self.hidden, p * p * k, self.dtype, self.layer_chunk)(h, c)  # [N, g*g, p*p*k] float32
         out = out.reshape(N, g, g, p, p, k).transpose(0, 1, 3, 2, 4, 5).reshape(N, S, S, k)
         if self.out_conv:
             out = nn.Conv(C, (self.out_conv, self.out_conv), padding="SAME", name="out_conv")(out)

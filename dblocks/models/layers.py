@@ -326,13 +326,21 @@ class AdaLNZeroLayer(nn.Module):
 
 class FinalLayer(nn.Module):
     """AdaLN (shift, scale; zero-initialised) then a zero-initialised Linear: the model starts at output 0.
-    The output is float32 whatever the compute dtype (losses are computed in float32)."""
+    The output is float32 whatever the compute dtype (losses are computed in float32).
+
+    layer_chunk > 0: computed on chunks of that many samples, each rematerialised (`map_samples`), as the layers
+    are. The LayerNorm and modulation of the whole [N, T, hidden] stack output otherwise keep about six buffers of
+    that size alive at once, in the forward and the backward pass, outside the layer stack and its remat: on
+    `cifar10_dit` they were the peak of both the block and the end-to-end step (docs/performance.md)."""
     hidden: int
     out_dim: int
     dtype: jnp.dtype = jnp.float32
+    layer_chunk: int = 0   # samples per chunk (chunked.map_samples); 0: all at once
 
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
+        if 0 < self.layer_chunk < x.shape[0] and not self.is_initializing():
+            return map_samples(self, self.layer_chunk, (x, c))
         shift, scale = jnp.split(dense(2 * self.hidden, self.dtype, nn.initializers.zeros)(nn.silu(c)), 2, -1)
         x = modulate(layer_norm(self.dtype)(x), shift, scale)
         return dense(self.out_dim, self.dtype, nn.initializers.zeros)(x).astype(jnp.float32)

@@ -54,4 +54,4 @@ class MDMTransformer(nn.Module):
                   mlp_chunk=self.mlp_chunk, layer_chunk=self.layer_chunk)
         h, _ = apply_layers(AdaLNZeroLayer, self.num_layers, kw, h, (c, None, positions), scan=self.scan_layers,
                             remat=self.remat, static={"train": train}, static_argnum=5)
-        return FinalLayer(self.hidden, self.vocab_size, self.dtype)(h, c)             # [N, L, V] float32
+        return FinalLayer(self.hidden, self.vocab_size, self.dtype, self.layer_chunk)(h, c)  # [N, L, V] float32
