@@ -206,26 +206,30 @@ def test_layer_chunk_same_values_with_dropout_and_lower_temporaries():
 
 
 def _outside_stack_temps(family: str, layer_chunk: int) -> int:
-    """Compiled temporaries of the gradient of a DiT or MDM with no layers: the embeddings, final layer and output,
-    what lies outside the layer stack (32 samples, 64 tokens, hidden 32)."""
+    """Compiled temporaries of the gradient of a DiT, MDM or AR denoiser with no layers: the embeddings, final layer
+    and output, what lies outside the layer stack (32 samples, 64 tokens, hidden 32)."""
     from dblocks.models.dit import DiT
     from dblocks.models.mdm import MDMTransformer
     if family == "dit":
         model = DiT(num_layers=0, hidden=32, heads=2, patch=2, image_size=16, channels=3, num_classes=4,
                     layer_chunk=layer_chunk)
         args = (jnp.zeros((32, 16, 16, 3)), jnp.zeros(32), jnp.zeros(32, jnp.int32))
-    else:
+    elif family == "mdm":
         model = MDMTransformer(vocab_size=27, num_layers=0, hidden=32, heads=2, layer_chunk=layer_chunk)
         args = (jnp.zeros((32, 64), jnp.int32), jnp.zeros(32))
+    else:   # the AR denoiser: per-row noise levels, each row's conditioning through the noise embedder
+        model = ar.ARModel(vocab=27, num_layers=0, hidden=32, heads=2, layer_chunk=layer_chunk)
+        args = (jnp.zeros((32, 64), jnp.int32), jnp.zeros((32, 64, 8)), jnp.zeros((32, 64)))
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args)["params"])
     fn = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, *args) ** 2)))
     return fn.lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("family", ["dit", "mdm"])
-def test_layer_chunk_also_chunks_the_final_layer(family):
-    """layer_chunk reaches the final layer: its LayerNorm and modulation of the whole [N, T, hidden] stack output
-    kept about six buffers of that size (the peak of cifar10_dit's steps once the layers were chunked); in chunks
-    of 4 samples they fall to about a half. Values: test_tiny_models_same_loss."""
+@pytest.mark.parametrize("family", ["dit", "mdm", "ar"])
+def test_layer_chunk_also_chunks_what_lies_outside_the_stack(family):
+    """layer_chunk reaches the DiT's and MDM's final layer (its LayerNorm and modulation of the whole [N, T, hidden]
+    stack output kept about six buffers of that size, the peak of cifar10_dit's steps once the layers were chunked)
+    and the AR denoiser's per-row noise embedding (four [N * T, hidden] activations kept through lm1b_ar's block
+    step): in chunks of 4 samples the temporaries fall to about a half. Values: test_tiny_models_same_loss."""
     whole, chunked = _outside_stack_temps(family, 0), _outside_stack_temps(family, 4)
     assert chunked < 0.7 * whole, (chunked, whole)

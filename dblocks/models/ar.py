@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from dblocks.models.chunked import MaskSpec, causal, map_samples, mlp
+from dblocks.models.chunked import MaskSpec, causal, map_rows, map_samples, mlp
 from dblocks.models.layers import NoiseEmbedder, attend, attend_cached, dense, layer_norm, rope
 from dblocks.models.stack import apply_layers
 
@@ -221,7 +221,13 @@ class ARModel(nn.Module):
         return self.noise(jnp.full((1,), 0.25 * math.log(self.sigma_min)))[:, None]
 
     def noisy_cond(self, c_noise: Array) -> Array:
-        """c_noise [N, S] -> [N, S, H]."""
+        """c_noise [N, S] -> [N, S, H]. With layer_chunk, in chunks of layer_chunk samples' rows, each
+        rematerialised (`map_rows`): computed whole, the embedding's sinusoidal features and hidden activations,
+        four [N * S, H]-sized buffers, stay alive through the whole step outside the layer stack."""
+        if 0 < self.layer_chunk < c_noise.shape[0] and not self.is_initializing():
+            params, inner = self.noise.variables["params"], self.noise.clone(parent=None)
+            f = lambda r: inner.apply({"params": params}, r[:, 0])  # noqa: E731
+            return map_rows(f, c_noise[..., None], self.layer_chunk * c_noise.shape[1])
         return self.noise(c_noise.reshape(-1)).reshape(*c_noise.shape, self.hidden)
 
     def __call__(self, tokens: Array, z: Array | None = None, c_noise: Array | None = None,
