@@ -15,8 +15,9 @@
                      0: off. The same parameters either way (dblocks.models.chunked.mlp)
   model.layer_chunk  int >= 0 (0)   samples per chunk of every layer's whole computation, each chunk
                      rematerialised, so one layer's working set (attention, MLP, their gradients) exists for one
-                     chunk at a time; with remat the peak falls toward the per-layer carries. 0: off; same
-                     parameters (dblocks.models.chunked.map_samples)
+                     chunk at a time; with remat the peak falls toward the per-layer carries. Also the DiT/MDM
+                     final layer and the AR denoiser's per-row noise embedding, outside the stack. 0: off; same
+                     parameters (dblocks.models.chunked.map_samples, map_rows)
 
 The options change the parameter tree (scan_layers) or the numerics (dtype), so they belong to the model config,
 which is part of every checkpoint's signature: a checkpoint of one layout is refused by the other.
