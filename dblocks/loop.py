@@ -91,8 +91,17 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum
         if not self._busy:
-            raise TrainingInterrupted(self._idle_message(signum), None, signum)
+            # Outside a stepping loop the handler only records the signal: it can run inside XLA's compiler (which
+            # checks for signals while it holds the interpreter), where an exception stalls every thread until the
+            # compile ends and then crashes the interpreter. The loop raises TrainingInterrupted at its start
+            # (check_idle_stop), and the watcher thread ends the process if that does not come within the grace.
+            return
         logs.log.warning("received %s: finishing the current step, then saving", signal.Signals(signum).name)
+
+    def check_idle_stop(self) -> None:
+        """Raises TrainingInterrupted when a stop signal arrived outside a stepping loop (restoring, compiling)."""
+        if self.signum is not None and not self._busy:
+            raise TrainingInterrupted(self._idle_message(self.signum), None, self.signum)
 
     @staticmethod
     def _idle_message(signum: int) -> str:
@@ -115,8 +124,8 @@ class StopSignal:
                 self._end_if_stuck(stops[0])
 
     def _end_if_stuck(self, signum: int) -> None:
-        """Ends the process when, STOP_GRACE_SECONDS after an idle stop signal, the handler is still installed (the
-        main thread never ran it: it is inside a compile), or when the stop left this StopSignal as an exception and
+        """Ends the process when, STOP_GRACE_SECONDS after an idle stop signal, this StopSignal is still installed
+        (the main thread has not reached the loop's check: it is restoring, or inside a compile), or when the stop left this StopSignal as an exception and
         the main thread has finished while the interpreter waits for a thread (a compile still running) instead of
         exiting. A caller that caught the stop inside the `with` and went on is left alone."""
         deadline = time.monotonic() + STOP_GRACE_SECONDS
@@ -238,6 +247,7 @@ def run(driver: Driver, start: int, total: int, config, writer: logs.MetricsWrit
     prefetch = Prefetch(driver.batch, range(start, total))
     with StopSignal.shared() as stop, contextlib.ExitStack() as stepping:
         try:
+            stop.check_idle_stop()   # a signal while the units restored
             for step in range(start, total):
                 if on_step is not None:
                     for u in driver.units:

@@ -145,8 +145,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with bad flags and unknown --config fields as an 'error:' line and exit status 2."""
     try:
         rest = flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(f"{e}\nPass --help to list the flags.", EXIT_USER_ERROR)
+    except flags.Error as e:   # a validator of several flags prefixes them all ('flags a=1, b=2: ...'): dropped
+        message = str(e).split(": ", 1)[-1] if str(e).startswith("flags ") else str(e)
+        _fail(f"{message}\nPass --help to list the flags.", EXIT_USER_ERROR)
     except (AttributeError, KeyError) as e:  # config_flags looking up an override the config does not have
         _fail(unknown_field_message(argv) or f"bad --config override: {e}", EXIT_USER_ERROR)
     except SyntaxError as e:   # a config file that is not Python

@@ -33,8 +33,20 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initial
 _HELP_CONFIG = flags.DEFINE_bool("help_config", False, "print every field of the config (defaults included) with its "
                                   "value and meaning, then exit")
 flags.mark_flags_as_required(["config"])
-flags.register_multi_flags_validator(["workdir", "help_config"], lambda f: bool(f["workdir"] or f["help_config"]),
-                                     message="--workdir is required")
+
+
+def _workdir_given(f: dict) -> bool:
+    """--workdir is required (unless --help_config) and not blank."""
+    if f["help_config"]:
+        return True
+    if f["workdir"] is None:
+        raise flags.ValidationError("--workdir is required")
+    if not f["workdir"].strip():
+        raise flags.ValidationError("--workdir is empty: name the folder the run writes into")
+    return True
+
+
+flags.register_multi_flags_validator(["workdir", "help_config"], _workdir_given)
 paths.refuse_remote_flags(_WORKDIR)
 
 
