@@ -4,7 +4,8 @@ Randomness comes from the step's rng, so a unit's augmentations are a function o
 batches, and the CPU data path stays trivial. RandAugment (Cubuk et al. 2020) as torchvision's defaults
 (num_ops=2, magnitude 9 of 30), with 13 of its 14 ops: identity, brightness, color, contrast, sharpness,
 posterize, solarize, autocontrast, rotate, shear x/y, translate x/y. Equalize (histogram equalisation) is left out.
-Every op is computed for every image and one is selected (lax.switch under vmap): cheap next to a ViT forward pass.
+Every op is computed for every image and one is selected (lax.switch under vmap, AUG_CHUNK images at a time):
+cheap next to a ViT forward pass.
 Images are [N, S, S, C] floats in [-1, 1].
 """
 from __future__ import annotations
@@ -97,6 +98,9 @@ def apply_op(x: Array, op: Array, mag: Array, sign: Array) -> Array:
     return jax.lax.switch(op, [lambda _, f=f: f() for f in branches], None)
 
 
+AUG_CHUNK = 16   # images augmented at once: the same values as the whole batch, about a tenth of its temporaries
+
+
 def rand_augment(key: Array, images: Array, num_ops: int = 2, magnitude: float = 9.0,
                  num_bins: int = 31) -> Array:
     """RandAugment on [N, S, S, C] in [-1, 1]: num_ops ops per image, each uniform over OPS, random sign."""
@@ -109,5 +113,7 @@ def rand_augment(key: Array, images: Array, num_ops: int = 2, magnitude: float =
         k_op, k_sign = jax.random.split(k)
         ops = jax.random.randint(k_op, (n,), 0, len(OPS))
         signs = jnp.where(jax.random.bernoulli(k_sign, 0.5, (n,)), 1.0, -1.0)
-        x = jax.vmap(lambda im, o, s: apply_op(im, o, mag, s))(x, ops, signs)
+        # AUG_CHUNK images at a time (a vmap inside lax.map): every op of every image at once kept ~40 gather
+        # index/weight arrays of the whole batch alive, the peak of a ViT step once its layers are chunked
+        x = jax.lax.map(lambda a: apply_op(a[0], a[1], mag, a[2]), (x, ops, signs), batch_size=AUG_CHUNK)
     return x * 2.0 - 1.0

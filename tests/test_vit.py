@@ -139,6 +139,26 @@ def test_augmentations_keep_shape_and_range():
         assert np.allclose(flipped[i], images[i]) or np.allclose(flipped[i], images[i][:, ::-1])
 
 
+def test_rand_augment_works_on_a_few_images_at_a_time():
+    """The same values as every image at once (one vmap), in a fraction of its temporaries: the whole batch's gather
+    index/weight arrays were the peak of a ViT step once its layers were chunked (docs/performance.md)."""
+    images = jax.random.uniform(jax.random.PRNGKey(0), (64, 32, 32, 3), minval=-1, maxval=1)
+    key = jax.random.PRNGKey(1)
+
+    def whole_batch(key, x):   # the reference: every image at once
+        y = (x + 1) / 2
+        for k in jax.random.split(key, 2):
+            k_op, k_sign = jax.random.split(k)
+            ops = jax.random.randint(k_op, (x.shape[0],), 0, len(augment.OPS))
+            signs = jnp.where(jax.random.bernoulli(k_sign, 0.5, (x.shape[0],)), 1.0, -1.0)
+            y = jax.vmap(lambda im, o, s: augment.apply_op(im, o, jnp.float32(9.0 / 30), s))(y, ops, signs)
+        return y * 2 - 1
+
+    ours, ref = jax.jit(augment.rand_augment).lower(key, images).compile(), jax.jit(whole_batch).lower(key, images).compile()
+    np.testing.assert_array_equal(ours(key, images), ref(key, images))
+    assert ours.memory_analysis().temp_size_in_bytes < 0.3 * ref.memory_analysis().temp_size_in_bytes
+
+
 def test_validate_reports_bad_values():
     c = tiny_vit.get_config()
     c.model.patch = 3
