@@ -273,9 +273,9 @@ def test_bad_configs_are_refused():
     c = tiny_mdm.get_config()
     c.model.heads = 3
     c.mdm.t_min = 0.5
-    c.sample.steps = 3
+    c.sample.grid_points = 3
     c.data.name = "wikipedia"
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c)
-    for field in ("model.hidden", "mdm.t_min", "sample.steps", "data.name"):
+    for field in ("model.hidden", "mdm.t_min", "sample.grid_points", "data.name"):
         assert field in str(e.value)
