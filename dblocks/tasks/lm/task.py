@@ -144,9 +144,10 @@ class LMTask(LMInference, LMEvaluation, Task):
 
     def set_vocab(self, vocab) -> None:
         """Replaces the vocabulary (anything with .size: a stand-in for compile-only measurements when the tokenizer
-        file is not on this machine, dblocks.memory); the target space E follows it."""
+        file is not on this machine, dblocks.memory); what is built from it (E, the unigram, the partition) follows."""
         self.__dict__["vocab"] = vocab
         self.__dict__.pop("target_rows", None)
+        self._unigram, self._partition = None, None
 
     def source(self, split: str):
         d = self.config.data
