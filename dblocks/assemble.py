@@ -13,7 +13,7 @@ import jax
 import ml_collections
 
 from dblocks import checkpoint as ckpt_lib
-from dblocks import steps, user_data
+from dblocks import run_record, steps, user_data
 from dblocks import partition as partition_lib
 from dblocks.tasks import Task, Unit, get_task
 
@@ -44,7 +44,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise AssemblyError(f"{workdir} has no config.json: it is not a dblocks workdir (train into it first)")
-    return ml_collections.ConfigDict(ckpt_lib.read_json(path))
+    return ml_collections.ConfigDict(run_record.saved_config(ckpt_lib.read_json(path)))
 
 
 def detect_method(workdir: str) -> str:

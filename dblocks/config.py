@@ -7,7 +7,7 @@ import ml_collections
 
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
-from dblocks import profiling, validation
+from dblocks import profiling, run_record, validation
 from dblocks.models import options as model_options
 from dblocks.tasks import TASK_NAMES, get_task
 from dblocks.tasks.base import METHODS
@@ -158,6 +158,10 @@ def _generic_problems(c) -> list[str]:
     if p:
         return p
     p += _range_problems(c) + _model_problems(c)
+    for old, new in run_record.RENAMED_FIELDS.items():
+        section, field = old.split(".")
+        if section in c and field in c[section]:
+            p.append(f"{old} is now called {new} (the same number, under the name every task uses): set {new}")
     if c.task not in TASK_NAMES:
         p.append(f"task={c.task!r} is unknown; choose one of {TASK_NAMES}")
     if c.method not in METHODS:
@@ -368,13 +372,13 @@ FIELD_HELP = {
     "recurrent.noisy_prelude": "the noisy row also runs the prelude (DiffusionBlocks only)",
     "mdm.schedule": "masking schedule of masked diffusion",
     "mdm.t_min": "lowest masking time",
-    "sample.grid_points": "noise levels the chain visits (0 = one per block; language tasks)",
+    "sample.grid_points": "noise levels (masking times for mdm) at which a block is called: block calls per sample "
+                          "with Euler (language tasks: 0 = one per block)",
     "sample.grid_kind": "sigma grid: 'cdf' (equal CDF, the paper's) or 'karras'",
     "sample.grid": "language tasks: explicit noise levels, e.g. '80,0.45,0.2' ('' = the CDF grid)",
     "sample.sigma_end": "language tasks: where the chain stops (0 = sigma_min)",
     "sample.solver": "ODE solver: euler, heun, dpmpp_2m (ancestral: language tasks)",
     "sample.bridge": "language tasks: logits to target space, 'softmax' or 'sample'",
-    "sample.steps": "masked diffusion: unmasking steps",
     "sample.guidance": "classifier-free guidance scale",
     "sample.per_class": "images per class in a sample grid",
     "sample.temperature": "softmax temperature of the drawn token",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ import numpy as np
 
 from dblocks import assemble, files
 from dblocks import partition as partition_lib
-from dblocks import user_data
+from dblocks import run_record, user_data
 from dblocks.tasks import get_task
 
 FORMAT = "dblocks-export"
@@ -86,7 +85,7 @@ def load_model(path: str) -> assemble.Run:
             raise ValueError(f"{path} is not a dblocks export (no __dblocks__ entry); make one with "
                              f"python -m experiments.export --workdir W --out {path}")
         header = json.loads(str(z["__dblocks__"]))
-        config = ml_collections.ConfigDict(json.loads(str(z["__config__"])))
+        config = ml_collections.ConfigDict(run_record.saved_config(json.loads(str(z["__config__"]))))
         arrays = {k: z[k] for k in z.files if not k.startswith("__")}
     if header.get("format") != FORMAT or int(header.get("version", 0)) > VERSION:
         raise ValueError(f"{path}: unsupported export {header.get('format')} v{header.get('version')}")
@@ -112,25 +111,16 @@ def load_model(path: str) -> assemble.Run:
 
 # -- samples as arrays (for FID tools) ---------------------------------------------------------------------------
 
-def _generator(task) -> Any:
-    """The task's image generator `(run, labels, ...) -> SampleResult`: a method, or `generate(task, run, ...)` in
-    dblocks.tasks.<name>_infer."""
-    if hasattr(task, "generate"):
-        return task.generate
-    import importlib
-    mod = importlib.import_module(f"dblocks.tasks.{task.name}_infer")
-    return lambda *a, **k: mod.generate(task, *a, **k)
-
-
 def sample_images(run: assemble.Run, num: int, seed: int = 0, batch_size: int = 250, **options) -> tuple:
     """`num` class-balanced samples of an image-generation run (labels 0, 1, ..., C-1, 0, ...) as uint8 [N, H, W, C]
-    and their int32 labels. options: the sampler's (grid_points / steps, solver, guidance, grid_kind); unset ones
-    take the config's sample section. Batches use seeds seed, seed + 1, ..."""
+    and their int32 labels, from the task's declared `generate(run, labels, ...)`. options: the sampler's
+    (grid_points, solver, guidance, grid_kind); unset ones take the config's sample section. Batches use seeds seed,
+    seed + 1, ..."""
     task = run.task
-    gen = _generator(task)
+    gen = task.generate
     accepted = inspect.signature(gen).parameters
     s = task.config.sample
-    defaults = {k: s[k] for k in ("steps", "grid_points", "solver", "guidance") if k in s}
+    defaults = {k: s[k] for k in ("grid_points", "solver", "guidance") if k in s}
     kwargs = {k: v for k, v in {**defaults, **{k: v for k, v in options.items() if v is not None}}.items()
               if k in accepted}
     classes = int(run.config.data.num_classes)

@@ -52,8 +52,7 @@ class _SizedVocab:
 def with_vocab_size(task: Task, size: int | None) -> Task:
     """The task with its vocabulary replaced by a stand-in of `size` tokens (None: unchanged)."""
     if size:
-        task.__dict__["_vocab"] = _SizedVocab(size)
-        task.__dict__.pop("_E", None)
+        task.set_vocab(_SizedVocab(size))
     return task
 
 
@@ -99,9 +98,8 @@ def step_flops(task: Task, unit: Unit, batch_size: int, compiled=None) -> tuple[
     jax.checkpoint's barriers keep the recomputation in the count)."""
     if bool(task.config.model.scan_layers):
         unrolled = with_model_options(task, scan_layers=False)
-        for k in ("_vocab",):   # keep a stand-in vocabulary
-            if k in task.__dict__:
-                unrolled.__dict__[k] = task.__dict__[k]
+        if isinstance(vars(task).get("vocab"), _SizedVocab):   # keep a stand-in vocabulary
+            unrolled.set_vocab(task.vocab)
         return flops_of(compile_step(unrolled, unit, batch_size)[0]), "unrolled compile (scan counts one layer)"
     return flops_of(compiled if compiled is not None else compile_step(task, unit, batch_size)[0]), "compiled step"
 

@@ -8,11 +8,28 @@ recorded in the meta's `history`. Fields that only say how or where the same com
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 
 META = "meta.json"
+
+# Config fields renamed since runs were first saved: old dotted name -> new. A saved config (WORKDIR/config.json, a
+# unit's meta.json, an exported model) is read with the new names (`saved_config`), so a run trained before a rename
+# loads, resumes and exports as before; a config file that still sets an old name is refused (dblocks.config).
+RENAMED_FIELDS = {"sample.steps": "sample.grid_points"}   # masked diffusion's sampler steps: every task's name
+
+
+def saved_config(config: dict) -> dict:
+    """A copy of a saved config (a dict) with the fields of RENAMED_FIELDS under their new names."""
+    out = copy.deepcopy(config)
+    for old, new in RENAMED_FIELDS.items():
+        (section, field), (new_section, new_field) = old.split("."), new.split(".")
+        if isinstance(out.get(section), dict) and field in out[section]:
+            value = out[section].pop(field)
+            out.setdefault(new_section, {}).setdefault(new_field, value)
+    return out
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -114,7 +131,7 @@ def check_compatible(directory: str, meta: dict, check_config: bool = True) -> l
     # a unit that has trained no step yet (or a meta written before dblocks recorded configs) has nothing to protect
     if not check_config or "config" not in old or "config" not in meta or not int(old.get("step") or 0):
         return []
-    changes = config_changes(old["config"], meta["config"])
+    changes = config_changes(saved_config(old["config"]), meta["config"])
     if changes and not meta["config"].get("train", {}).get("allow_config_change", False):
         raise ConfigChangedError(
             f"{directory} was trained to step {old.get('step')} with another config; resuming with this one would "

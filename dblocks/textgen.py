@@ -6,9 +6,9 @@ adds the drawn token to the state. `generate` runs the loop and draws each token
 The context window is the trained sequence length: when it is full, the state is rebuilt from the last half.
 
 This Python loop (a dispatch per block call, a host sync per token) is the reference. A cached decoder also carries
-its pure form (`compiled`, a dblocks.tasks.lm_decode.Compiled), from which dblocks.tasks.lm_decode.generate decodes
+its pure form (`compiled`, a dblocks.tasks.lm.decode.Compiled), from which dblocks.tasks.lm.decode.generate decodes
 each window in one compiled loop and draws the same tokens for the same key; that is the default of the tasks'
-generation (dblocks.tasks.ar_infer.generate).
+generation (LMTask.generate, dblocks.tasks.lm.inference).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class Decoder:
     append: Callable[[Any, np.ndarray], Any]        # (state, tokens [N]) -> state with one more position
     t_max: int                                      # positions the model was trained on
     calls_per_token: int                            # network (block) evaluations per generated token
-    compiled: Any = None                            # lm_decode.Compiled: the traceable form (cached decoders only)
+    compiled: Any = None                            # lm.decode.Compiled: the traceable form (cached decoders only)
 
 
 _PAIRWISE_TOP_P = 256   # vocabularies up to this size filter top-p by pairwise comparison ([N, V, V]), larger by sort

@@ -19,7 +19,7 @@ device, so on a small CPU this is faster (docs/lab/performance.md).
 and the block-parallel mesh against data-parallel e2e when several devices are present.
 Rows decode_dblocks / decode_e2e (language configs): token generation at batch --sample_batch, --sample_tokens new
 tokens after an 8-token prompt, through the Python loop (textgen.generate, a dispatch per block call and a host sync
-per token) and the compiled loop (dblocks.tasks.lm_decode) in one process: tokens/s of each, the speedup, and
+per token) and the compiled loop (dblocks.tasks.lm.decode) in one process: tokens/s of each, the speedup, and
 whether the two drew the same tokens.
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ def sample_row(task, method: str, n: int, max_tokens: int) -> dict:
         image = np.zeros((n, c.data.image_size, c.data.image_size, c.data.channels), np.float32)
         fn, unit = (lambda: task.classify(run, image)), "images"
     elif task.name == "mdm":
-        fn, unit = (lambda: task.generate(run, n, int(c.sample.steps))), "tokens"
+        fn, unit = (lambda: task.generate(run, n, int(c.sample.grid_points))), "tokens"
         max_tokens = int(c.data.seq_len)
     else:   # ar, recurrent
         prompts = np.zeros((n, 8), np.int32)
@@ -154,16 +154,15 @@ def sample_row(task, method: str, n: int, max_tokens: int) -> dict:
 
 
 def decode_row(task, method: str, n: int, max_tokens: int, repeats: int = 3) -> dict:
-    """Tokens/s of the Python decoding loop and of the compiled one (ar_infer.generate, compiled False / True) at
+    """Tokens/s of the Python decoding loop and of the compiled one (the task's generate, compiled False / True) at
     batch n, same process, same prompts and seed; each path: one untimed call (compiles), then the best of
     `repeats` timed calls."""
-    from dblocks.tasks import ar_infer
     run = _fresh_run(task, method)
     prompts = np.random.default_rng(0).integers(0, task.vocab.size, (n, 8)).astype(np.int32)
-    sampler = ar_infer.sampler_options(task, run)
+    sampler = task.sampler_options(run)
     out, toks = {"method": method, "batch": n, "new_tokens": max_tokens, "sampler": sampler.to_dict()}, {}
     for path, compiled in (("python", False), ("compiled", True)):
-        gen = lambda: ar_infer.generate(task, run, prompts, max_tokens, 0, sampler, compiled=compiled)  # noqa
+        gen = lambda: task.generate(run, prompts, max_tokens, 0, sampler, compiled=compiled)  # noqa
         t0 = time.perf_counter()
         toks[path], out["block_calls_per_token"] = gen()
         first, times = time.perf_counter() - t0, []

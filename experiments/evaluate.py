@@ -12,8 +12,9 @@ default) is refused for --split=validation with what to do (docs/data.md, "Split
 
 Task-agnostic: it assembles the run and calls `run.task.evaluate(run, **options)` (contract in
 dblocks/tasks/base.py). Only the options given on the command line are passed; a task ignores those it has no use
-for. Common options: grid_points (noise levels the chain visits: dit, vit, ar, recurrent), steps (MDM unmasking steps), solver, limit (test examples), num_samples and repeats (generation),
-batch_size, seed, cache_dir (artifacts such as the FID feature network); any other as --opt key=value.
+for. Common options: grid_points (block calls per sample: the noise levels the chain visits, or MDM's unmasking
+steps), solver, limit (test examples), num_samples and repeats (generation), batch_size, seed, cache_dir (artifacts
+such as the FID feature network); any other as --opt key=value.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from dblocks import assemble, logs
-from dblocks.tasks import ar_eval, ar_infer, get_task
+from dblocks.tasks import get_task
 
 LM_TASKS = ("ar", "recurrent")
 KEYS = ("elbo_bits", "first_call_bits", "sampler_bits", "sampler_draws", "final_entropy_bits", "next_token_accuracy",
@@ -59,11 +59,11 @@ def reference_bits(config, workdir: str, options: dict) -> dict:
     runs = [assemble.load_run(os.path.join(workdir, d), method="e2e") for d in wds]
     task = runs[0].task
     e = get_task(config).config.eval
-    windows = ar_infer.heldout_windows(task, int(options.get("max_windows") or options.get("limit") or e.max_windows),
-                                       options.get("split", "test"))
+    windows = task.heldout_windows(int(options.get("max_windows") or options.get("limit") or e.max_windows),
+                                   options.get("split", "test"))
     bs = int(options.get("batch_size") or e.batch_size)
-    single = ar_eval.ensemble_bits(task, runs[:1], windows, bs)["mixture_bits"]
-    ens = ar_eval.ensemble_bits(task, runs, windows, bs)
+    single = task.ensemble_bits(runs[:1], windows, bs)["mixture_bits"]
+    ens = task.ensemble_bits(runs, windows, bs)
     return {"ref_shallow_bits": single, "ref_shallow_layers": int(task.config.model.num_layers),
             "ref_ensemble_bits": ens["mixture_bits"], "ref_ensemble_product_bits": ens["product_bits"],
             "ref_ensemble_members": ens["members"]}

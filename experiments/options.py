@@ -12,9 +12,9 @@ from dblocks import sampling
 def define_option_flags() -> Callable[[], dict]:
     """Defines the evaluation-option flags; returns a function that gives {option: value} of those set."""
     defined = [
-        flags.DEFINE_integer("grid_points", None, "noise levels the chain visits = block calls with Euler "
-                                                  "(dit, vit, ar, recurrent; default: the config's sample.grid_points)"),
-        flags.DEFINE_integer("steps", None, "masked diffusion: unmasking steps (default: the config's sample.steps)"),
+        flags.DEFINE_integer("grid_points", None, "block calls per sample: the noise levels the chain visits (with "
+                                                  "Euler), or masked diffusion's unmasking steps (default: the "
+                                                  "config's sample.grid_points)"),
         flags.DEFINE_enum("solver", None, list(sampling.ALL_SOLVERS), "solver (ancestral: language models only)"),
         flags.DEFINE_integer("limit", None, "evaluate on the first N test examples only"),
         flags.DEFINE_integer("num_samples", None, "generated samples per FID evaluation (paper: 10,000)"),

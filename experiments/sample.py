@@ -25,9 +25,9 @@ _PNG_DIR = flags.DEFINE_string("png_dir", None, "image generation: write --num s
 _NUM = flags.DEFINE_integer("num", 10_000, "with --npz / --png_dir: number of samples (class-balanced)")
 _BATCH = flags.DEFINE_integer("batch_size", 250, "with --npz / --png_dir: samples per sampler call")
 _METHOD = flags.DEFINE_enum("method", None, ["dblocks", "e2e"], "which run of the workdir (default: detected)")
-_GRID_POINTS = flags.DEFINE_integer("grid_points", None, "EDM tasks: noise levels the chain visits (default: the "
-                                    "config's sample.grid_points; paper 50)")
-_STEPS = flags.DEFINE_integer("steps", None, "MDM: unmasking steps (for the other tasks, as --grid_points)")
+_GRID_POINTS = flags.DEFINE_integer("grid_points", None, "block calls per sample: the noise levels the chain visits "
+                                    "(paper 50 for DiT), or masked diffusion's unmasking steps (default: the config's "
+                                    "sample.grid_points)")
 _SOLVER = flags.DEFINE_enum("solver", None, list(sampling.ALL_SOLVERS),
                              "solver (paper: euler; ancestral: language models only)")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "classifier-free guidance scale (paper: 2.0)")
@@ -79,8 +79,7 @@ def main(argv):
     del argv
     logs.setup()
     run = load(_WORKDIR.value, _MODEL.value, _METHOD.value, not _NO_EMA.value)
-    steps = _GRID_POINTS.value or _STEPS.value
-    sampler = {"steps": steps, "grid_points": steps, "solver": _SOLVER.value, "guidance": _GUIDANCE.value,
+    sampler = {"grid_points": _GRID_POINTS.value, "solver": _SOLVER.value, "guidance": _GUIDANCE.value,
                "grid_kind": _GRID.value}
     if _NPZ.value or _PNG_DIR.value:
         summary = write_images(run, _NUM.value, _SEED.value, _BATCH.value, _NPZ.value, _PNG_DIR.value, **sampler)

@@ -8,7 +8,7 @@ import numpy as np
 from dblocks import edm as edm_lib
 from dblocks import partition as partition_lib
 from dblocks import targets
-from dblocks.tasks import ar_infer
+from dblocks.tasks.lm import sampler as lm_sampler
 
 EDM = edm_lib.EDM()
 PART = partition_lib.make_partition(4, EDM, gamma=0.0)
@@ -27,8 +27,8 @@ def exact_denoise(bridge):
 
 
 def drawn_frequencies(solver, bridge, grid):
-    sampler = ar_infer.Sampler(grid=tuple(grid), solver=solver, bridge=bridge)
-    res = ar_infer.run_chain(sampler, PART, exact_denoise(bridge), jax.random.PRNGKey(3), (N, 1, 16), EDM.sigma_max)
+    sampler = lm_sampler.Sampler(grid=tuple(grid), solver=solver, bridge=bridge)
+    res = lm_sampler.run_chain(sampler, PART, exact_denoise(bridge), jax.random.PRNGKey(3), (N, 1, 16), EDM.sigma_max)
     tokens = jax.random.categorical(jax.random.PRNGKey(4), res.aux[:, 0], axis=-1)
     return np.bincount(np.asarray(tokens), minlength=len(Q)) / N
 

@@ -1,4 +1,4 @@
-"""Compiled decoding (dblocks.tasks.lm_decode) draws exactly the tokens of the Python loop (dblocks.textgen.generate,
+"""Compiled decoding (dblocks.tasks.lm.decode) draws exactly the tokens of the Python loop (dblocks.textgen.generate,
 the reference) for the same seed: DiffusionBlocks with Euler, Heun and the ancestral solver with the 'sample' bridge,
 the plain causal LM, the recurrent DiffusionBlocks model and the Huginn baseline, temperature / top-p and greedy,
 past the end of the window (the re-prefilled window agrees too). Untrained, randomised parameters of the tiny
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dblocks import textgen
-from dblocks.tasks import ar_infer, lm_decode
+from dblocks.tasks.lm import decode as lm_decode
 from experiments.configs import tiny_ar, tiny_recurrent
 from dblocks.assemble import random_run
 
@@ -30,9 +30,9 @@ def runs():
 
 
 def _both(run, seed=7, **options):
-    smp = ar_infer.sampler_options(run.task, run, **options)
-    fast, calls = ar_infer.generate(run.task, run, PROMPTS, NEW, seed, smp)
-    slow, _ = ar_infer.generate(run.task, run, PROMPTS, NEW, seed, smp, compiled=False)
+    smp = run.task.sampler_options(run, **options)
+    fast, calls = run.task.generate(run, PROMPTS, NEW, seed, smp)
+    slow, _ = run.task.generate(run, PROMPTS, NEW, seed, smp, compiled=False)
     return fast, slow, calls
 
 
@@ -76,7 +76,7 @@ def test_the_compiled_loop_updates_the_caches_in_place(runs):
     """No cache-sized copy inside the loop body: without copy insertion's region analysis (lm_decode._jit) XLA
     copied every cache once or twice per token, which cost the LM about a third of its decoding time."""
     run = runs[("ar", "e2e")]
-    smp = ar_infer.sampler_options(run.task, run)
+    smp = run.task.sampler_options(run)
     dec = run.task.decoder(run, len(PROMPTS), smp)
     comp = dec.compiled
     seg = comp.segment(dec.t_max, smp.temperature, smp.top_p, smp.greedy)
@@ -99,7 +99,7 @@ def test_blocks_the_grid_never_calls_keep_no_cache(runs):
     decoder's state (prefill and after each token), and the tokens are those of the uncached reference."""
     from dblocks import sampling
     run = runs[("ar", "dblocks")]
-    smp = ar_infer.sampler_options(run.task, run, grid="80,0.45")
+    smp = run.task.sampler_options(run, grid="80,0.45")
     assert sampling.blocks_called(smp.grid, run.partition, smp.solver) == [0]
     assert sampling.blocks_called((80.0, 0.45, 0.01), run.partition, "euler") == [0, 1]
     assert sampling.blocks_called((80.0, 0.45), run.partition, "heun") == [0]
@@ -108,8 +108,8 @@ def test_blocks_the_grid_never_calls_keep_no_cache(runs):
     assert state["caches"][1] is None and state["caches"][0] is not None
     state = dec.compiled.append(dec.compiled.params, state, jnp.asarray(PROMPTS[:, 0]))
     assert state["caches"][1] is None
-    cached, _ = ar_infer.generate(run.task, run, PROMPTS, 5, 3, smp)
-    uncached, _ = ar_infer.generate(run.task, run, PROMPTS, 5, 3, smp, use_cache=False)
+    cached, _ = run.task.generate(run, PROMPTS, 5, 3, smp)
+    uncached, _ = run.task.generate(run, PROMPTS, 5, 3, smp, use_cache=False)
     np.testing.assert_array_equal(cached, uncached)
 
 

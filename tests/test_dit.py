@@ -7,7 +7,7 @@ import pytest
 from dblocks import edm as E
 from dblocks import partition as P
 from dblocks import sampling
-from dblocks.tasks import dit_eval, get_task
+from dblocks.tasks import get_task
 from experiments.configs import tiny_dit
 
 
@@ -68,7 +68,7 @@ def test_guidance_mixes_conditional_and_unconditional(task_model_params):
     sigma, label = jnp.array([0.5, 2.0]), jnp.array([1, 3])
     cond = task.denoise(model, params, z, sigma, label)
     uncond = task.denoise(model, params, z, sigma, jnp.full((2,), 4))
-    guided = dit_eval._guided(task, model)
+    guided = task.guided_denoiser(model)
     np.testing.assert_allclose(guided(params, z, sigma, label, 1.0), cond, atol=1e-5)
     np.testing.assert_allclose(guided(params, z, sigma, label, 0.0), uncond, atol=1e-5)
     np.testing.assert_allclose(guided(params, z, sigma, label, 2.0), 2 * cond - uncond, atol=1e-4)

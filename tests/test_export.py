@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     c.data.name = f"folder:{tmp / 'pngs'}"
     c.data.image_size, c.data.channels, c.data.num_classes = 8, 0, 0
     c.train.steps, c.optim.warmup_steps, c.optim.ema_decay = 2, 1, 0.5
-    c.sample.steps = 4
+    c.sample.grid_points = 4
     workdir = str(tmp / "run")
     user_data.resolve_fields(c, workdir)
     assert (c.data.num_classes, c.data.channels, c.data.class_names) == (2, 1, "circle,square")
@@ -78,7 +78,7 @@ def test_sample_npz_and_pngs_for_fid_tools(trained, monkeypatch):
     tmp, workdir = trained
     out, pngs = str(tmp / "samples.npz"), tmp / "samples_png"
     summary = sample.write_images(sample.load(workdir, None, None, True), num=5, seed=0, batch_size=5, npz=out,
-                                  png_dir=str(pngs), steps=None, solver=None, guidance=None)
+                                  png_dir=str(pngs), grid_points=None, solver=None, guidance=None)
     with np.load(out) as z:
         assert z["arr_0"].shape == (5, 8, 8, 1) and z["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(z["arr_1"], [0, 1, 0, 1, 0])

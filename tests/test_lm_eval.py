@@ -9,8 +9,9 @@ import pytest
 from dblocks import edm as edm_lib
 from dblocks import information, lm_elbo, ngram, targets, text_metrics
 from dblocks import partition as partition_lib
-from dblocks.tasks import ar_eval, ar_infer, get_task
-from dblocks.tasks.lm_base import likelihood_logits
+from dblocks.tasks import get_task
+from dblocks.tasks.lm.sampler import parse_grid
+from dblocks.tasks.lm.task import likelihood_logits
 from experiments.configs import tiny_ar
 from dblocks.assemble import random_run
 
@@ -120,7 +121,7 @@ def test_likelihood_term_makes_an_untrained_block_the_exact_uniform_prior_poster
     want = (np.asarray(z) @ E.T - 0.5 * (E ** 2).sum(-1)) / 0.09
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(likelihood_logits(z, sigma, task.E), want, rtol=1e-4, atol=1e-3)
-    fns = ar_infer.block_fns(task, model, "softmax")
+    fns = task.block_fns(model, "softmax")
     _, cache = fns["prefill"](params, tokens[:, :5])
     _, row = fns["noisy_row"](params, cache, z[:, 5:6], jnp.full((2,), 0.3), 5, jax.random.PRNGKey(0), tokens[:, 4])
     np.testing.assert_allclose(row, want[:, 5], rtol=1e-4, atol=1e-3)
@@ -171,25 +172,25 @@ def db_run():
 
 def test_grids_explicit_and_ending_above_sigma_min(db_run):
     task = db_run.task
-    s = ar_infer.sampler_options(task, db_run, sigma_end=0.1, grid_points=4)
+    s = task.sampler_options(db_run, sigma_end=0.1, grid_points=4)
     assert len(s.grid) == 4 and s.grid[0] == task.edm.sigma_max and np.isclose(s.grid[-1], 0.1)
-    assert ar_infer.sampler_options(task, db_run, grid="80,0.45,0.2,0.1").grid == (80.0, 0.45, 0.2, 0.1)
-    assert ar_infer.sampler_options(task, db_run, grid="80,0.5,0.1", solver="heun").calls_per_token == 5
-    assert ar_infer.sampler_options(task, db_run, steps=6).calls_per_token == 6   # the CLI's --steps
+    assert task.sampler_options(db_run, grid="80,0.45,0.2,0.1").grid == (80.0, 0.45, 0.2, 0.1)
+    assert task.sampler_options(db_run, grid="80,0.5,0.1", solver="heun").calls_per_token == 5
+    assert task.sampler_options(db_run, grid_points=6).calls_per_token == 6   # the CLI's --grid_points
     with pytest.raises(ValueError):
-        ar_infer.parse_grid("0.1,0.5")
+        parse_grid("0.1,0.5")
     # the token is drawn from the last call: generation runs and reports the calls
-    out, calls = ar_infer.generate(task, db_run, np.ones((2, 4), np.int32), 3, 0,
-                                   ar_infer.sampler_options(task, db_run, grid="80,0.45,0.1"))
+    out, calls = task.generate(db_run, np.ones((2, 4), np.int32), 3, 0,
+                                   task.sampler_options(db_run, grid="80,0.45,0.1"))
     assert out.shape == (2, 3) and calls == 3
 
 
 def test_temperature_acts_on_the_last_calls_softmax(db_run):
     task = db_run.task
     prompts = np.tile(np.arange(4, dtype=np.int32), (64, 1))
-    smp = lambda t: ar_infer.sampler_options(task, db_run, grid="80,0.45,0.1", temperature=t, top_p=1.0)  # noqa
-    cold, _ = ar_infer.generate(task, db_run, prompts, 1, 0, smp(0.05))
-    hot, _ = ar_infer.generate(task, db_run, prompts, 1, 0, smp(5.0))
+    smp = lambda t: task.sampler_options(db_run, grid="80,0.45,0.1", temperature=t, top_p=1.0)  # noqa
+    cold, _ = task.generate(db_run, prompts, 1, 0, smp(0.05))
+    hot, _ = task.generate(db_run, prompts, 1, 0, smp(5.0))
     assert len(np.unique(hot)) > len(np.unique(cold))
 
 
@@ -212,7 +213,7 @@ def test_ngram_is_normalised_and_matches_counts():
 def test_ensemble_of_one_run_twice_is_that_run():
     run = random_run(tiny_ar.get_config(), "e2e")
     w = (np.arange(64).reshape(4, 16) % 20).astype(np.int32)
-    ens = ar_eval.ensemble_bits(run.task, [run, run], w, 4)
+    ens = run.task.ensemble_bits([run, run], w, 4)
     single = text_metrics.bits_per_token(run.task.window_logprobs(run, w, jax.random.PRNGKey(0), 1)["logp"])
     assert np.isclose(ens["mixture_bits"], single, atol=1e-5) and np.isclose(ens["product_bits"], single, atol=1e-5)
 

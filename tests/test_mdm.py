@@ -273,9 +273,22 @@ def test_bad_configs_are_refused():
     c = tiny_mdm.get_config()
     c.model.heads = 3
     c.mdm.t_min = 0.5
-    c.sample.steps = 3
+    c.sample.grid_points = 3
     c.data.name = "wikipedia"
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c)
-    for field in ("model.hidden", "mdm.t_min", "sample.steps", "data.name"):
+    for field in ("model.hidden", "mdm.t_min", "sample.grid_points", "data.name"):
         assert field in str(e.value)
+
+
+def test_sample_steps_is_now_grid_points():
+    """MDM's sampler steps are `sample.grid_points`, every task's name: a run saved with the old field reads it under
+    the new one (so it loads, resumes and exports as before), and a config file that still sets it is refused."""
+    from dblocks import run_record
+    saved = {"task": "mdm", "sample": {"steps": 5, "num": 2}}
+    assert run_record.saved_config(saved)["sample"] == {"grid_points": 5, "num": 2}
+    assert saved["sample"] == {"steps": 5, "num": 2}   # a copy: the record itself is left as it was
+    c = tiny_mdm.get_config()
+    c.sample.steps = 8
+    with pytest.raises(config_lib.ConfigError, match="sample.steps is now called sample.grid_points"):
+        config_lib.validate(c)

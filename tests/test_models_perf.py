@@ -123,7 +123,7 @@ def test_bf16_cache_holds_the_compute_dtype_and_decodes_identically():
     """A bfloat16 model's K/V cache is bfloat16 (half the bytes, no conversion per call): the keys and values are
     computed in bf16, so storing them in float32 only round-tripped them exactly, and the next clean and noisy rows
     come out bit-identical from either cache."""
-    from dblocks.tasks import ar_infer, get_task
+    from dblocks.tasks import get_task
     from experiments.configs import tiny_ar
     c = tiny_ar.get_config()
     c.method, c.model.dtype = "dblocks", "bfloat16"
@@ -131,7 +131,7 @@ def test_bf16_cache_holds_the_compute_dtype_and_decodes_identically():
     model = task.make_model(task.units("dblocks")[1])
     params = _perturb(task.init_params(model, jax.random.PRNGKey(0), task.dummy_batch()))
     tokens = jnp.asarray(np.arange(10).reshape(2, 5) % task.vocab.size)
-    fns = ar_infer.block_fns(task, model, "softmax")
+    fns = task.block_fns(model, "softmax")
     _, cache = fns["prefill"](params, tokens)
     assert all(k.dtype == v.dtype == jnp.bfloat16 for k, v in cache)
     wide = [(k.astype(jnp.float32), v.astype(jnp.float32)) for k, v in cache]   # the cache as it was stored before

@@ -7,7 +7,7 @@ import pytest
 
 from dblocks import edm as edm_lib
 from dblocks import sampling, targets
-from dblocks.tasks import ar_infer, get_task
+from dblocks.tasks import get_task
 from experiments.configs import tiny_recurrent
 from dblocks.assemble import random_run
 
@@ -29,7 +29,7 @@ def test_k_euler_steps_with_an_oracle_core_land_on_the_target(runs):
     run = runs["dblocks"]
     task = run.task
     K = int(task.config.recurrent.mean_iterations)
-    grid = np.asarray(ar_infer.sampler_options(task, run).grid)
+    grid = np.asarray(task.sampler_options(run).grid)
     assert len(grid) == K and run.partition.num_blocks == 1
     E = task.E
     target = jnp.array([3, 7, 11])

@@ -182,8 +182,8 @@ def test_sample_command_keeps_the_configs_grid_kind():
     """experiments.sample's --grid must not override sample.grid_kind unless given (fashion_mnist_dit samples on
     Karras's grid; a 'cdf' default silently sampled its 20-point dpmpp_2m chain on the worse grid)."""
     from experiments import sample
-    from dblocks.tasks import dit_eval, get_task
+    from dblocks.tasks import get_task
     from experiments.configs import fashion_mnist_dit
     assert sample._GRID.default is None
     task = get_task(fashion_mnist_dit.get_config())
-    assert dit_eval.sampler_options(task, grid_kind=sample._GRID.default)["grid_kind"] == "karras"
+    assert task.sampler_options(grid_kind=sample._GRID.default)["grid_kind"] == "karras"

@@ -165,6 +165,83 @@ def test_experiments_call_no_private_library_function():
     assert not bad, bad
 
 
+def _task_imports(tree: ast.AST) -> set[str]:
+    """Names a module binds to other task modules or their functions (`from dblocks.tasks import dit_eval`,
+    `from dblocks.tasks.lm import decode as lm_decode`, `import dblocks.tasks.x as y`, `from dblocks.tasks.x import f`)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dblocks.tasks"):
+            names |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.asname for a in node.names if a.name.startswith("dblocks.tasks.") and a.asname}
+    return names
+
+
+def task_forwarders(source: str) -> list[str]:
+    """'Class.method -> call' for each method whose whole body (after its docstring) is `return f(self, ...)` or
+    `return module.f(self, ...)` with f from another task module: a task cut in two files that call each other."""
+    tree = ast.parse(source)
+    imported, found = _task_imports(tree), []
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+            body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
+            if len(body) != 1 or not isinstance(body[0], ast.Return) or not isinstance(body[0].value, ast.Call):
+                continue
+            call = body[0].value
+            root = call.func.value if isinstance(call.func, ast.Attribute) else call.func
+            passes_self = any(isinstance(a, ast.Name) and a.id == "self" for a in call.args)
+            if isinstance(root, ast.Name) and root.id in imported and passes_self:
+                found.append(f"{cls.name}.{fn.name} -> {ast.unparse(call.func)}")
+    return found
+
+
+def test_each_task_lives_in_one_home():
+    """A task's training, sampling and evaluation are methods of its own class: no `*_eval` / `*_infer` module beside
+    it, and no method that only hands `self` to a function of another task module (docs/design.md, Layout)."""
+    modules = {n: p for n, p in _modules().items() if n.startswith("dblocks.tasks")}
+    split = [n for n in modules if n.rpartition(".")[2].endswith(("_eval", "_infer"))]
+    assert not split, f"task modules cut in two: {split}"
+    bad = {n: f for n, p in modules.items() if (f := task_forwarders(p.read_text()))}
+    assert not bad, f"methods that forward to another task module: {bad}"
+
+
+def test_forwarder_checker_sees_a_forwarder():
+    src = ('from dblocks.tasks import dit_eval\nfrom dblocks.tasks.lm.decode import helper\n'
+           'class T:\n    def evaluate(self, run, **o):\n        """Doc."""\n'
+           '        return dit_eval.evaluate(self, run, **o)\n'
+           '    def decode(self, run):\n        return helper(self, run)\n'
+           '    def own(self, run):\n        return run.task.evaluate(run)\n'
+           '    def no_self(self, run):\n        return helper(run)\n')
+    assert task_forwarders(src) == ["T.evaluate -> dit_eval.evaluate", "T.decode -> helper"]
+
+
+def outside_writes(source: str) -> list[str]:
+    """Writes into a task object from outside its class: `setattr(task, ...)` or `task.__dict__[...] = ...` on any
+    expression naming a task (a cache belongs to the task: a cached_property or an attribute set in __init__)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+                and node.args and "task" in ast.unparse(node.args[0])):
+            found.append(ast.unparse(node))
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                if (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Attribute) and t.value.attr == "__dict__"
+                        and "task" in ast.unparse(t.value.value)):
+                    found.append(ast.unparse(t))
+    return sorted(found)
+
+
+def test_nothing_writes_into_a_task_from_outside():
+    bad = {n: w for n, p in _modules().items() if (w := outside_writes(p.read_text()))}
+    assert not bad, f"task state set from outside the task: {bad}"
+
+
+def test_outside_write_checker_sees_setattr_and_dict_writes():
+    src = ("def f(task, run, obj):\n    setattr(task, '_cache', 1)\n    run.task.__dict__['_vocab'] = 2\n"
+           "    setattr(obj, 'x', 3)\n    self.__dict__['vocab'] = 4\n")
+    assert outside_writes(src) == ["run.task.__dict__['_vocab']", "setattr(task, '_cache', 1)"]
+
+
 # The config module owns the defaults (its builders and each task's `defaults`); user_data resolves the data fields
 # of configs that are not validated yet (older runs' saved configs included), where an absent field is the point.
 CONFIG_GET_ALLOWED = {"dblocks.config", "dblocks.user_data", "dblocks.run_record"}   # run_record: saved metas

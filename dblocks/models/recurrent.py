@@ -4,7 +4,7 @@ of layers is applied K times to a latent state, coda layers read the state out (
 Two modes over the same prelude / core / coda layers:
 - diffusion=False, the baseline (Huginn): s_0 ~ N(0, init_std^2 I); s_k = norm(core(adapter([s_{k-1} ; e])));
   logits = coda(s_K). Row i predicts token i+1. Training runs a random number of iterations and back-propagates
-  through the last few (dblocks.tasks.recurrent); each iteration k has its own K/V cache at generation.
+  through the last few (dblocks.tasks.lm.recurrent); each iteration k has its own K/V cache at generation.
 - diffusion=True, DiffusionBlocks with B=1: the whole network is one denoiser over the [clean ; noisy] layout of
   dblocks.models.ar. The prelude runs on the clean rows only (it never sees noise; with noisy_prelude on the noisy
   rows too, which measured 0.3 bits/char better on Shakespeare, docs/language_models.md); core and coda run on both,

@@ -65,9 +65,10 @@ def with_defaults(config: ml_collections.ConfigDict, defaults: dict[str, dict]) 
 class Task:
     """Base class of tasks. Subclasses set `name` and implement the methods that raise NotImplementedError.
 
-    A task is the training side (config checks, data, model, loss); sampling, decoding and evaluation are functions
-    in the task's own `*_eval` / `*_infer` modules that take (task, run, ...), reached through `write_samples` and
-    `evaluate` below."""
+    A task is one object for all its work: the training side (config checks, data, model, loss) and, after
+    training, its sampler (`generate`), sample files (`write_samples`) and evaluation (`evaluate`) of an assembled
+    run. Each task keeps these in its own class (the language tasks' in dblocks/tasks/lm/); the commands call only
+    the methods declared here."""
     name = ""
     # The fields this task reads that a config file may leave out, with their defaults ({section: {field: value}}).
     # A subclass declares only its own; `all_defaults` merges them along the class hierarchy.
@@ -169,6 +170,14 @@ class Task:
         raise NotImplementedError
 
     # -- after training ------------------------------------------------------------------------------------------
+    def generate(self, run, *inputs, **options) -> Any:
+        """The task's sampler on an assembled run (`dblocks.assemble.Run`): images for class labels (dit:
+        `generate(run, labels, ...)` -> SampleResult), token sequences (mdm: `generate(run, num, grid_points, ...)`),
+        continuations of prompts (ar, recurrent: `generate(run, prompts, max_tokens, ...)` -> (tokens, calls)).
+        Every sampler calls its step count `grid_points`: the noise levels (masking times) at which a block is called.
+        The classifier (vit) has `classify` instead."""
+        raise NotImplementedError(f"the {self.name!r} task has no generator")
+
     def write_samples(self, run, out_path: str, **options) -> dict:
         """Writes something a person can look at (an image grid, text) and returns a summary."""
         raise NotImplementedError

@@ -2,12 +2,19 @@
 
 Loss: EDM-weighted L2, lambda(sigma) per sample, sigma from the unit's range; labels dropped to the null class with
 probability class_dropout for classifier-free guidance. Sampling: the blocks' chain with guidance
-D = D_uncond + w (D_cond - D_uncond).
+
+    D = D_uncond + w (D_cond - D_uncond)          (one doubled batch per block call)
+
+After training: sample grids and FID. Sampler options are explicit arguments; unset ones take the config's `sample`
+section.
 """
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dblocks import data as data_lib
 from dblocks import edm as edm_lib
@@ -16,9 +23,8 @@ from dblocks import partition as partition_lib
 from dblocks import sampling
 from dblocks.models.dit import DiT
 from dblocks.models.options import model_options
-from dblocks.tasks import dit_eval
 from dblocks.tasks.base import Task, Unit, register
-from dblocks.tasks.image_data import LabelledImages
+from dblocks.tasks.image_data import LabelledImages, class_names
 
 
 @register
@@ -101,14 +107,91 @@ class DiTTask(LabelledImages, Task):
         w = edm_lib.loss_weight(sigma, self.edm.sigma_data, self.config.edm.loss_weighting, self.config.edm.max_weight)
         return edm_lib.weighted_mean(per_sample, w), {"mse": jnp.mean(per_sample)}
 
-    # -- after training (dblocks.tasks.dit_eval) -------------------------------------------------------------------
-    def generate(self, run, labels, grid_points=None, solver=None, guidance=None, seed=0, grid_kind=None):
-        """Samples one image per label (dblocks.tasks.dit_eval.generate; unset options from config.sample)."""
-        return dit_eval.generate(self, run, labels, seed=seed,
-                                 **dit_eval.sampler_options(self, grid_points, solver, guidance, grid_kind))
+    # -- after training: sampling, sample grids, FID ------------------------------------------------------------------
+    def guided_denoiser(self, model):
+        """One jitted guided denoiser (params, z, sigma, label, guidance) -> D per model shape (blocks of equal shape
+        share the compiled function)."""
+        def build():
+            @jax.jit
+            def guided(params, z, sigma, label, guidance):
+                null = jnp.full_like(label, self.config.data.num_classes)
+                d = self.denoise(model, params, jnp.concatenate([z, z]), jnp.concatenate([sigma, sigma]),
+                                 jnp.concatenate([label, null]))
+                d_cond, d_uncond = jnp.split(d, 2)
+                return d_uncond + guidance * (d_cond - d_uncond)
+            return guided
+        return self.jit("guided_denoiser", model, build)
 
-    def write_samples(self, run, out_path, **options) -> dict:
-        return dit_eval.write_samples(self, run, out_path, **options)
+    def sampler_options(self, grid_points=None, solver=None, guidance=None, grid_kind=None) -> dict:
+        """The sampler settings: explicit values, else the config's sample section."""
+        s = self.config.sample
+        return {"grid_points": int(grid_points or s.grid_points), "solver": solver or s.solver,
+                "guidance": float(s.guidance if guidance is None else guidance),
+                "grid_kind": grid_kind or s.grid_kind}
 
-    def evaluate(self, run, **options) -> dict:
-        return dit_eval.evaluate(self, run, **options)
+    def generate(self, run, labels, grid_points=None, solver=None, guidance=None, seed=0,
+                 grid_kind=None) -> sampling.SampleResult:
+        """Samples one image per label: [N, S, S, C] in about [-1, 1] (SampleResult.denoised)."""
+        opts = self.sampler_options(grid_points, solver, guidance, grid_kind)
+        labels = jnp.asarray(labels, jnp.int32)
+        g = jnp.float32(opts["guidance"])
+
+        def denoise(b, z, sigma):
+            return self.guided_denoiser(run.models[b])(run.params[b], z, sigma, labels, g), None
+
+        d = self.config.data
+        z0 = edm_lib.initial_noise(jax.random.PRNGKey(seed), (len(labels), d.image_size, d.image_size, d.channels),
+                                   self.edm.sigma_max)
+        grid = sampling.grid_for(opts["grid_points"], self.edm, opts["grid_kind"])
+        return sampling.sample(denoise, z0, grid, run.partition, opts["solver"])
+
+    def write_samples(self, run, out_path, grid_points=None, solver=None, guidance=None, per_class=None, seed=0,
+                      grid_kind=None, **_) -> dict:
+        """A grid of samples, one row per class, as a PNG; returns a summary."""
+        opts = self.sampler_options(grid_points, solver, guidance, grid_kind)
+        per_class = int(per_class or self.config.sample.per_class)
+        classes = int(self.config.data.num_classes)
+        labels = np.repeat(np.arange(classes), per_class)
+        t0 = time.perf_counter()
+        res = self.generate(run, labels, seed=seed, **opts)
+        images = np.asarray(jax.device_get(res.denoised))
+        seconds = time.perf_counter() - t0
+        images_lib.save_grid(images, classes, out_path, row_labels=class_names(self.config))
+        return {"path": out_path, "images": len(labels), **opts, "block_calls_per_sample": res.block_calls,
+                "seconds": round(seconds, 2), "seconds_per_image": seconds / len(labels)}
+
+    def evaluate(self, run, num_samples=10_000, repeats=3, grid_points=None, solver=None, guidance=None, seed=0,
+                 batch_size=None, limit=None, cache_dir=None, fid_train_steps=1500, grid_kind=None, split="test",
+                 **_) -> dict:
+        """FID (min of `repeats` sets of num_samples class-balanced samples) against `split` ('test', or
+        'validation' for choosing settings), in the features of a classifier trained on this dataset's train split
+        (dblocks.fid; NOT Inception: not comparable with the paper's FIDs), plus sampling time per image and block
+        calls per sample. `limit` caps the reference set."""
+        from dblocks import fid
+        d = self.config.data
+        opts = self.sampler_options(grid_points, solver, guidance, grid_kind)
+        to_batch = lambda ex: (data_lib.to_model_range(ex["image"]), np.asarray(ex["label"], np.int32))  # noqa: E731
+        key = dict(self.signature()["data"])   # the data the network trains on: with held-out fractions if they matter
+        extractor = fid.load_or_train(cache_dir, key, self.source, to_batch, int(d.num_classes),
+                                      steps=int(fid_train_steps))
+        ref_src = self.source(split)
+        n_ref = len(ref_src) if not limit else min(int(limit), len(ref_src))
+        reference = to_batch(ref_src.get(np.arange(n_ref)))[0]
+        calls = []
+
+        def sample_fn(r, start, count):
+            labels = np.arange(start, start + count) % int(d.num_classes)
+            res = self.generate(run, labels, seed=seed * 1_000_003 + r * 10_007 + start, **opts)
+            calls.append(res.block_calls)
+            return jax.device_get(res.denoised)
+
+        out = fid.evaluate_samples(extractor, reference, sample_fn, int(num_samples), int(repeats),
+                                   int(batch_size or 500))
+        return {"headline": {"name": "fid_min_of_%d" % int(repeats), "value": out["fid_min"],
+                             "higher_is_better": False},
+                "block_calls_per_sample": int(calls[-1]), **opts,
+                "network_batch_note": "with guidance each block call runs the conditional and unconditional branch "
+                                      "as one doubled batch",
+                "method": run.method, "split": split, **out,
+                "feature_net": {k: extractor.meta.get(k) for k in ("path", "test_accuracy", "steps", "features")},
+                "fid_features": "dblocks.fid.FeatureNet trained on this dataset (not Inception-v3)"}

@@ -1,10 +1,20 @@
 """Labelled-image data shared by the image tasks (DiT generation, ViT classification): the source of a split, the
-batch in the model's range, and a dummy batch for shape-only work (initialisation, memory analysis)."""
+batch in the model's range, a dummy batch for shape-only work (initialisation, memory analysis), and the class names
+that label the rows of their sample grids."""
 from __future__ import annotations
 
 import numpy as np
 
 from dblocks import data as data_lib
+
+
+def class_names(config) -> list[str]:
+    """Row labels for image grids: Fashion-MNIST's names, the data's own class names (folder:, hf:), or numbers."""
+    k = int(config.data.num_classes)
+    if config.data.name == "fashion_mnist":
+        return list(data_lib.FASHION_MNIST_CLASSES)
+    names = [n for n in str(config.data.class_names or "").split(",") if n]
+    return names if len(names) == k else [f"class {c}" for c in range(k)]
 
 
 class LabelledImages:

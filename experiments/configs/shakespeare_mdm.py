@@ -38,5 +38,5 @@ def get_config(arg=None):
 
     # ELBO: 2048 test windows spread over the whole test split, 6 stratified t per window (2 per block).
     c.eval = dict(t_per_sequence=6, max_sequences=2048, batch_size=64)
-    c.sample = dict(steps=64, num=8, temperature=1.0)
+    c.sample = dict(grid_points=64, num=8, temperature=1.0)
     return c

@@ -41,5 +41,5 @@ def get_config(arg=None):
 
     # The whole test split (19,531 windows of 256), 6 stratified t each (2 per block).
     c.eval = dict(t_per_sequence=6, max_sequences=0, batch_size=256)
-    c.sample = dict(steps=256, num=8, temperature=1.0)
+    c.sample = dict(grid_points=256, num=8, temperature=1.0)
     return c

@@ -28,5 +28,5 @@ def get_config(arg=None):
     c.train.plot_at_end = False
 
     c.eval = dict(t_per_sequence=3, max_sequences=16, batch_size=8)
-    c.sample = dict(steps=8, num=2, temperature=1.0)
+    c.sample = dict(grid_points=8, num=2, temperature=1.0)
     return c

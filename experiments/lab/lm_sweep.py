@@ -5,7 +5,7 @@ solver, bridge) on one run, in one process (each block's compiled pass is reused
       --arm "euler4=solver=euler,bridge=softmax,grid=80;0.45;0.2;0.1" \
       --arm "anc4=solver=ancestral,bridge=sample,grid=80;0.45;0.2;0.1"
 
-An arm is NAME=key=value,... over the sampler options of dblocks.tasks.ar_infer.sampler_options (grid levels
+An arm is NAME=key=value,... over the sampler options of the language tasks' sampler_options (dblocks.tasks.lm.inference) (grid levels
 separated by ';'; grid_points=N with grid= empty for the CDF grid). Each arm reports sampler_bits (the final softmax
 averaged over --draws chains), first_call_bits, final_entropy_bits, accuracy and block calls per token; the ELBO
 (which does not depend on the sampler) is computed once. Choose settings on --split validation; report on test.
@@ -20,7 +20,6 @@ from absl import flags
 from dblocks import assemble, paths
 from dblocks.checkpoint import write_json_atomic
 from dblocks.config import ConfigError
-from dblocks.tasks import ar_eval, ar_infer
 from experiments.common import run_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained ar or recurrent DiffusionBlocks workdir", required=True)
@@ -62,18 +61,18 @@ def main(argv):
     arms = [parse_arm(a) for a in _ARMS.value]   # bad specs fail before anything is loaded
     run = assemble.load_run(_WORKDIR.value)
     task = run.task
-    windows = ar_infer.heldout_windows(task, _LIMIT.value, _SPLIT.value)
+    windows = task.heldout_windows(_LIMIT.value, _SPLIT.value)
     bs = int(task.config.eval.batch_size)
     out = {"workdir": _WORKDIR.value, "split": _SPLIT.value, "windows": int(len(windows)), "draws": _DRAWS.value,
            "arms": {}}
     if _ELBO.value and run.method == "dblocks":
         t0 = time.perf_counter()
-        out["elbo"] = ar_eval.elbo(task, run, windows, int(task.config.eval.elbo_sigmas), bs, 0)
+        out["elbo"] = task.elbo(run, windows, int(task.config.eval.elbo_sigmas), bs, 0)
         print(f"elbo {out['elbo']['elbo_bits']:.3f} bits ({time.perf_counter() - t0:.0f} s)", flush=True)
     for name, opts in arms:
         t0 = time.perf_counter()
-        sampler = ar_infer.sampler_options(task, run, **opts)
-        sc = ar_eval.score_windows(task, run, windows, _DRAWS.value, bs, 0, sampler)
+        sampler = task.sampler_options(run, **opts)
+        sc = task.score_windows(run, windows, _DRAWS.value, bs, 0, sampler)
         row = {"sampler": sampler.to_dict(), "sampler_bits": sc["bits"], "accuracy": sc["accuracy"],
                "final_entropy_bits": sc["entropy"], "mixture_entropy_bits": sc["mixture_entropy"],
                "first_call_bits": sc.get("per_step_bits", [None])[0], "per_step_bits": sc.get("per_step_bits")}

@@ -12,10 +12,12 @@ Analytic likelihood (model.likelihood): the Bayes-optimal denoiser of a fixed E 
 softmax(LM(context) + log N(z; E_v, sigma^2 I)), so the task adds (<z, E_v> - |E_v|^2 / 2) / sigma^2 (raw z, not
 scaled by c_in) to the network's logits, and the network only has to learn the next-token LM.
 
-Sampling, decoding and evaluation are functions in dblocks.tasks.ar_infer and dblocks.tasks.ar_eval taking
-(task, run, ...); the thin methods at the end of the class reach them.
+Sampling, decoding and evaluation are methods of the same object, from its two parts LMInference
+(dblocks.tasks.lm.inference) and LMEvaluation (dblocks.tasks.lm.evaluate).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +25,14 @@ import numpy as np
 import optax
 
 from dblocks import edm as edm_lib
-from dblocks import information, partition as partition_lib, sampling, targets
+from dblocks import information, ngram, partition as partition_lib, sampling, targets
 from dblocks import text as text_lib
 from dblocks import tokenized
 from dblocks.data import DatasetMissingError
-from dblocks.tasks import ar_eval, ar_infer
 from dblocks.tasks.base import Task
+from dblocks.tasks.lm.evaluate import LMEvaluation
+from dblocks.tasks.lm.inference import LMInference
+from dblocks.tasks.lm.sampler import parse_grid
 
 Array = jax.Array
 
@@ -40,8 +44,8 @@ def likelihood_logits(z: Array, sigma: Array, E: Array) -> Array:
     return (z @ E.T - half_sq) / (sigma[..., None] ** 2)
 
 
-class LMTask(Task):
-    """Base of the language tasks; subclasses add make_model, init_params, loss and training_compute."""
+class LMTask(LMInference, LMEvaluation, Task):
+    """Base of the language tasks; subclasses add make_model, loss_on and training_compute."""
     defaults = {
         "data": {"tokenizer": ""},          # a SentencePiece model for tfds:/text:/jsonl:/hf: text ('' = characters)
         "model": {"target_dim": 0,          # width of the token embedding E (0 = model.hidden)
@@ -60,6 +64,12 @@ class LMTask(Task):
                    "temperature": 1.0, "top_p": 1.0, "greedy": False},   # how the token is drawn
         "eval": {"elbo_sigmas": 32},        # noise levels of the ELBO's quadrature
     }
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._partition: partition_lib.Partition | None = None   # built on first use (may read the train split)
+        self._unigram: np.ndarray | None = None                  # train-split token frequencies, on first use
+        self.ngram_judges: dict[int, ngram.NGram] = {}           # n-gram judges of the train split, by order
 
     # -- config ----------------------------------------------------------------------------------------------------
     def validate(self) -> list[str]:
@@ -85,16 +95,13 @@ class LMTask(Task):
         if m.target_dim < 0 or m.target_norm < 0:
             p.append(f"model.target_dim={m.target_dim} and model.target_norm={m.target_norm} must be "
                      f">= 0 (0 = hidden, and the sigma_data * sqrt(dim) scale contract)")
-        if "steps" in s and s.steps:
-            p.append(f"sample.steps={s.steps}: language tasks call it sample.grid_points (noise levels the chain "
-                     f"visits; 0 = default)")
         if s.solver not in sampling.ALL_SOLVERS:
             p.append(f"sample.solver={s.solver!r}; choose one of {sampling.ALL_SOLVERS}")
         gp = int(s.grid_points or 0)
         if gp and gp < max(2, self.min_grid_points()):
             p.append(f"sample.grid_points={gp} cannot visit all {self.min_grid_points()} blocks (0 = one per block)")
         try:
-            ar_infer.parse_grid(s.grid)
+            parse_grid(s.grid)
         except ValueError as e:
             p.append(f"sample.grid: {e}")
         if s.bridge not in targets.BRIDGES:
@@ -129,14 +136,18 @@ class LMTask(Task):
         return ("name", "seq_len", "tokenizer")
 
     # -- data --------------------------------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def vocab(self):
         """Characters (CharVocab) or a SentencePiece model: .size, .encode(str), .decode(ids)."""
-        if "_vocab" not in self.__dict__:
-            d = self.config.data
-            self._vocab = (tokenized.load_tokenizer(d.tokenizer) if d.tokenizer
-                           else text_lib.vocab_for(d.name))
-        return self._vocab
+        d = self.config.data
+        return tokenized.load_tokenizer(d.tokenizer) if d.tokenizer else text_lib.vocab_for(d.name)
+
+    def set_vocab(self, vocab) -> None:
+        """Replaces the vocabulary (anything with .size: a stand-in for compile-only measurements when the tokenizer
+        file is not on this machine, dblocks.memory); what is built from it (E, the unigram, the partition) follows."""
+        self.__dict__["vocab"] = vocab
+        self.__dict__.pop("target_rows", None)
+        self._unigram, self._partition = None, None
 
     def source(self, split: str):
         d = self.config.data
@@ -180,14 +191,17 @@ class LMTask(Task):
             return self.target_norm / float(np.sqrt(self.target_dim))
         return self.edm.sigma_data
 
+    @functools.cached_property
+    def target_rows(self) -> np.ndarray:
+        """E as numpy [V, D], computed once (a jnp constant cached during a trace would leak a tracer)."""
+        m = self.config.model
+        return targets.fixed_embedding(self.vocab.size, self.target_dim, self.edm.sigma_data, int(m.target_seed),
+                                       float(m.target_norm or 0.0))
+
     @property
     def E(self) -> Array:
         """The fixed target space [V, D]: row v is the clean target of token v (not learned, docs/design.md item 4)."""
-        if "_E" not in self.__dict__:   # kept as numpy: a jnp constant cached during a trace would leak a tracer
-            m = self.config.model
-            self._E = targets.fixed_embedding(self.vocab.size, self.target_dim, self.edm.sigma_data,
-                                              int(m.target_seed), float(m.target_norm or 0.0))
-        return jnp.asarray(self._E)
+        return jnp.asarray(self.target_rows)
 
     @property
     def likelihood(self) -> bool:
@@ -196,7 +210,7 @@ class LMTask(Task):
     # -- the noise partition ------------------------------------------------------------------------------------------
     def unigram(self) -> np.ndarray:
         """Train-split token frequencies [V] (add-one smoothed), for the information partition."""
-        if "_unigram" not in self.__dict__:
+        if self._unigram is None:
             src = self.source("train")
             toks = np.asarray(src.get(np.arange(len(src)))["tokens"]).reshape(-1)
             counts = np.bincount(toks, minlength=self.vocab.size).astype(np.float64) + 1.0
@@ -209,7 +223,7 @@ class LMTask(Task):
         lowest training sigma (inference ownership is unchanged)."""
         b = self.config.blocks
         kind, B = str(b.partition), int(b.num_blocks)
-        if "_partition" in self.__dict__:
+        if self._partition is not None:
             return self._partition
         bounds = None
         if kind == "information":
@@ -285,25 +299,3 @@ class LMTask(Task):
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)      # [N, T]
         w = edm_lib.loss_weight(sigma, self.sigma_data, self.config.edm.loss_weighting, self.config.edm.max_weight)
         return edm_lib.weighted_mean(ce.reshape(-1), w.reshape(-1)), {"ce": ce.mean()}
-
-    # -- inference and evaluation (functions of (task, run, ...) in ar_infer / ar_eval) -----------------------------
-    def noisy_readout(self, run) -> bool:
-        """Whether the sampler's next-token distribution depends on noise (then it is averaged over draws)."""
-        return run.method == "dblocks"
-
-    def decoder(self, run, n: int, sampler: ar_infer.Sampler | None = None, use_cache: bool = True):
-        return ar_infer.decoder(self, run, n, sampler or ar_infer.sampler_options(self, run), use_cache)
-
-    def window_logprobs(self, run, tokens, key, num_draws, sampler: ar_infer.Sampler | None = None) -> dict:
-        return ar_infer.window_logprobs(self, run, tokens, key, num_draws,
-                                        sampler or ar_infer.sampler_options(self, run))
-
-    def generate(self, run, prompts, max_tokens, seed=0, use_cache=True, **options):
-        return ar_infer.generate(self, run, prompts, max_tokens, seed, ar_infer.sampler_options(self, run, **options),
-                                 use_cache)
-
-    def write_samples(self, run, out_path, **options) -> dict:
-        return ar_infer.write_samples(self, run, out_path, **options)
-
-    def evaluate(self, run, **options) -> dict:
-        return ar_eval.evaluate(self, run, **options)

@@ -1,10 +1,10 @@
 """Compiled token decoding for the language models: a run of tokens in one jitted `lax.fori_loop`, the K/V caches in
 the loop's carry, one host sync per segment instead of one per token.
 
-A cached decoder of dblocks.tasks.ar_infer (plain LM, DiffusionBlocks, the recurrent DiffusionBlocks model) or
-dblocks.tasks.recurrent_infer (Huginn) is written once, as pure functions of (params, state, ...), and serves both
-paths: the reference Python loop of `dblocks.textgen.generate` calls them with the run's parameters bound, and
-`generate` here traces them into one program per sampler:
+A cached decoder of the language tasks (dblocks.tasks.lm.inference: plain LM, DiffusionBlocks, the recurrent
+DiffusionBlocks model; dblocks.tasks.lm.recurrent: Huginn) is written once, as pure functions of (params, state,
+...), and serves both paths: the reference Python loop of `dblocks.textgen.generate` calls them with the run's
+parameters bound, and `generate` here traces them into one program per sampler:
 
     for each token t (global index, so keys do not depend on segment boundaries):
         k_chain, k_draw = split(fold_in(key, t))            # the Python loop's order
@@ -16,7 +16,7 @@ paths: the reference Python loop of `dblocks.textgen.generate` calls them with t
 so the compiled path draws exactly the tokens the Python path draws for the same key (tests/test_decode.py). The
 window rule of textgen.generate is kept: a segment runs up to the end of the window (t_max positions), then the host
 re-prefills from the last half. Parameters are arguments of the program, never constants baked into it; the program
-is cached with `task.jit` under a name that holds everything else it depends on.
+is cached with the task's `jit` under a name that holds everything else it depends on.
 """
 from __future__ import annotations
 
@@ -149,10 +149,10 @@ def row_by_row_prefill(jit: Callable, name: str, first: Callable, append: Callab
     return lambda ctx: fn(params, jnp.asarray(ctx, jnp.int32))
 
 
-def jit_for(task, models) -> Callable:
-    """The task's cache of jitted functions (`task.jit`) for a run's models: keyed by the model when all blocks have
+def jit_for(jit: Callable, models) -> Callable:
+    """A task's cache of jitted functions (`Task.jit`) for a run's models: keyed by the model when all blocks have
     one shape, else by every block's model config."""
     reprs = {repr(m) for m in models}
     if len(reprs) == 1:
-        return lambda name, build: task.jit(name, models[0], build)
-    return lambda name, build: task.jit(f"{name}|{'|'.join(repr(m) for m in models)}", None, build)
+        return lambda name, build: jit(name, models[0], build)
+    return lambda name, build: jit(f"{name}|{'|'.join(repr(m) for m in models)}", None, build)

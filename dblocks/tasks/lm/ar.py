@@ -7,7 +7,7 @@ cross-entropy of the logits of each noisy row, weighted per token by lambda(sigm
 With the prior head the network reads no z, and model.ar_layout='t' drops the noisy rows: the block is the causal LM
 over the T clean rows with a sigma-conditioned head (half the rows; docs/language_models.md, "T-row layout").
 The shared language-task pieces (data, E and the scale contract, the optional analytic likelihood term, the
-partition, the loss) are in dblocks.tasks.lm_base; generation and evaluation in dblocks.tasks.ar_infer / ar_eval.
+partition, the loss, generation and evaluation) are in LMTask (dblocks.tasks.lm.task).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dblocks import losses
 from dblocks.models import ar as ar_model
 from dblocks.models.options import model_options
 from dblocks.tasks.base import Unit, register
-from dblocks.tasks.lm_base import LMTask
+from dblocks.tasks.lm.task import LMTask
 
 LAYOUTS = ("2t", "t")
 
