@@ -21,6 +21,13 @@ python_bin() {
   if [ -n "${DBLOCKS_NO_VENV:-}" ]; then command -v python3; else echo "$VENV/bin/python"; fi
 }
 
+test_workers() {  # test processes: the CPU count, at most 4 (each holds its own compiled programs, 2-3 GiB)
+  local n
+  n=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
+  [ "$n" -gt 4 ] && n=4
+  echo "$n"
+}
+
 check_python() {  # PYTHON: exits with a message when it is missing or older than MIN_PYTHON
   local py=$1
   if ! command -v "$py" >/dev/null 2>&1; then
@@ -267,7 +274,9 @@ case "$cmd" in
     use_tcmalloc
     use_hugepages
     "$(python_bin)" -m ruff check dblocks experiments tests   # the rules: [tool.ruff] in pyproject.toml
-    "$(python_bin)" -m pytest -q tests "$@" ;;
+    # the files spread over up to 4 worker processes (pytest-xdist; a file's tests share a worker, so its module
+    # fixtures are built once): the suite is mostly single-threaded compiles. `-n 0` runs it in one process.
+    "$(python_bin)" -m pytest -q tests -n "$(test_workers)" --dist loadfile "$@" ;;
   train|sample|evaluate|compare|memory|bench|export|convert)
     setup
     use_tcmalloc
