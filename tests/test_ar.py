@@ -313,6 +313,15 @@ def test_train_evaluate_and_write_samples(trained, tmp_path):
     assert text.count("=== sample") == 2 and "the king[[" in text
 
 
+def test_generated_text_is_judged_by_another_run_never_by_itself(ar_runs):
+    kw = dict(max_windows=2, num_samples=2, max_tokens=4, mauve=False, temperatures=(), elbo_sigmas=2)
+    e2e, blocks = ar_runs["e2e"], ar_runs["dblocks"]
+    assert "gen_ppl" in blocks.task.evaluate(blocks, judge=e2e, **kw)["generation"]   # a plain LM judges the blocks
+    for judge in (None, e2e):   # an e2e run evaluated alone, or handed itself: no perplexity of its own samples
+        g = e2e.task.evaluate(e2e, judge=judge, **kw)["generation"]
+        assert "gen_ppl" not in g and "gen_ppl_e2e" not in g and g["judge"] is None and "gen_ppl_ngram" in g
+
+
 @pytest.mark.slow
 def test_t_layout_trains_evaluates_and_samples(tmp_path):
     wd = str(tmp_path / "t")

@@ -17,11 +17,13 @@ the true continuations on features of the e2e judge. The true continuations get 
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dblocks import lm_elbo, ngram, sampling, text_metrics
+from dblocks import lm_elbo, logs, ngram, sampling, text_metrics
 from dblocks.tasks.lm.sampler import Sampler
 
 LN2 = float(np.log(2.0))
@@ -140,8 +142,8 @@ class LMEvaluation:
     def evaluate(self, run, num_draws=None, max_windows=None, batch_size=None, num_samples=None, max_tokens=None,
                  prompt_len=None, seed=None, judge=None, limit=None, split="test", elbo_sigmas=None, mauve=True,
                  temperatures=(0.7, 0.8, 0.9, 1.0), generation=True, ngram_order=6, **sampler_overrides) -> dict:
-        """The task contract's evaluate (dblocks.tasks.base.Task.evaluate) for language models. `judge`: the e2e run
-        that scores generated text (the run itself when it is e2e; none when not given); `limit` is an alias of
+        """The task contract's evaluate (dblocks.tasks.base.Task.evaluate) for language models. `judge`: a plain LM
+        run (method e2e) that scores generated text, never the evaluated run itself (none when not given); `limit` is an alias of
         max_windows; split 'validation' scores the validation works (for choosing settings); sampler overrides
         (grid, grid_points, sigma_end, solver, bridge, temperature, top_p, greedy) as LMInference.sampler_options."""
         e = self.config.eval
@@ -170,7 +172,13 @@ class LMEvaluation:
         if not generation:
             return out
 
-        judge = run if judge is None and run.method == "e2e" else judge
+        dirs = [getattr(r, "workdir", None) for r in (run, judge)]
+        same_dir = all(d and os.path.isdir(d) for d in dirs) and os.path.samefile(*dirs)
+        if judge is run or same_dir:
+            judge = None   # a run never judges its own samples: its perplexity of them favours it
+        if judge is None:
+            logs.log.info("no judge LM for the generated text (pass e2e_workdir=<a plain LM's workdir>, neither "
+                          "contestant): gen_ppl_e2e and MAUVE are skipped; the n-gram judge scores it")
         n, G, P = int(num_samples or e.num_samples), int(max_tokens or e.max_tokens), int(prompt_len or e.prompt_len)
         prompts, refs = self.heldout_prompts(n, P, G, split)
         ng = self.ngram_judge(int(ngram_order))
