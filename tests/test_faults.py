@@ -1,7 +1,7 @@
 """Fault injection: runs of a tiny config are killed, stopped, corrupted, starved of disk or doubled, and each ends in
 a complete run bit-identical to the uninterrupted one, or in a clear refusal with nothing lost (docs/reliability.md).
 
-  ./launch.sh test -m faults            # a few minutes; DBLOCKS_FAULT_REPORT=path.json writes the counts
+  ./launch.sh test -m faults            # a few minutes; DBLOCKS_FAULT_REPORT=path.json (with -n 0) writes the counts
 
 An exit status other than 1 means the error was handled (1 is an unexpected traceback); the libraries may still log
 their own lines before dblocks' one-line "error:" message. Every training run is a subprocess (`python tests/test_faults.py SPEC`) that goes through the entry points' error
