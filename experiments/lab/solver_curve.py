@@ -6,8 +6,8 @@ r"""FID against block calls for each solver, on a trained DiT workdir (docs/lab/
 For each solver and each budget of block calls (default 6, 10, 20, 50) the chain uses the most grid points that fit
 the budget (`sampling.points_for_calls`: Heun costs 2n - 1 calls on n points), and, with --same_points, Heun also
 runs on the grids Euler uses (the "never worse than Euler at the same grid" check). Each point is the task's own
-evaluation (`task.evaluate`: FID in the project's FeatureNet features against the test split) on `--num_samples`
-class-balanced samples with the config's guidance.
+evaluation (`task.evaluate`: FID in the project's FeatureNet features against `--split`: validation, to choose a
+sampler, or test, to report one) on `--num_samples` class-balanced samples with the config's guidance.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def parse_first(text: str, grid_kind: str) -> list[tuple[str, int, str]]:
 
 
 def points(workdir: str, calls: list[int], solvers: list[str], num_samples: int, grid_kind: str, cache_dir: str,
-           same_points: bool, seed: int = 0, out_path: str | None = None, order: list[tuple[str, int, str]] = ()
-           ) -> list[dict]:
+           same_points: bool, seed: int = 0, out_path: str | None = None, order: list[tuple[str, int, str]] = (),
+           split: str = "validation") -> list[dict]:
     """One FID per (solver, grid size, grid kind); rows are appended to out_path (JSON) as they come. `order` lists
     (solver, calls, grid kind) to run first (`parse_first`)."""
     run = assemble.load_run(workdir)
@@ -52,9 +52,9 @@ def points(workdir: str, calls: list[int], solvers: list[str], num_samples: int,
         done.add((solver, n, kind))
         t0 = time.time()
         res = run.task.evaluate(run, num_samples=num_samples, repeats=1, grid_points=n, solver=solver,
-                                grid_kind=kind, cache_dir=cache_dir, seed=seed)
+                                grid_kind=kind, cache_dir=cache_dir, seed=seed, split=split)
         row = {"solver": solver, "grid_points": n, "grid_kind": kind, "block_calls": res["block_calls_per_sample"],
-               "fid": res["headline"]["value"], "seed": seed, "seconds": round(time.time() - t0, 1)}
+               "fid": res["headline"]["value"], "seed": seed, "split": split, "seconds": round(time.time() - t0, 1)}
         logs.log.info("%s", row)
         out.append(row)
         if out_path:
@@ -100,7 +100,8 @@ def main(argv):
     logs.setup()
     out = _OUT.value or os.path.join(_WORKDIR.value, "solver_curve.json")
     rows = points(_WORKDIR.value, calls, _SOLVERS.value, _NUM_SAMPLES.value,
-                  _GRID_KIND.value, _CACHE_DIR.value, _SAME_POINTS.value, seed=_SEED.value, out_path=out, order=first)
+                  _GRID_KIND.value, _CACHE_DIR.value, _SAME_POINTS.value, seed=_SEED.value, out_path=out, order=first,
+                  split=_SPLIT.value)
     print("| solver | grid | grid points | block calls | FID |\n|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["solver"], r["grid_kind"], r["block_calls"])):
         print(f"| {r['solver']} | {r['grid_kind']} | {r['grid_points']} | {r['block_calls']} | {r['fid']:.2f} |")
@@ -120,6 +121,8 @@ if __name__ == "__main__":   # flags only when run: tests import parse_first
     _SEED = flags.DEFINE_integer("seed", 0, "the samples' noise (the same for every point)")
     _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "FID feature network cache")
     _SAME_POINTS = flags.DEFINE_bool("same_points", False, "also Heun on Euler's grids")
+    _SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test"], "the images FID compares with: "
+                               "'validation' to choose a sampler (train with data.val_fraction > 0), 'test' to report")
     _FIRST = flags.DEFINE_string("first", "", "solver:calls[:grid] to evaluate first, e.g. euler:50,dpmpp_2m:20:karras "
                                  "(grid: --grid_kind unless given)")
     run_main(main)
