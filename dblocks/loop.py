@@ -125,9 +125,10 @@ class StopSignal:
 
     def _end_if_stuck(self, signum: int) -> None:
         """Ends the process when, STOP_GRACE_SECONDS after an idle stop signal, this StopSignal is still installed
-        (the main thread has not reached the loop's check: it is restoring, or inside a compile), or when the stop left this StopSignal as an exception and
-        the main thread has finished while the interpreter waits for a thread (a compile still running) instead of
-        exiting. A caller that caught the stop inside the `with` and went on is left alone."""
+        (the main thread has not reached the loop's check: it is restoring, or inside a compile), or when the stop
+        left this StopSignal as an exception and the main thread has finished while the interpreter waits for a
+        thread (a compile still running) instead of exiting. A caller that caught the stop inside the `with` and
+        went on is left alone."""
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while time.monotonic() < deadline + 60 and not self._busy:
             time.sleep(0.1)

@@ -136,7 +136,7 @@ def resolve_fields(config, workdir: str | None = None, read_data: bool = True, t
             text_lib.register(name, vocab, d.get("text_field", ""))
         updates["vocab"] = vocab
         tok = str(d.get("tokenizer", ""))
-        if tok.startswith("train:"):
+        if tokenizer_to_train(config):
             if not (tok[6:].isdigit() and workdir):
                 raise ConfigError(f"data.tokenizer={tok!r}: train:VOCAB (a whole number of pieces, e.g. train:8000) "
                                   f"trains a SentencePiece model into the run's workdir, and needs one")

@@ -19,8 +19,10 @@
                      final layer and the AR denoiser's per-row noise embedding, outside the stack. 0: off; same
                      parameters (dblocks.models.chunked.map_samples, map_rows)
 
-The options change the parameter tree (scan_layers) or the numerics (dtype), so they belong to the model config,
-which is part of every checkpoint's signature: a checkpoint of one layout is refused by the other.
+scan_layers changes the parameter tree and dtype the numerics, so they are part of every checkpoint's signature: a
+checkpoint of one layout is refused by the other. remat, attention and the chunk sizes say only how a layer is
+computed (the same parameters and values to float rounding), so blocks and resumes may differ in them
+(dblocks.run_record.HOW_FIELDS).
 """
 from __future__ import annotations
 
