@@ -115,7 +115,8 @@ class Trainer:
 
     def checkpoint(self, unit: Unit) -> ckpt_lib.UnitCheckpoint:
         c = self.config
-        return ckpt_lib.UnitCheckpoint(os.path.join(self.workdir, unit.subdir()), ckpt_lib.unit_meta(self.task, unit, c),
+        return ckpt_lib.UnitCheckpoint(os.path.join(self.workdir, unit.subdir()),
+                                       ckpt_lib.unit_meta(self.task, unit, c),
                                        every=int(c.train.ckpt_every), keep=int(c.train.keep_checkpoints))
 
     def train_unit(self, unit: Unit) -> State:

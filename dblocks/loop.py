@@ -222,7 +222,7 @@ class Prefetch:
         self._pool.shutdown(wait=True)
 
 
-# -- the loop -----------------------------------------------------------------------------------------------------------
+# -- the loop ----------------------------------------------------------------------------------------------------------
 
 def _mean(host: dict, count: int) -> dict:
     return {k: np.asarray(v) / count for k, v in host.items()}

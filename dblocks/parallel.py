@@ -7,8 +7,8 @@ arrays, so no collective crosses 'block' (tests/test_parallel.py reads the compi
 
 Block b draws its randomness from fold_in(fold_in(fold_in(seed, b), 1), step) and trains on Trainer.batch(b, step),
 exactly as the sequential engine does (both build their steps from dblocks.steps and run the same loop,
-dblocks.loop), so both modes end with the same parameters to float tolerance and log the same interval means. Each block is
-saved to its own Orbax directory in the sequential engine's format, so assembly, sampling and resuming do not care
+dblocks.loop), so both modes end with the same parameters to float tolerance and log the same interval means. Each block
+is saved to its own Orbax directory in the sequential engine's format, so assembly, sampling and resuming do not care
 which mode trained it (a block begun sequentially can be finished on the mesh and the other way round).
 
 Multi-host: every process runs the same program after `init_distributed`; each loads only the part of the batch its

@@ -149,8 +149,9 @@ def steps_per_block(grid, partition: Partition) -> np.ndarray:
 def check_grid(grid, partition: Partition) -> np.ndarray:
     """Refuses a grid that is not strictly decreasing and positive, or that skips a block: a block whose own
     interval the grid's span [grid[-1], grid[0]] crosses but which it never calls (its noise range would be run by
-    another block, outside that block's training range; docs/method.md "3 Sampling"). A grid may end above the lowest block (a
-    language model reads its token from the last call): the blocks below its span are not skipped, just unused."""
+    another block, outside that block's training range; docs/method.md "3 Sampling"). A grid may end above the lowest
+    block (a language model reads its token from the last call): the blocks below its span are not skipped, just
+    unused."""
     grid = np.asarray(grid, np.float64)
     if grid.ndim != 1 or len(grid) < 2:
         raise ValueError(f"a sampling grid needs at least 2 points, got {grid.size}")

@@ -94,7 +94,8 @@ class DecodedImages:
 class FolderSource(DecodedImages):
     """Image files in class subfolders: ROOT/<class>/*.png, or ROOT/train/<class>/ (and test/, validation/ or val/
     when present; missing held-out splits are carved from train); images directly in ROOT (or ROOT/train/) are one
-    class named after ROOT. Class ids follow the sorted class-folder names of the train split. Files are decoded when a batch asks for them (see DecodedImages)."""
+    class named after ROOT. Class ids follow the sorted class-folder names of the train split. Files are decoded when a
+    batch asks for them (see DecodedImages)."""
 
     def __init__(self, root: str, split: str, size: int, channels: int, test_fraction: float = TEST_FRACTION,
                  val_fraction: float = VAL_FRACTION):

@@ -2,9 +2,10 @@
 noise range (a block's own sigma range, the whole range for the end-to-end network), logged as `val_loss` beside the
 training loss (progress line, metrics.jsonl, TensorBoard).
 
-The held-out batch (the first data.batch_size examples of the validation split, else the test split) and its noise (a key folded from the unit's
-own key) are fixed, so successive values differ only through the parameters: a curve, not a noisy sample. The loss
-is computed on the device at a log point and fetched with that log point's metrics: no host sync is added.
+The held-out batch (the first data.batch_size examples of the validation split, else the test split) and its noise (a
+key folded from the unit's own key) are fixed, so successive values differ only through the parameters: a curve, not a
+noisy sample. The loss is computed on the device at a log point and fetched with that log point's metrics: no host sync
+is added.
 """
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ def train_row(task, method: str, batch_size: int, n_steps: int, warmup: int) -> 
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(n_steps + warmup, 1)
     return {"unit": unit.name, "layers": unit.num_layers, "batch_size": batch_size, "devices": devices,
             "compile_seconds": compile_s,
-            "step_seconds": seconds, "flops": flops, "flops_source": flops_source, "gflops_per_s": flops / seconds / 1e9,
+            "step_seconds": seconds, "flops": flops, "flops_source": flops_source,
+            "gflops_per_s": flops / seconds / 1e9,
             "compiled_temp_bytes": int(mem.temp_size_in_bytes), "page_faults_per_step": faults, **_peaks()}
 
 

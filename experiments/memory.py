@@ -47,7 +47,8 @@ def table(report: dict, model=None) -> str:
         chunks = (f"; attention {model.get('attention', 'xla')} (chunk {model.get('attention_chunk', 128)}), "
                   f"mlp_chunk {model.get('mlp_chunk', 0)}")
     lines = [f"compiled training-step memory, batch {report['batch_size']}, {report['num_layers']} layers, "
-             f"B={report['num_blocks']}{'; V=' + str(report['vocab_size']) if report.get('vocab_size') else ''}; remat = scanned layers + policy '{report['remat_policy']}'{chunks} (MiB)",
+             f"B={report['num_blocks']}{'; V=' + str(report['vocab_size']) if report.get('vocab_size') else ''}; "
+             f"remat = scanned layers + policy '{report['remat_policy']}'{chunks} (MiB)",
              f"{'':26s}{'params':>11s}{'opt state':>11s}{'state':>11s}{'temps':>11s}{'total':>11s}"
              f"{'GFLOP/step':>12s}{'s/step':>9s}"]
     for key, label in (("e2e", "end-to-end ({})"), ("e2e_remat", "end-to-end + remat ({})"),

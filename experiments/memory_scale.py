@@ -35,8 +35,8 @@ _SIZES = flags.DEFINE_list("sizes", None, "indices into dblocks.memory_scale.LAD
 _BLOCKS = flags.DEFINE_list("blocks", [str(b) for b in ms.BLOCKS], "numbers of blocks B")
 _BATCH = flags.DEFINE_integer("batch_size", ms.BATCH_SIZE, "batch of every row (images or sequences)")
 _VARIANTS = flags.DEFINE_list("variants", list(ms.VARIANTS), "row variants (dblocks.memory_scale.VARIANTS; '' is "
-                              "the model as configured, '_remat' scanned layers + full remat, '_remat_chunked' also chunked "
-                              "attention and layers)")
+                              "the model as configured, '_remat' scanned layers + full remat, '_remat_chunked' also "
+                              "chunked attention and layers)")
 _REPORT = flags.DEFINE_string("report", None, "print the Markdown tables of this directory's results instead")
 _PLOT = flags.DEFINE_string("plot", None, "with --report: also write the plot to this PNG")
 

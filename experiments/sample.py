@@ -1,6 +1,7 @@
 r"""Samples from a trained run (DiffusionBlocks or end-to-end; detected from the workdir) or an exported model.
 
-  python -m experiments.sample --workdir runs/fmnist_dit --out grid.png [--grid_points 50] [--solver heun] [--guidance 2]
+  python -m experiments.sample --workdir runs/fmnist_dit --out grid.png \
+      [--grid_points 50] [--solver heun] [--guidance 2]
   python -m experiments.sample --model fmnist_dit.npz --out grid.png          # an experiments.export file
   python -m experiments.sample --workdir runs/cifar10_dit --npz samples.npz --png_dir samples/ --num 10000  # for FID
 

@@ -134,7 +134,8 @@ def test_the_decoding_programs_compile_without_ynn_fusions_where_jax_has_the_opt
 @pytest.mark.parametrize("args, message", [
     (["--config", "experiments/configs/cifar100_vit.py"], "decoding speed needs 'ar' or 'recurrent'"),
     (["--config", "experiments/configs/tiny_ar.py", "--batch", "0"], "--batch=0: 0 is not a positive integer"),
-    (["--config", "experiments/configs/tiny_ar.py", "--config.model.no_such_field=1"], "unknown field --config.model.no_such_field"),
+    (["--config", "experiments/configs/tiny_ar.py", "--config.model.no_such_field=1"],
+     "unknown field --config.model.no_such_field"),
 ])
 def test_decode_speed_refuses_bad_input_with_status_2(args, message):
     """experiments.lab.decode_speed: a clear error and exit status 2 before anything is compiled."""

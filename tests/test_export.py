@@ -1,6 +1,6 @@
 """Exported models: experiments.export + dblocks.load_model give the same samples as sampling from the workdir; the
-file holds no optimizer state; experiments.sample --npz / --png_dir write arrays / PNGs for FID tools. The run trains on a folder of
-PNG files (folder: data) so the whole path of a user's own images is exercised once."""
+file holds no optimizer state; experiments.sample --npz / --png_dir write arrays / PNGs for FID tools. The run trains on
+a folder of PNG files (folder: data) so the whole path of a user's own images is exercised once."""
 import json
 import os
 

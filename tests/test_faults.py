@@ -4,10 +4,11 @@ a complete run bit-identical to the uninterrupted one, or in a clear refusal wit
   ./launch.sh test -m faults            # a few minutes; DBLOCKS_FAULT_REPORT=path.json (with -n 0) writes the counts
 
 An exit status other than 1 means the error was handled (1 is an unexpected traceback); the libraries may still log
-their own lines before dblocks' one-line "error:" message. Every training run is a subprocess (`python tests/test_faults.py SPEC`) that goes through the entry points' error
-handling (experiments.common.user_errors), so the exit statuses are those a user sees. kill -9 and SIGTERM come
-from this process, at moments announced by the worker (a marker file written when a given step starts), so they
-land anywhere: inside a step, during an asynchronous save, between units.
+their own lines before dblocks' one-line "error:" message. Every training run is a subprocess
+(`python tests/test_faults.py SPEC`) that goes through the entry points' error handling
+(experiments.common.user_errors), so the exit statuses are those a user sees. kill -9 and SIGTERM come from this
+process, at moments announced by the worker (a marker file written when a given step starts), so they land anywhere:
+inside a step, during an asynchronous save, between units.
 """
 from __future__ import annotations
 
@@ -217,7 +218,7 @@ def test_sigterm_and_sigint_save_the_current_step_and_resume(reference, tmp_path
     recovered(wd, reference)
 
 
-# -- corrupt checkpoints, truncated meta --------------------------------------------------------------------------------
+# -- corrupt checkpoints, truncated meta -------------------------------------------------------------------------------
 
 def test_corrupt_latest_step_falls_back_and_is_kept_aside(reference, tmp_path):
     wd = str(tmp_path / "w")

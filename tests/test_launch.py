@@ -150,7 +150,8 @@ def test_hash_uses_shasum_when_there_is_no_sha1sum(tmp_path):
 
 def fmnist_env(tmp_path, uid: int, **extra) -> dict:
     calls = tmp_path / "calls"
-    d = fake_bin(tmp_path, id=f"echo {uid}", sudo=f'echo "sudo $*" >> {calls}', **{"apt-get": f'echo "apt-get $*" >> {calls}'})
+    d = fake_bin(tmp_path, id=f"echo {uid}", sudo=f'echo "sudo $*" >> {calls}',
+                 **{"apt-get": f'echo "apt-get $*" >> {calls}'})
     return {**os.environ, "PATH": f"{d}:{os.environ['PATH']}", "DBLOCKS_FASHION_MNIST_DIR": str(tmp_path / "none"),
             **extra}
 
@@ -249,7 +250,8 @@ def test_tcmalloc_is_preloaded_only_when_asked_and_installed(tmp_path):
 def test_hugepages_tunable_is_exported_unless_another_allocator_or_thp_off(tmp_path):
     """use_hugepages: GLIBC_TUNABLES gains glibc.malloc.hugetlb=1 (other tunables kept) when transparent huge pages
     are 'always' or 'madvise'; not with DBLOCKS_HUGEPAGES=0, a preloaded allocator (tcmalloc, jemalloc, mimalloc: other
-    preloaded libraries do not count, as in dblocks/hugepages.py), THP 'never', or the user's own setting of the tunable."""
+    preloaded libraries do not count, as in dblocks/hugepages.py), THP 'never', or the user's own setting of the
+    tunable."""
     thp = tmp_path / "enabled"
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "DBLOCKS_HUGEPAGES")}
     env["DBLOCKS_THP_FILE"] = str(thp)

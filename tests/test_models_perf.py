@@ -56,7 +56,8 @@ def _families():
 FAMILIES = _families()
 
 
-@pytest.mark.parametrize("name", [n if n in ("vit_classifier", "ar_denoiser") else pytest.param(n, marks=pytest.mark.slow)
+@pytest.mark.parametrize("name", [n if n in ("vit_classifier", "ar_denoiser")
+                                  else pytest.param(n, marks=pytest.mark.slow)
                                   for n in sorted(FAMILIES)])   # two families by default, every one with -m slow
 def test_scan_and_remat_match_unrolled(name):
     make, args = FAMILIES[name]
@@ -136,7 +137,8 @@ def test_bf16_cache_holds_the_compute_dtype_and_decodes_identically():
     assert all(k.dtype == v.dtype == jnp.bfloat16 for k, v in cache)
     wide = [(k.astype(jnp.float32), v.astype(jnp.float32)) for k, v in cache]   # the cache as it was stored before
     z = jax.random.normal(jax.random.PRNGKey(1), (2, 1, task.target_dim))
-    row = lambda cc: fns["noisy_row"](params, cc, z, jnp.full((2,), 0.3), 5, jax.random.PRNGKey(0), tokens[:, 4])  # noqa
+    row = lambda cc: fns["noisy_row"](params, cc, z, jnp.full((2,), 0.3), 5, jax.random.PRNGKey(0),  # noqa
+                                      tokens[:, 4])
     for a, b in zip(jax.tree.leaves(row(cache)), jax.tree.leaves(row(wide))):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 

@@ -167,7 +167,8 @@ def test_experiments_call_no_private_library_function():
 
 def _task_imports(tree: ast.AST) -> set[str]:
     """Names a module binds to other task modules or their functions (`from dblocks.tasks import dit_eval`,
-    `from dblocks.tasks.lm import decode as lm_decode`, `import dblocks.tasks.x as y`, `from dblocks.tasks.x import f`)."""
+    `from dblocks.tasks.lm import decode as lm_decode`, `import dblocks.tasks.x as y`,
+    `from dblocks.tasks.x import f`)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dblocks.tasks"):

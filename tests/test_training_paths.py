@@ -28,7 +28,7 @@ def _leaves_equal(a, b) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-# -- EMA ----------------------------------------------------------------------------------------------------------------
+# -- EMA ---------------------------------------------------------------------------------------------------------------
 
 def test_ema_follows_the_ramp_step_by_step():
     """The step's EMA is min(decay, (1 + t) / (10 + t)) after t updates, replayed by hand on a tiny DiT unit."""

@@ -189,8 +189,8 @@ def dense_dot_general(x: Array, kernel: Array, dimension_numbers, precision=None
     over its last axis, so XLA copies g transposed first: for an expanding layer (in < out, e.g. an MLP's 128 ->
     3072) that is the large tensor; removing the copy made the CIFAR-100 ViT block step 8-14 % faster on the CPU
     (docs/lab/performance.md, "The kernel gradient"). Here, when in < out, the kernel gradient is computed as x^T g
-    (x is the smaller one) by a custom-VJP term that is zero in the forward pass and that XLA removes; the product itself
-    stays an ordinary `dot_general`, so rematerialisation policies that save matmul outputs still see it. Same
+    (x is the smaller one) by a custom-VJP term that is zero in the forward pass and that XLA removes; the product
+    itself stays an ordinary `dot_general`, so rematerialisation policies that save matmul outputs still see it. Same
     values to float rounding (tests/test_models_perf.py); the input gradient is JAX's own. Being a custom VJP, the
     term supports reverse-mode differentiation only: nothing in dblocks uses `jax.jvp` on a model, and code that
     needs forward mode should build its Dense layers without this `dot_general`.

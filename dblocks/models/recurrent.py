@@ -87,8 +87,8 @@ class RecurrentModel(nn.Module):
         return self.prelude_stack(self.embed(tokens), self._clean(tokens.shape[1]), mask, positions, prefixes)
 
     def core_rows(self, s, e, positions, mask, prefixes=None) -> tuple[Array, list[KV]]:
-        x, kvs = self.core_stack(self.adapter(jnp.concatenate([s.astype(e.dtype), e], -1)), self._clean(s.shape[1]), mask,
-                                 positions, prefixes)
+        x, kvs = self.core_stack(self.adapter(jnp.concatenate([s.astype(e.dtype), e], -1)), self._clean(s.shape[1]),
+                                 mask, positions, prefixes)
         return self.core_norm(x), kvs
 
     def coda_rows(self, s, positions, mask, prefixes=None) -> tuple[Array, list[KV]]:

@@ -20,8 +20,9 @@ def get_config(arg=None):
     c.data.flip = False
     c.data.batch_size = 64
 
-    c.model = dict(**model_defaults(), num_layers=6, hidden=128, heads=4, patch=4, mlp_ratio=2.0, dropout=0.0, class_dropout=0.1,
-                   out_conv=3)   # a 3x3 convolution after unpatchify: no visible 4x4 patch grid (docs/classification.md)
+    c.model = dict(**model_defaults(), num_layers=6, hidden=128, heads=4, patch=4, mlp_ratio=2.0,
+                   dropout=0.0, class_dropout=0.1,
+                   out_conv=3)  # a 3x3 convolution after unpatchify: no visible 4x4 patch grid (docs/classification.md)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05

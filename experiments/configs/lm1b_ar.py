@@ -40,8 +40,9 @@ def get_config(arg=None):
     # (docs/lab/language_models.md). It also lets the block's loss run through
     # the chunked cross-entropy (loss_chunk=4096 rows at a time), so no [256, 256, 32000] logits are held whole.
     # loss weighting "none": the prior's CE does not depend on sigma, so lambda(sigma) would only add variance.
-    c.model = dict(**model_defaults(), num_layers=12, hidden=768, heads=12, mlp_ratio=4.0, target_dim=0, target_norm=0.25, target_seed=0,
-                   likelihood=True, match_sigma_data=True, prev_token=True, lm_head="prior", loss_chunk=4096, ar_layout="2t")
+    c.model = dict(**model_defaults(), num_layers=12, hidden=768, heads=12, mlp_ratio=4.0,
+                   target_dim=0, target_norm=0.25, target_seed=0, likelihood=True, match_sigma_data=True,
+                   prev_token=True, lm_head="prior", loss_chunk=4096, ar_layout="2t")
     c.blocks.sigma_floor = 0.0
 
     c.blocks.num_blocks = 4
@@ -57,8 +58,8 @@ def get_config(arg=None):
     c.train.log_every = 500
     c.train.ckpt_every = 5000
 
-    c.sample = dict(grid_points=0, grid="80,0.45,0.2", sigma_end=0.0, solver="ancestral", bridge="sample", temperature=1.0,
-                    top_p=0.95, greedy=False, num_samples=8, max_tokens=50)
+    c.sample = dict(grid_points=0, grid="80,0.45,0.2", sigma_end=0.0, solver="ancestral", bridge="sample",
+                    temperature=1.0, top_p=0.95, greedy=False, num_samples=8, max_tokens=50)
     c.eval = dict(num_draws=4, max_windows=2000, batch_size=32, num_samples=1000, max_tokens=50, prompt_len=50,
                   elbo_sigmas=32)
     return c

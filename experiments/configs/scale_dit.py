@@ -20,7 +20,8 @@ def get_config(arg=None):
     c.data.flip = False
     c.data.batch_size = 64
 
-    c.model = dict(**model_defaults(), num_layers=8, hidden=128, heads=4, patch=4, mlp_ratio=4.0, dropout=0.0, class_dropout=0.1)
+    c.model = dict(**model_defaults(), num_layers=8, hidden=128, heads=4, patch=4, mlp_ratio=4.0,
+                   dropout=0.0, class_dropout=0.1)
 
     c.blocks.num_blocks = blocks
     c.blocks.gamma = 0.05

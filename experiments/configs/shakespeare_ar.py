@@ -9,9 +9,9 @@ trained as an ordinary causal LM (the end-to-end baseline). CPU-sized (about 10 
 
 Each block trains `train.steps` steps, as many as the baseline (matched steps; a block runs L/B layers over 2T rows).
 Paper settings kept: B=4, gamma=0.1 (text). Scaled down: 8 layers, hidden 128. Not the paper's (each measured:
-docs/lab/language_models.md, "Why shakespeare_ar is set as it is"): the analytic likelihood term with matched sigma_data, the previous
-token in the noisy row, the prior head (each block's network predicts the next-token prior, the posterior is exact),
-and the ancestral sampler on three levels instead of one Euler step per block.
+docs/lab/language_models.md, "Why shakespeare_ar is set as it is"): the analytic likelihood term with matched
+sigma_data, the previous token in the noisy row, the prior head (each block's network predicts the next-token prior, the
+posterior is exact), and the ancestral sampler on three levels instead of one Euler step per block.
 """
 from dblocks.config import base_config, model_defaults
 
@@ -26,8 +26,9 @@ def get_config(arg=None):
 
     # target_norm 0.25: rows of E of norm 0.25 instead of the scale contract's sigma_data*sqrt(128) = 5.7, with
     # which z would give the token away in most of every block's range.
-    c.model = dict(**model_defaults(), num_layers=8, hidden=128, heads=4, mlp_ratio=4.0, target_dim=0, target_norm=0.25, target_seed=0,
-                   likelihood=True, match_sigma_data=True, prev_token=True, lm_head="prior", loss_chunk=0, ar_layout="2t")
+    c.model = dict(**model_defaults(), num_layers=8, hidden=128, heads=4, mlp_ratio=4.0,
+                   target_dim=0, target_norm=0.25, target_seed=0, likelihood=True, match_sigma_data=True,
+                   prev_token=True, lm_head="prior", loss_chunk=0, ar_layout="2t")
     # prev_token: noisy row i also reads token i-1 (known context). likelihood + match_sigma_data: the analytic term
     # <z, E>/sigma^2 in the logits, so the ELBO is finite and tight. lm_head="prior": the network predicts the
     # next-token prior and the posterior is exact. What each one measured: docs/lab/language_models.md.

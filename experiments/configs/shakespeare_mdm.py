@@ -1,7 +1,8 @@
 r"""The CPU demo of masked diffusion: a small MD4 character model on Shakespeare as B=3 DiffusionBlocks, and its
 end-to-end baseline, each about 10 minutes on 2 CPU cores (measured by the compare command below on a shared 2-core
-machine: 718 s for the three blocks at 7.7-11.3 steps/s, 651 s for the baseline at 2.5 steps/s; 2000 steps per unit). lr 2e-3 sits between 1e-3 and 3e-3, which did
-about equally in 300-step trial runs of the baseline (masked-token CE 2.99 and 2.93 nats); 6e-3 was worse (3.22).
+machine: 718 s for the three blocks at 7.7-11.3 steps/s, 651 s for the baseline at 2.5 steps/s; 2000 steps per unit).
+lr 2e-3 sits between 1e-3 and 3e-3, which did about equally in 300-step trial runs of the baseline (masked-token CE 2.99
+and 2.93 nats); 6e-3 was worse (3.22).
 
   python -m experiments.train --config experiments/configs/shakespeare_mdm.py --workdir runs/shakespeare_mdm
   python -m experiments.train --config experiments/configs/shakespeare_mdm.py --workdir runs/shakespeare_mdm_e2e \

@@ -13,8 +13,9 @@ def get_config(arg=None):
     c.data.batch_size = 8
     c.data.tokenizer = ""
 
-    c.model = dict(**model_defaults(), num_layers=2, hidden=16, heads=2, mlp_ratio=2.0, target_dim=0, target_norm=0.0, target_seed=0,
-                   likelihood=False, match_sigma_data=False, prev_token=False, lm_head="posterior", loss_chunk=0, ar_layout="2t")
+    c.model = dict(**model_defaults(), num_layers=2, hidden=16, heads=2, mlp_ratio=2.0,
+                   target_dim=0, target_norm=0.0, target_seed=0, likelihood=False, match_sigma_data=False,
+                   prev_token=False, lm_head="posterior", loss_chunk=0, ar_layout="2t")
 
     c.blocks.num_blocks = 2
     c.blocks.gamma = 0.1

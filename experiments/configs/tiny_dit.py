@@ -15,7 +15,8 @@ def get_config(arg=None):
     c.data.flip = False
     c.data.batch_size = 8
 
-    c.model = dict(**model_defaults(), num_layers=3, hidden=16, heads=2, patch=4, mlp_ratio=2.0, dropout=0.0, class_dropout=0.1)
+    c.model = dict(**model_defaults(), num_layers=3, hidden=16, heads=2, patch=4, mlp_ratio=2.0,
+                   dropout=0.0, class_dropout=0.1)
 
     c.blocks.num_blocks = 3
     c.blocks.gamma = 0.05

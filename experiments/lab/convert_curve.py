@@ -4,7 +4,8 @@ trained from scratch (docs/lab/conversion.md).
   python -m experiments.lab.convert_curve --config experiments/configs/fashion_mnist_vit.py --root runs/h2/vit \
       --steps 1200 --out docs/lab/results/conversion/vit.json --plot docs/lab/results/conversion/vit.png
   python -m experiments.lab.convert_curve --config experiments/configs/fashion_mnist_dit.py --root runs/h2/dit \
-      --steps 600 --eval num_samples=500 --eval repeats=1 --eval grid_points=20 --out docs/lab/results/conversion/dit.json
+      --steps 600 --eval num_samples=500 --eval repeats=1 --eval grid_points=20 \
+      --out docs/lab/results/conversion/dit.json
 
 Stages (--stages, default all, in this order; a stage whose output exists is skipped, so a killed run resumes):
   e2e      python -m experiments.train --config C --workdir ROOT/e2e --config.method=e2e   (S steps)

@@ -5,10 +5,11 @@ solver, bridge) on one run, in one process (each block's compiled pass is reused
       --arm "euler4=solver=euler,bridge=softmax,grid=80;0.45;0.2;0.1" \
       --arm "anc4=solver=ancestral,bridge=sample,grid=80;0.45;0.2;0.1"
 
-An arm is NAME=key=value,... over the sampler options of the language tasks' sampler_options (dblocks.tasks.lm.inference) (grid levels
-separated by ';'; grid_points=N with grid= empty for the CDF grid). Each arm reports sampler_bits (the final softmax
-averaged over --draws chains), first_call_bits, final_entropy_bits, accuracy and block calls per token; the ELBO
-(which does not depend on the sampler) is computed once. Choose settings on --split validation; report on test.
+An arm is NAME=key=value,... over the sampler options of the language tasks' sampler_options
+(dblocks.tasks.lm.inference) (grid levels separated by ';'; grid_points=N with grid= empty for the CDF grid). Each arm
+reports sampler_bits (the final softmax averaged over --draws chains), first_call_bits, final_entropy_bits, accuracy and
+block calls per token; the ELBO (which does not depend on the sampler) is computed once. Choose settings on --split
+validation; report on test.
 """
 from __future__ import annotations
 

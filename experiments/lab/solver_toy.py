@@ -1,12 +1,12 @@
 r"""Solvers against an exact denoiser: a known 2-D Gaussian mixture through `dblocks.sampling.sample`.
 
-  python -m experiments.lab.solver_toy            # the table of docs/lab/solvers.md (sliced Wasserstein, B=3, gamma 0.05)
-  python -m experiments.lab.solver_toy --order    # relative error against grid size, Gaussian data (exact flow)
+  python -m experiments.lab.solver_toy          # the table of docs/lab/solvers.md (sliced Wasserstein, B=3, gamma 0.05)
+  python -m experiments.lab.solver_toy --order  # relative error against grid size, Gaussian data (exact flow)
 
 For y ~ sum_k w_k N(mu_k, s_k^2 I), the noisy marginal at sigma is the mixture with variances s_k^2 + sigma^2, and
 the exact denoiser is the posterior mean
 
-    D(z, sigma) = sum_k r_k(z) [mu_k + s_k^2 / (s_k^2 + sigma^2) (z - mu_k)],  r_k ∝ w_k N(z; mu_k, (s_k^2+sigma^2) I).
+    D(z, sigma) = sum_k r_k(z) [mu_k + s_k^2 / (s_k^2 + sigma^2) (z - mu_k)], r_k ∝ w_k N(z; mu_k, (s_k^2+sigma^2) I).
 
 Every block gets the same exact D, so what is measured is the solver and the grid, not a network. Used by
 tests/test_solvers.py.

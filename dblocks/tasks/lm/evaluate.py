@@ -143,8 +143,8 @@ class LMEvaluation:
                  prompt_len=None, seed=None, judge=None, limit=None, split="test", elbo_sigmas=None, mauve=True,
                  temperatures=(0.7, 0.8, 0.9, 1.0), generation=True, ngram_order=6, **sampler_overrides) -> dict:
         """The task contract's evaluate (dblocks.tasks.base.Task.evaluate) for language models. `judge`: a plain LM
-        run (method e2e) that scores generated text, never the evaluated run itself (none when not given); `limit` is an alias of
-        max_windows; split 'validation' scores the validation works (for choosing settings); sampler overrides
+        run (method e2e) that scores generated text, never the evaluated run itself (none when not given); `limit` is an
+        alias of max_windows; split 'validation' scores the validation works (for choosing settings); sampler overrides
         (grid, grid_points, sigma_end, solver, bridge, temperature, top_p, greedy) as LMInference.sampler_options."""
         e = self.config.eval
         seed = int(seed or 0)
